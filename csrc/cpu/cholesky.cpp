@@ -1,0 +1,65 @@
+// CPU kernel of damped_cholesky: L = chol(M + damping·I) and log det, per task.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "checks.h"
+#include "cpu/dense.h"
+
+namespace fastlaplace {
+namespace {
+
+// Above this order LAPACK's blocked potrf wins over the unblocked loop.
+constexpr int64_t kLapackAbove = 96;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky_cpu(const at::Tensor& M, const at::Tensor& damping) {
+  check_square(M, "M");
+  check_rank(damping, 1, "damping", "[tasks]");
+  check_same_kind(M, damping, "M", "damping");
+  const int64_t B = M.size(0), d = M.size(1);
+  TORCH_CHECK_VALUE(damping.size(0) == B, "fastlaplace: damping must have one value per task (", B, "), got ",
+                    damping.size(0));
+  if (d > kLapackAbove) {
+    auto damped = M.tril().clone();  // like the loop below, read the lower triangle only
+    damped.diagonal(0, -2, -1).add_(damping.unsqueeze(-1));
+    auto [L, info] = at::linalg_cholesky_ex(damped);
+    auto logdet = L.diagonal(0, -2, -1).log().sum(-1) * 2;
+    const auto nan = std::numeric_limits<double>::quiet_NaN();
+    logdet = at::where(info == 0, logdet, at::full_like(logdet, nan));
+    L = at::where((info == 0).view({-1, 1, 1}), L, at::full_like(L, nan));
+    return {L, logdet, info};
+  }
+  auto L = at::empty({B, d, d}, M.options());
+  auto logdet = at::empty({B}, M.options());
+  auto info = at::empty({B}, M.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "damped_cholesky_cpu", [&] {
+    auto Ma = M.accessor<const scalar_t, 3>();
+    auto da = damping.accessor<const scalar_t, 1>();
+    auto La = L.accessor<scalar_t, 3>();
+    auto lda = logdet.accessor<scalar_t, 1>();
+    auto ia = info.accessor<int, 1>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<double> S(d * d);
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t j = 0; j <= i; ++j) S[i * d + j] = static_cast<double>(Ma[b][i][j]);
+        double ld = 0;
+        const int64_t failed = dense::cholesky(S.data(), d, static_cast<double>(da[b]), &ld);
+        ia[b] = static_cast<int>(failed);
+        lda[b] = failed ? std::numeric_limits<scalar_t>::quiet_NaN() : static_cast<scalar_t>(ld);
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t j = 0; j < d; ++j)
+            La[b][i][j] = failed ? std::numeric_limits<scalar_t>::quiet_NaN() : static_cast<scalar_t>(S[i * d + j]);
+      }
+    });
+  });
+  return {L, logdet, info};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) { m.impl("damped_cholesky", &damped_cholesky_cpu); }
+
+}  // namespace fastlaplace

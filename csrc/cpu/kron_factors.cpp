@@ -1,0 +1,48 @@
+// CPU kernel of kron_factors: A = x̄ᵀx̄ / R and G = gᵀg / R for every task.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/rows.h"
+
+namespace fastlaplace {
+namespace {
+
+// Above this many multiply-adds per task, one batched BLAS call beats the dot loops.
+constexpr int64_t kBlasAbove = int64_t(1) << 20;
+
+at::Tensor factor(const at::Tensor& x, bool bias) {
+  const int64_t B = x.size(0), R = x.size(1), D = x.size(2) + (bias ? 1 : 0);
+  if (R * D * D > kBlasAbove) {
+    auto xb = bias ? at::cat({x, at::ones({B, R, 1}, x.options())}, 2) : x;
+    auto K = at::matmul(xb.mT(), xb) / static_cast<double>(R);
+    return (K + K.mT()) * 0.5;  // exactly symmetric, whatever order BLAS summed in
+  }
+  auto out = at::empty({B, D, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kron_factors_cpu", [&] {
+    auto xa = x.accessor<const scalar_t, 3>();
+    auto oa = out.accessor<scalar_t, 3>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<double> rows, cols, K(D * D);
+      for (int64_t b = b0; b < b1; ++b) {
+        cpu::load_rows(xa, b, bias, rows, cols);
+        cpu::factor_from_cols(cols, R, D, K.data());
+        for (int64_t i = 0; i < D; ++i)
+          for (int64_t j = 0; j < D; ++j) oa[b][i][j] = static_cast<scalar_t>(K[i * D + j]);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> kron_factors_cpu(const at::Tensor& a, const at::Tensor& g, bool bias) {
+  check_rows(a, g);
+  return {factor(a, bias), factor(g, false)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) { m.impl("kron_factors", &kron_factors_cpu); }
+
+}  // namespace fastlaplace

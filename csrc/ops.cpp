@@ -1,0 +1,18 @@
+// Every fastlaplace op schema, in one place. Kernels register per backend:
+// csrc/cpu/*.cpp (CPU), csrc/cuda/register.cpp (CUDA). Autograd formulas and fake
+// (meta) implementations live beside the typed wrappers in fastlaplace/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastlaplace, m) {
+  // A = [a, 1]ᵀ[a, 1] / R (bias) or aᵀa / R, and G = gᵀg / R, per task.
+  m.def("kron_factors(Tensor a, Tensor g, bool bias) -> (Tensor, Tensor)");
+  // Lower Cholesky factor of M + damping·I, its log-determinant, and a per-task status
+  // (0: positive definite; j > 0: the leading minor of order j is not).
+  m.def("damped_cholesky(Tensor M, Tensor damping) -> (Tensor, Tensor, Tensor)");
+  // log det(scale·A⊗G + tau·I) by method "exact" or "factored" (DESIGN.md §2).
+  m.def("kron_logdet(Tensor A, Tensor G, float scale, float tau, str method) -> Tensor");
+  m.def("kron_logdet_backward(Tensor grad, Tensor A, Tensor G, float scale, float tau, str method) -> (Tensor, Tensor)");
+  // The same log-determinant straight from a layer's rows a, g (the LLAMA hot path).
+  m.def("kfac_logdet(Tensor a, Tensor g, float scale, float tau, str method, bool bias) -> Tensor");
+  m.def("kfac_logdet_backward(Tensor grad, Tensor a, Tensor g, float scale, float tau, str method, bool bias) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,290 @@
+"""Typed wrappers of the compiled ops ``torch.ops.fastlaplace.*``.
+
+Each op is batched over a leading task dimension B. Beside each wrapper sit its fake
+(meta) implementation, so that ``torch.compile`` can trace it, and its autograd formula,
+which is first order: the meta-gradient of LLAMA's log-det term needs dA/dā and dG/dg,
+never a double backward. Formulas: ``shared/DESIGN.md`` §2; pure-PyTorch twins of every
+op are in :mod:`fastlaplace.reference`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import _extension
+
+Method = Literal["exact", "factored"]
+_ops = torch.ops.fastlaplace
+
+
+def has_cuda() -> bool:
+    """Whether this build of fastlaplace compiled and registered its CUDA kernels."""
+    return _extension.build_info()["with_cuda"]
+
+
+def build_info() -> dict:
+    """The torch version the extension was built against, CUDA or not, CUDA architectures."""
+    return _extension.build_info()
+
+
+# ---------------------------------------------------------------------------------------
+# Checks that run after a kernel, only when its output is not finite: they name the
+# input at fault. They cost one reduction (a host sync on CUDA), so hot paths pass
+# check=False and rely on the loss check of the training loop.
+
+
+def _should_check(check: bool) -> bool:
+    return check and not torch.compiler.is_compiling()
+
+
+def _raise_for_nonfinite(op: str, **inputs: Tensor) -> None:
+    for name, t in inputs.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"fastlaplace.{op}: {name} contains NaN or Inf")
+
+
+def _as_damping(damping: float | Tensor, M: Tensor) -> Tensor:
+    if isinstance(damping, Tensor):
+        return damping.expand(M.shape[0]) if damping.dim() == 0 else damping
+    return torch.full((M.shape[0],), float(damping), dtype=M.dtype, device=M.device)
+
+
+def _check_method(method: str) -> None:
+    if method not in ("exact", "factored"):
+        raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# kron_factors
+
+
+def kron_factors(a: Tensor, g: Tensor, bias: bool = True) -> tuple[Tensor, Tensor]:
+    """K-FAC factors of one layer for every task.
+
+    Args:
+        a: layer inputs, ``[tasks, rows, d_in]`` (rows: examples, or example-location pairs
+            of unfolded conv patches).
+        g: gradients of the loss with respect to the layer's outputs, ``[tasks, rows, d_out]``.
+        bias: append a constant 1 to each input row (the layer has a bias); the kernels
+            never materialise the extended rows.
+
+    Returns:
+        ``A = āᵀā / R`` of shape ``[tasks, d_in + bias, d_in + bias]`` and
+        ``G = gᵀg / R`` of shape ``[tasks, d_out, d_out]``.
+    """
+    return _ops.kron_factors(a, g, bias)
+
+
+@torch.library.register_fake("fastlaplace::kron_factors")
+def _(a, g, bias):
+    B, _, d = a.shape
+    D = d + int(bias)
+    return a.new_empty(B, D, D), g.new_empty(B, g.shape[2], g.shape[2])
+
+
+def _kron_factors_setup(ctx, inputs, output):
+    a, g, bias = inputs
+    ctx.bias = bias
+    ctx.save_for_backward(a, g)
+
+
+def _kron_factors_backward(ctx, grad_A, grad_G):
+    a, g = ctx.saved_tensors
+    R = a.shape[1]
+    grad_a = grad_g = None
+    if grad_A is not None and ctx.needs_input_grad[0]:
+        P = grad_A + grad_A.mT  # dL/dā = ā (Ā + Āᵀ) / R
+        d = a.shape[2]
+        grad_a = a @ P[:, :d, :d]
+        if ctx.bias:
+            grad_a = grad_a + P[:, d, :d].unsqueeze(1)
+        grad_a = grad_a / R
+    if grad_G is not None and ctx.needs_input_grad[1]:
+        grad_g = g @ (grad_G + grad_G.mT) / R
+    return grad_a, grad_g, None
+
+
+torch.library.register_autograd(
+    "fastlaplace::kron_factors", _kron_factors_backward, setup_context=_kron_factors_setup
+)
+
+
+# ---------------------------------------------------------------------------------------
+# damped_cholesky
+
+
+def damped_cholesky(M: Tensor, damping: float | Tensor = 0.0, check: bool = True) -> tuple[Tensor, Tensor]:
+    """Lower Cholesky factor of ``M + damping·I`` and its log-determinant, in one pass.
+
+    Args:
+        M: symmetric matrices ``[tasks, d, d]``; only the lower triangle is read.
+        damping: a float, or one value per task ``[tasks]``.
+        check: raise ``ValueError`` when a matrix is not positive definite after damping
+            or an input is not finite (otherwise those tasks get NaN).
+
+    Returns:
+        ``L`` ``[tasks, d, d]`` and ``logdet`` ``[tasks]``.
+    """
+    damping = _as_damping(damping, M)
+    L, logdet, info = _ops.damped_cholesky(M, damping)
+    if _should_check(check) and not bool((info == 0).all()):
+        _raise_for_nonfinite("damped_cholesky", M=M, damping=damping)
+        task = int(torch.nonzero(info)[0, 0])
+        raise ValueError(
+            f"fastlaplace.damped_cholesky: matrix {task} of the batch is not positive definite after "
+            f"damping {float(damping[task]):g} (leading minor of order {int(info[task])} is not); "
+            "increase the damping"
+        )
+    return L, logdet
+
+
+@torch.library.register_fake("fastlaplace::damped_cholesky")
+def _(M, damping):
+    return torch.empty_like(M), M.new_empty(M.shape[0]), M.new_empty(M.shape[0], dtype=torch.int32)
+
+
+def _damped_cholesky_setup(ctx, inputs, output):
+    L, _, _ = output
+    ctx.save_for_backward(L)
+
+
+def _damped_cholesky_backward(ctx, grad_L, grad_logdet, _grad_info):
+    (L,) = ctx.saved_tensors
+    grad_M = torch.zeros_like(L)
+    if grad_logdet is not None:
+        grad_M = grad_M + grad_logdet[:, None, None] * torch.cholesky_inverse(L)
+    if grad_L is not None:
+        # Cholesky's backward (Murray 2016), as in PyTorch: Φ(Lᵀ L̄) symmetrised, then L⁻ᵀ · L⁻¹.
+        P = (L.mT @ grad_L).tril()
+        P = 0.5 * (P + P.tril(-1).mT)
+        P = torch.linalg.solve_triangular(L.mT, P, upper=True, left=True)
+        grad_M = grad_M + torch.linalg.solve_triangular(L, P, upper=False, left=False)
+    grad_damping = grad_M.diagonal(dim1=-2, dim2=-1).sum(-1) if ctx.needs_input_grad[1] else None
+    return grad_M, grad_damping
+
+
+torch.library.register_autograd(
+    "fastlaplace::damped_cholesky", _damped_cholesky_backward, setup_context=_damped_cholesky_setup
+)
+
+
+# ---------------------------------------------------------------------------------------
+# kron_logdet
+
+
+def kron_logdet(
+    A: Tensor, G: Tensor, scale: float, tau: float, method: Method = "factored", check: bool = True
+) -> Tensor:
+    """``log det(scale·A⊗G + tau·I)`` per task.
+
+    Args:
+        A: input-side factors ``[tasks, d_A, d_A]`` (symmetric PSD; lower triangle read).
+        G: output-side factors ``[tasks, d_G, d_G]``.
+        scale: ``c``, the number of rows the factors average over (N·T).
+        tau: prior precision τ > 0.
+        method: ``"exact"``: Σᵢⱼ log(c·aᵢ·gⱼ + τ) over the factors' eigenvalues (the better
+            approximation); ``"factored"``: the π-corrected damped factors of K-FAC,
+            d_G·logdet(√c·A + π√τ·I) + d_A·logdet(√c·G + √τ/π·I) (what the paper used).
+        check: raise ``ValueError`` if a result is not finite.
+
+    Returns:
+        ``[tasks]``.
+    """
+    _check_method(method)
+    out = _ops.kron_logdet(A, G, float(scale), float(tau), method)
+    if _should_check(check) and not bool(torch.isfinite(out).all()):
+        _raise_for_nonfinite("kron_logdet", A=A, G=G)
+        raise ValueError("fastlaplace.kron_logdet: a damped factor is not positive definite (are A and G PSD?)")
+    return out
+
+
+@torch.library.register_fake("fastlaplace::kron_logdet")
+def _(A, G, scale, tau, method):
+    return A.new_empty(A.shape[0])
+
+
+@torch.library.register_fake("fastlaplace::kron_logdet_backward")
+def _(grad, A, G, scale, tau, method):
+    return torch.empty_like(A), torch.empty_like(G)
+
+
+def _kron_logdet_setup(ctx, inputs, output):
+    A, G, scale, tau, method = inputs
+    ctx.args = (scale, tau, method)
+    ctx.save_for_backward(A, G)
+
+
+def _kron_logdet_backward(ctx, grad):
+    A, G = ctx.saved_tensors
+    grad_A, grad_G = _ops.kron_logdet_backward(grad.contiguous(), A, G, *ctx.args)
+    return grad_A, grad_G, None, None, None
+
+
+torch.library.register_autograd(
+    "fastlaplace::kron_logdet", _kron_logdet_backward, setup_context=_kron_logdet_setup
+)
+
+
+# ---------------------------------------------------------------------------------------
+# kfac_logdet
+
+
+def kfac_logdet(
+    a: Tensor,
+    g: Tensor,
+    scale: float,
+    tau: float,
+    method: Method = "factored",
+    bias: bool = True,
+    check: bool = True,
+) -> Tensor:
+    """``log det(scale·A⊗G + tau·I)`` straight from a layer's rows (LLAMA's hot path).
+
+    Same as ``kron_logdet(*kron_factors(a, g, bias), scale, tau, method)``, fused. With
+    fewer rows R than columns, the exact method takes the nonzero eigenvalues from the
+    R×R Gram matrices instead of the d×d factors.
+
+    Args:
+        a: ``[tasks, rows, d_in]``; g: ``[tasks, rows, d_out]``; see :func:`kron_factors`.
+        scale, tau, method, check: see :func:`kron_logdet`.
+        bias: the layer has a bias (a constant 1 is appended to each row of ``a``).
+
+    Returns:
+        ``[tasks]``.
+    """
+    _check_method(method)
+    out = _ops.kfac_logdet(a, g, float(scale), float(tau), method, bias)
+    if _should_check(check) and not bool(torch.isfinite(out).all()):
+        _raise_for_nonfinite("kfac_logdet", a=a, g=g)
+        raise ValueError("fastlaplace.kfac_logdet: the log-determinant is not finite")
+    return out
+
+
+@torch.library.register_fake("fastlaplace::kfac_logdet")
+def _(a, g, scale, tau, method, bias):
+    return a.new_empty(a.shape[0])
+
+
+@torch.library.register_fake("fastlaplace::kfac_logdet_backward")
+def _(grad, a, g, scale, tau, method, bias):
+    return torch.empty_like(a), torch.empty_like(g)
+
+
+def _kfac_logdet_setup(ctx, inputs, output):
+    a, g, scale, tau, method, bias = inputs
+    ctx.args = (scale, tau, method, bias)
+    ctx.save_for_backward(a, g)
+
+
+def _kfac_logdet_backward(ctx, grad):
+    a, g = ctx.saved_tensors
+    grad_a, grad_g = _ops.kfac_logdet_backward(grad.contiguous(), a, g, *ctx.args)
+    return grad_a, grad_g, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastlaplace::kfac_logdet", _kfac_logdet_backward, setup_context=_kfac_logdet_setup
+)
