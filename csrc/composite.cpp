@@ -41,10 +41,11 @@ Tensor gram(const Tensor& x, bool bias) {
   return K / static_cast<double>(x.size(1));
 }
 
-// Eigenvalues (clamped at 0: the factors are positive semi-definite) and eigenvectors.
+// Eigenvalues and eigenvectors. Not clamped at 0: log(c·a·g + τ) is smooth through a = 0,
+// and a clamp would make the gradient wrong for factors of low rank.
 std::tuple<Tensor, Tensor> psd_eigh(const Tensor& K) {
   auto [w, V] = at::linalg_eigh(K);
-  return {w.clamp_min(0), V};
+  return {w, V};
 }
 
 // Σ_ij log(c·a_i·g_j + τ) over all d_A·d_G pairs, given the n_A ≤ d_A and n_G ≤ d_G
@@ -131,8 +132,8 @@ Tensor kron_logdet_composite(const Tensor& A, const Tensor& G, double scale, dou
   check_factors(A, G);
   check_scale_tau(scale, tau);
   if (parse_method(method) == Method::Factored) return factored_forward(A, G, scale, tau).logdet;
-  auto wA = at::linalg_eigvalsh(A).clamp_min(0);
-  auto wG = at::linalg_eigvalsh(G).clamp_min(0);
+  auto wA = at::linalg_eigvalsh(A);
+  auto wG = at::linalg_eigvalsh(G);
   return exact_from_eigenvalues(wA, A.size(1), wG, G.size(1), scale, tau);
 }
 
@@ -164,8 +165,8 @@ Tensor kfac_logdet_composite(const Tensor& a, const Tensor& g, double scale, dou
   if (R >= dA || R >= dG) std::tie(KA, KG) = call_kron_factors(a, g, bias);
   if (R < dA) KA = gram(a, bias);
   if (R < dG) KG = gram(g, false);
-  auto wA = at::linalg_eigvalsh(KA).clamp_min(0);
-  auto wG = at::linalg_eigvalsh(KG).clamp_min(0);
+  auto wA = at::linalg_eigvalsh(KA);
+  auto wG = at::linalg_eigvalsh(KG);
   return exact_from_eigenvalues(wA, dA, wG, dG, scale, tau);
 }
 

@@ -52,6 +52,13 @@ def _as_damping(damping: float | Tensor, M: Tensor) -> Tensor:
     return torch.full((M.shape[0],), float(damping), dtype=M.dtype, device=M.device)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "fastlaplace: the log-det ops are differentiable once (their backward ops are not "
+        "differentiable); do not take a gradient of their gradient"
+    )
+
+
 def _check_method(method: str) -> None:
     if method not in ("exact", "factored"):
         raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
@@ -223,6 +230,7 @@ def _kron_logdet_backward(ctx, grad):
     return grad_A, grad_G, None, None, None
 
 
+torch.library.register_autograd("fastlaplace::kron_logdet_backward", _no_double_backward)
 torch.library.register_autograd(
     "fastlaplace::kron_logdet", _kron_logdet_backward, setup_context=_kron_logdet_setup
 )
@@ -285,6 +293,7 @@ def _kfac_logdet_backward(ctx, grad):
     return grad_a, grad_g, None, None, None, None
 
 
+torch.library.register_autograd("fastlaplace::kfac_logdet_backward", _no_double_backward)
 torch.library.register_autograd(
     "fastlaplace::kfac_logdet", _kfac_logdet_backward, setup_context=_kfac_logdet_setup
 )

@@ -46,8 +46,8 @@ def kron_logdet(A: Tensor, G: Tensor, scale: float, tau: float, method: str = "f
     """log det(scale·A⊗G + tau·I), exactly or by K-FAC's factored damping."""
     dA, dG = A.shape[-1], G.shape[-1]
     if method == "exact":
-        a = torch.linalg.eigvalsh(A).clamp_min(0)
-        g = torch.linalg.eigvalsh(G).clamp_min(0)
+        a = torch.linalg.eigvalsh(A)
+        g = torch.linalg.eigvalsh(G)
         return torch.log(scale * a[:, :, None] * g[:, None, :] + tau).sum((1, 2))
     if method != "factored":
         raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
