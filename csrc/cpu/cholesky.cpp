@@ -43,15 +43,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky_cpu(const at::Ten
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<double> S(d * d);
       for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t i = 0; i < d; ++i)
-          for (int64_t j = 0; j <= i; ++j) S[i * d + j] = static_cast<double>(Ma[b][i][j]);
+        for (int64_t i = 0; i < d; ++i)  // upper triangle of S = lower triangle of M
+          for (int64_t j = 0; j <= i; ++j) S[j * d + i] = static_cast<double>(Ma[b][i][j]);
         double ld = 0;
-        const int64_t failed = dense::cholesky(S.data(), d, static_cast<double>(da[b]), &ld);
+        const int64_t failed = dense::cholesky_upper(S.data(), d, static_cast<double>(da[b]), &ld);
         ia[b] = static_cast<int>(failed);
         lda[b] = failed ? std::numeric_limits<scalar_t>::quiet_NaN() : static_cast<scalar_t>(ld);
         for (int64_t i = 0; i < d; ++i)
           for (int64_t j = 0; j < d; ++j)
-            La[b][i][j] = failed ? std::numeric_limits<scalar_t>::quiet_NaN() : static_cast<scalar_t>(S[i * d + j]);
+            La[b][i][j] = failed ? std::numeric_limits<scalar_t>::quiet_NaN() : static_cast<scalar_t>(S[j * d + i]);
       }
     });
   });

@@ -24,10 +24,10 @@ at::Tensor factor(const at::Tensor& x, bool bias) {
     auto xa = x.accessor<const scalar_t, 3>();
     auto oa = out.accessor<scalar_t, 3>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<double> rows, cols, K(D * D);
+      std::vector<double> rows, K(D * D);
       for (int64_t b = b0; b < b1; ++b) {
-        cpu::load_rows(xa, b, bias, rows, cols);
-        cpu::factor_from_cols(cols, R, D, K.data());
+        cpu::load_rows(xa, b, bias, rows);
+        dense::syrk_rows(rows.data(), R, D, K.data());
         for (int64_t i = 0; i < D; ++i)
           for (int64_t j = 0; j < D; ++j) oa[b][i][j] = static_cast<scalar_t>(K[i * D + j]);
       }

@@ -23,130 +23,172 @@ constexpr int64_t kFusedMaxWork = int64_t(1) << 22;  // multiply-adds to build o
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // ---------------------------------------------------------------------------------------
-// Per-task math (see composite.cpp for the same formulas over a batch).
+// Per-task math. Each task's factors are represented by the matrices K_A (n_A × n_A) and
+// K_G (n_G × n_G) that carry their nonzero spectrum: the factor itself, or with fewer
+// rows R than columns its R×R Gram matrix (DESIGN.md §2).
 
-struct Spectrum {
-  std::vector<double> w, V;
+// Exact: log det(c·A⊗G + τI) = Σ_j log det(c·s_j·K_big + τI) + (zero pairs)·log τ, over the
+// eigenvalues s_j of the side with the smaller matrix. One small eigendecomposition and
+// n_small Cholesky factorisations replace two eigendecompositions: cheaper at these sizes,
+// and the gradient with respect to K_big needs no eigenvectors:
+//   dL/dK_big = Σ_j c·s_j (c·s_j·K_big + τI)⁻¹,  dL/ds_j = c·tr(K_big (c·s_j·K_big + τI)⁻¹),
+// and dL/dK_small = V diag(dL/ds) Vᵀ.
+struct Exact {
+  double c, tau;
+  std::vector<double> w, V, S, Minv, X, psi;
+
+  double forward(const std::vector<double>& Ks, int64_t ns, int64_t ds, const std::vector<double>& Kb, int64_t nb,
+                 int64_t db, bool grads, std::vector<double>* Ps, std::vector<double>* Pb, double grad) {
+    V.assign(Ks.begin(), Ks.end());
+    w.resize(ns);
+    if (!dense::eigh(V.data(), ns, w.data(), grads, X)) return kNaN;
+    // Pairs with a zero eigenvalue on either side contribute log τ each.
+    double logdet = static_cast<double>(ds * db - ns * nb) * std::log(tau);
+    if (grads) {
+      Pb->assign(nb * nb, 0.0);
+      psi.assign(ns, 0.0);
+      Minv.resize(nb * nb);
+    }
+    for (int64_t j = 0; j < ns; ++j) {
+      const double cs = c * w[j];
+      S.resize(nb * nb);
+      for (int64_t i = 0; i < nb * nb; ++i) S[i] = cs * Kb[i];
+      double ld = 0;
+      if (dense::cholesky_upper(S.data(), nb, tau, &ld) != 0) return kNaN;
+      logdet += ld;
+      if (!grads) continue;
+      dense::inverse_from_upper(S.data(), nb, Minv.data(), X);
+      for (int64_t i = 0; i < nb * nb; ++i) {
+        (*Pb)[i] += grad * cs * Minv[i];
+        psi[j] += Kb[i] * Minv[i];  // tr(K M⁻¹) of two symmetric matrices
+      }
+      psi[j] *= grad * c;
+    }
+    if (grads) {  // Ps = V diag(ψ) Vᵀ
+      Ps->resize(ns * ns);
+      for (int64_t i = 0; i < ns; ++i)
+        for (int64_t k = 0; k <= i; ++k) {
+          double v = 0;
+          for (int64_t m = 0; m < ns; ++m) v += V[i * ns + m] * psi[m] * V[k * ns + m];
+          (*Ps)[i * ns + k] = (*Ps)[k * ns + i] = v;
+        }
+    }
+    return logdet;
+  }
 };
 
-void psd_eigh(const double* K, int64_t n, Spectrum& s, std::vector<double>& work) {
-  work.assign(K, K + n * n);
-  s.w.resize(n);
-  s.V.resize(n * n);
-  dense::jacobi_eigh(work.data(), n, s.w.data(), s.V.data());
-}
-
-double exact_logdet(const Spectrum& A, int64_t dA, const Spectrum& G, int64_t dG, double c, double tau) {
-  const int64_t nA = A.w.size(), nG = G.w.size();
-  double s = 0;
-  for (int64_t i = 0; i < nA; ++i)
-    for (int64_t j = 0; j < nG; ++j) s += std::log(c * A.w[i] * G.w[j] + tau);
-  return s + static_cast<double>(dA * dG - nA * nG) * std::log(tau);
-}
-
-// P = V diag(ψ) Vᵀ · grad.
-void spectral(const Spectrum& s, const std::vector<double>& psi, double grad, std::vector<double>& P) {
-  const int64_t n = psi.size();
-  P.resize(n * n);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j <= i; ++j) {
-      double v = 0;
-      for (int64_t k = 0; k < n; ++k) v += s.V[i * n + k] * psi[k] * s.V[j * n + k];
-      P[i * n + j] = P[j * n + i] = v * grad;
-    }
-}
-
-void exact_grad(const Spectrum& A, const Spectrum& G, double c, double tau, double grad, std::vector<double>& PA,
-                std::vector<double>& PG) {
-  const int64_t nA = A.w.size(), nG = G.w.size();
-  std::vector<double> psiA(nA, 0.0), psiG(nG, 0.0);
-  for (int64_t i = 0; i < nA; ++i)
-    for (int64_t j = 0; j < nG; ++j) {
-      const double denom = c * A.w[i] * G.w[j] + tau;
-      psiA[i] += c * G.w[j] / denom;
-      psiG[j] += c * A.w[i] / denom;
-    }
-  spectral(A, psiA, grad, PA);
-  spectral(G, psiG, grad, PG);
-}
-
+// Factored: d_G·logdet(A + λ_A I) + d_A·logdet(G + λ_G I) + d_A·d_G·log c, with
+// λ_A = π√τ/√c and λ_G = √τ/(π√c). When K is a Gram matrix (n < d), the factor's other
+// d − n eigenvalues are zero: logdet(A + λI) = logdet(K + λI) + (d − n)·log λ, and by the
+// push-through identity x̄(A + λI)⁻¹ = (K + λI)⁻¹x̄, so every matrix stays n×n.
 struct Factored {
-  double pi = 1, trA = 0, trG = 0, logdet = kNaN;
-  bool valid = false, failed = false;
-  std::vector<double> LA, LG;
+  double c, tau;
+  double pi = 1, trA = 0, trG = 0, lamA = 0, lamG = 0;
+  bool valid = false;
+  std::vector<double> UA, UG, X;
+
+  double forward(const std::vector<double>& KA, int64_t nA, int64_t dA, const std::vector<double>& KG, int64_t nG,
+                 int64_t dG, bool grads, std::vector<double>* PA, std::vector<double>* PG, double grad) {
+    trA = trG = 0;
+    for (int64_t i = 0; i < nA; ++i) trA += KA[i * nA + i];
+    for (int64_t i = 0; i < nG; ++i) trG += KG[i * nG + i];
+    valid = trA > 0 && trG > 0;
+    pi = valid ? std::sqrt((trA / dA) / (trG / dG)) : 1.0;
+    const double sc = std::sqrt(c), st = std::sqrt(tau);
+    lamA = pi * st / sc;
+    lamG = st / (pi * sc);
+    UA.assign(KA.begin(), KA.end());
+    UG.assign(KG.begin(), KG.end());
+    double ldA = 0, ldG = 0;
+    if (dense::cholesky_upper(UA.data(), nA, lamA, &ldA) != 0 || dense::cholesky_upper(UG.data(), nG, lamG, &ldG) != 0)
+      return kNaN;
+    ldA += (dA - nA) * std::log(lamA);
+    ldG += (dG - nG) * std::log(lamG);
+    if (grads) gradients(nA, dA, nG, dG, grad, *PA, *PG);
+    return dG * ldA + dA * ldG + static_cast<double>(dA * dG) * std::log(c);
+  }
+
+  // dL/dK_A = d_G·(K_A + λ_A I)⁻¹ + κ_A I, where κ carries π's dependence on the traces.
+  void gradients(int64_t nA, int64_t dA, int64_t nG, int64_t dG, double grad, std::vector<double>& PA,
+                 std::vector<double>& PG) {
+    PA.resize(nA * nA);
+    PG.resize(nG * nG);
+    dense::inverse_from_upper(UA.data(), nA, PA.data(), X);
+    dense::inverse_from_upper(UG.data(), nG, PG.data(), X);
+    double trInvA = (dA - nA) / lamA, trInvG = (dG - nG) / lamG;
+    for (int64_t i = 0; i < nA; ++i) trInvA += PA[i * nA + i];
+    for (int64_t i = 0; i < nG; ++i) trInvG += PG[i * nG + i];
+    const double sc = std::sqrt(c), st = std::sqrt(tau);
+    const double dpi = dG * st / sc * trInvA - dA * st / sc * trInvG / (pi * pi);
+    const double kA = valid ? dpi * pi / (2 * trA) : 0.0;
+    const double kG = valid ? -dpi * pi / (2 * trG) : 0.0;
+    for (auto& x : PA) x *= dG * grad;
+    for (auto& x : PG) x *= dA * grad;
+    for (int64_t i = 0; i < nA; ++i) PA[i * nA + i] += kA * grad;
+    for (int64_t i = 0; i < nG; ++i) PG[i * nG + i] += kG * grad;
+  }
 };
 
-void factored_forward(const double* KA, int64_t dA, const double* KG, int64_t dG, double c, double tau, Factored& f) {
-  f.trA = f.trG = 0;
-  for (int64_t i = 0; i < dA; ++i) f.trA += KA[i * dA + i];
-  for (int64_t i = 0; i < dG; ++i) f.trG += KG[i * dG + i];
-  f.valid = f.trA > 0 && f.trG > 0;
-  f.pi = f.valid ? std::sqrt((f.trA / dA) / (f.trG / dG)) : 1.0;
-  const double sc = std::sqrt(c), st = std::sqrt(tau);
-  f.LA.assign(KA, KA + dA * dA);
-  f.LG.assign(KG, KG + dG * dG);
-  double ldA = 0, ldG = 0;
-  const bool failA = dense::cholesky(f.LA.data(), dA, f.pi * st / sc, &ldA) != 0;
-  const bool failG = dense::cholesky(f.LG.data(), dG, st / (f.pi * sc), &ldG) != 0;
-  f.failed = failA || failG;
-  f.logdet = f.failed ? kNaN : dG * ldA + dA * ldG + static_cast<double>(dA * dG) * std::log(c);
-}
+// The log-det of one task from K_A (n_A, full dimension d_A) and K_G; with grads, also
+// PA = dL/dK_A and PG = dL/dK_G scaled by grad.
+struct TaskLogdet {
+  Method method;
+  double c, tau;
+  Exact exact{c, tau};
+  Factored factored{c, tau};
 
-void factored_grad(const Factored& f, int64_t dA, int64_t dG, double c, double tau, double grad,
-                   std::vector<double>& gA, std::vector<double>& gG, std::vector<double>& work) {
-  gA.assign(dA * dA, kNaN);
-  gG.assign(dG * dG, kNaN);
-  if (f.failed) return;
-  dense::cholesky_inverse(f.LA.data(), dA, gA.data(), work);
-  dense::cholesky_inverse(f.LG.data(), dG, gG.data(), work);
-  double trInvA = 0, trInvG = 0;
-  for (int64_t i = 0; i < dA; ++i) trInvA += gA[i * dA + i];
-  for (int64_t i = 0; i < dG; ++i) trInvG += gG[i * dG + i];
-  const double sc = std::sqrt(c), st = std::sqrt(tau);
-  const double dpi = dG * st / sc * trInvA - dA * st / sc * trInvG / (f.pi * f.pi);
-  const double kA = f.valid ? dpi * f.pi / (2 * f.trA) : 0.0;
-  const double kG = f.valid ? -dpi * f.pi / (2 * f.trG) : 0.0;
-  for (auto& x : gA) x *= dG * grad;
-  for (auto& x : gG) x *= dA * grad;
-  for (int64_t i = 0; i < dA; ++i) gA[i * dA + i] += kA * grad;
-  for (int64_t i = 0; i < dG; ++i) gG[i * dG + i] += kG * grad;
-}
+  double operator()(const std::vector<double>& KA, int64_t nA, int64_t dA, const std::vector<double>& KG, int64_t nG,
+                    int64_t dG, bool grads = false, std::vector<double>* PA = nullptr,
+                    std::vector<double>* PG = nullptr, double grad = 0) {
+    if (method == Method::Factored) return factored.forward(KA, nA, dA, KG, nG, dG, grads, PA, PG, grad);
+    if (nA <= nG) return exact.forward(KA, nA, dA, KG, nG, dG, grads, PA, PG, grad);
+    return exact.forward(KG, nG, dG, KA, nA, dA, grads, PG, PA, grad);
+  }
+};
 
-// One side of a layer for one task: its rows and the matrix K that is decomposed,
-// either the factor x̄ᵀx̄/R (D×D) or, with fewer rows than columns, the Gram x̄x̄ᵀ/R (R×R).
+// One side of a layer for one task: its rows and the matrix K that carries its spectrum,
+// the factor x̄ᵀx̄/R (D×D) or, with fewer rows than columns, the Gram x̄x̄ᵀ/R (R×R),
+// for both methods.
 struct Side {
   int64_t R = 0, D = 0, n = 0;
   bool gram = false;
-  std::vector<double> rows, cols, K;
+  std::vector<double> rows, K;
 
   template <typename scalar_t>
   void load(const at::TensorAccessor<const scalar_t, 3>& x, int64_t b, bool bias) {
-    cpu::load_rows(x, b, bias, rows, cols);
+    cpu::load_rows(x, b, bias, rows);
     K.resize(n * n);
     if (gram)
       cpu::gram_from_rows(rows, R, D, K.data());
     else
-      cpu::factor_from_cols(cols, R, D, K.data());
+      dense::syrk_rows(rows.data(), R, D, K.data());
   }
 
-  // dL/dx for dL/dK = P (symmetric), the first d columns of (2/R)·x̄P or (2/R)·P x̄.
+  // dL/dx for dL/dK = P (symmetric): the first d columns of (2/R)·x̄P (factor) or
+  // (2/R)·P x̄ (Gram), each output row built as a sum of scaled rows.
   template <typename scalar_t>
-  void rows_grad(const std::vector<double>& P, int64_t d, at::TensorAccessor<scalar_t, 3> out, int64_t b) const {
+  void rows_grad(const std::vector<double>& P, int64_t d, at::TensorAccessor<scalar_t, 3> out, int64_t b,
+                 std::vector<double>& acc) const {
     const double s = 2.0 / R;
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t k = 0; k < d; ++k) {
-        const double v = gram ? dense::dot(P.data() + r * R, cols.data() + k * R, R)
-                              : dense::dot(rows.data() + r * D, P.data() + k * D, D);
-        out[b][r][k] = static_cast<scalar_t>(s * v);
+    acc.resize(D);
+    for (int64_t r = 0; r < R; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      const int64_t terms = gram ? R : D;
+      for (int64_t m = 0; m < terms; ++m) {
+        const double coef = gram ? P[r * R + m] : rows[r * D + m];
+        const double* src = gram ? rows.data() + m * D : P.data() + m * D;
+        for (int64_t k = 0; k < d; ++k) acc[k] += coef * src[k];
       }
+      for (int64_t k = 0; k < d; ++k) out[b][r][k] = static_cast<scalar_t>(s * acc[k]);
+    }
   }
 };
 
-Side plan_side(int64_t R, int64_t D, bool allow_gram) {
+Side plan_side(int64_t R, int64_t D) {
   Side s;
   s.R = R;
   s.D = D;
-  s.gram = allow_gram && R < D;
+  s.gram = R < D;
   s.n = s.gram ? R : D;
   return s;
 }
@@ -172,33 +214,6 @@ void store(const std::vector<double>& K, at::TensorAccessor<scalar_t, 3> out, in
     for (int64_t j = 0; j < n; ++j) out[b][i][j] = static_cast<scalar_t>(K[i * n + j]);
 }
 
-// Log-det of one task from its two matrices; also the gradients dL/dK when grad is given.
-struct TaskLogdet {
-  Method method;
-  double c, tau;
-  Spectrum sA, sG;
-  Factored f;
-  std::vector<double> work;
-
-  double forward(const std::vector<double>& KA, int64_t nA, int64_t dA, const std::vector<double>& KG, int64_t nG,
-                 int64_t dG) {
-    if (method == Method::Factored) {
-      factored_forward(KA.data(), dA, KG.data(), dG, c, tau, f);
-      return f.logdet;
-    }
-    psd_eigh(KA.data(), nA, sA, work);
-    psd_eigh(KG.data(), nG, sG, work);
-    return exact_logdet(sA, dA, sG, dG, c, tau);
-  }
-
-  void backward(int64_t dA, int64_t dG, double grad, std::vector<double>& PA, std::vector<double>& PG) {
-    if (method == Method::Factored)
-      factored_grad(f, dA, dG, c, tau, grad, PA, PG, work);
-    else
-      exact_grad(sA, sG, c, tau, grad, PA, PG);
-  }
-};
-
 // ---------------------------------------------------------------------------------------
 // Kernels.
 
@@ -219,7 +234,7 @@ Tensor kron_logdet_cpu(const Tensor& A, const Tensor& G, double scale, double ta
       for (int64_t b = b0; b < b1; ++b) {
         load_symmetric(Aa, b, KA);
         load_symmetric(Ga, b, KG);
-        oa[b] = static_cast<scalar_t>(task.forward(KA, dA, dA, KG, dG, dG));
+        oa[b] = static_cast<scalar_t>(task(KA, dA, dA, KG, dG, dG));
       }
     });
   });
@@ -249,8 +264,10 @@ std::tuple<Tensor, Tensor> kron_logdet_backward_cpu(const Tensor& grad, const Te
       for (int64_t b = b0; b < b1; ++b) {
         load_symmetric(Aa, b, KA);
         load_symmetric(Ga, b, KG);
-        task.forward(KA, dA, dA, KG, dG, dG);
-        task.backward(dA, dG, static_cast<double>(ga[b]), PA, PG);
+        if (std::isnan(task(KA, dA, dA, KG, dG, dG, true, &PA, &PG, static_cast<double>(ga[b])))) {
+          PA.assign(dA * dA, kNaN);
+          PG.assign(dG * dG, kNaN);
+        }
         store(PA, gAa, b);
         store(PG, gGa, b);
       }
@@ -265,7 +282,7 @@ Tensor kfac_logdet_cpu(const Tensor& a, const Tensor& g, double scale, double ta
   check_scale_tau(scale, tau);
   const auto m = parse_method(method);
   const int64_t B = a.size(0), R = a.size(1), dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
-  const Side planA = plan_side(R, dA, m == Method::Exact), planG = plan_side(R, dG, m == Method::Exact);
+  const Side planA = plan_side(R, dA), planG = plan_side(R, dG);
   if (!fused_fits(planA, planG)) return kfac_logdet_composite(a, g, scale, tau, method, bias);
   auto out = at::empty({B}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "kfac_logdet_cpu", [&] {
@@ -278,7 +295,7 @@ Tensor kfac_logdet_cpu(const Tensor& a, const Tensor& g, double scale, double ta
       for (int64_t b = b0; b < b1; ++b) {
         sA.load(aa, b, bias);
         sG.load(gg, b, false);
-        oa[b] = static_cast<scalar_t>(task.forward(sA.K, sA.n, dA, sG.K, sG.n, dG));
+        oa[b] = static_cast<scalar_t>(task(sA.K, sA.n, dA, sG.K, sG.n, dG));
       }
     });
   });
@@ -292,7 +309,7 @@ std::tuple<Tensor, Tensor> kfac_logdet_backward_cpu(const Tensor& grad, const Te
   check_grad(grad, a, a.size(0));
   const auto m = parse_method(method);
   const int64_t B = a.size(0), R = a.size(1), dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
-  const Side planA = plan_side(R, dA, m == Method::Exact), planG = plan_side(R, dG, m == Method::Exact);
+  const Side planA = plan_side(R, dA), planG = plan_side(R, dG);
   if (!fused_fits(planA, planG)) return kfac_logdet_backward_composite(grad, a, g, scale, tau, method, bias);
   auto grad_a = at::empty(a.sizes(), a.options());
   auto grad_g = at::empty(g.sizes(), g.options());
@@ -305,14 +322,16 @@ std::tuple<Tensor, Tensor> kfac_logdet_backward_cpu(const Tensor& grad, const Te
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       TaskLogdet task{m, scale, tau};
       Side sA = planA, sG = planG;
-      std::vector<double> PA, PG;
+      std::vector<double> PA, PG, acc;
       for (int64_t b = b0; b < b1; ++b) {
         sA.load(aa, b, bias);
         sG.load(gg, b, false);
-        task.forward(sA.K, sA.n, dA, sG.K, sG.n, dG);
-        task.backward(dA, dG, static_cast<double>(ga[b]), PA, PG);
-        sA.rows_grad(PA, a.size(2), oa, b);
-        sG.rows_grad(PG, dG, og, b);
+        if (std::isnan(task(sA.K, sA.n, dA, sG.K, sG.n, dG, true, &PA, &PG, static_cast<double>(ga[b])))) {
+          PA.assign(sA.n * sA.n, kNaN);
+          PG.assign(sG.n * sG.n, kNaN);
+        }
+        sA.rows_grad(PA, a.size(2), oa, b, acc);
+        sG.rows_grad(PG, dG, og, b, acc);
       }
     });
   });

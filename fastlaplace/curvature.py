@@ -1,0 +1,93 @@
+"""K-FAC curvature of a task's support set at its adapted parameters.
+
+For every adapted Linear or Conv2d layer, K-FAC needs the layer's input rows ``a`` and the
+per-row gradients ``g`` of the negative log likelihood with respect to its outputs
+(``shared/DESIGN.md`` §2). Which likelihood gradient goes into ``g`` is the Fisher type:
+
+- ``"gauss_newton"``: regression with one output under unit Gaussian noise, where the
+  Fisher equals the Gauss-Newton matrix and g = ∂f/∂s exactly (no sampling).
+- ``"sampled"``: targets drawn from the model's own predictive (the true Fisher, one
+  Monte-Carlo sample): labels y ~ softmax(f) for classification, y = f + ε for regression.
+- ``"empirical"``: the observed targets (the empirical Fisher).
+- ``"auto"``: Gauss-Newton for one-output regression, sampled otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .batched import LayerRecord, TaskBatchedNetwork
+
+FISHER_TYPES = ("auto", "gauss_newton", "sampled", "empirical")
+LIKELIHOODS = ("gaussian", "categorical")
+
+
+def _fisher_loss(out: Tensor, y: Tensor, likelihood: str, fisher: str, generator: torch.Generator | None) -> Tensor:
+    """A scalar whose gradient with respect to each layer's outputs gives K-FAC's g rows."""
+    if likelihood == "gaussian":
+        if fisher in ("auto", "gauss_newton"):
+            if out.shape[-1] != 1:
+                if fisher == "gauss_newton":
+                    raise ValueError("fisher='gauss_newton' needs a single output; use 'sampled'")
+                fisher = "sampled"
+            else:
+                return out.sum()
+        if fisher == "sampled":
+            eps = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
+            return (out * eps).sum()
+        return 0.5 * (out - y).pow(2).sum()
+    # categorical
+    if fisher == "gauss_newton":
+        raise ValueError("fisher='gauss_newton' is for one-output regression; use 'sampled' or 'empirical'")
+    logits = out.flatten(0, -2)
+    if fisher == "empirical":
+        labels = y.flatten()
+    else:
+        probs = torch.softmax(logits.detach(), dim=-1)
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def layer_rows(
+    net: TaskBatchedNetwork,
+    params: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    likelihood: str,
+    fisher: str = "auto",
+    create_graph: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[tuple[LayerRecord, Tensor]]:
+    """(record, g rows) for every adapted layer, from one forward and one backward pass."""
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    with torch.enable_grad():
+        out, records = net(params, x, record=True)
+        loss = _fisher_loss(out, y, likelihood, fisher, generator)
+        grads = torch.autograd.grad(loss, [r.s for r in records], create_graph=create_graph)
+    return [(r, r.g_rows(gs)) for r, gs in zip(records, grads)]
+
+
+def support_logdet(
+    net: TaskBatchedNetwork,
+    params: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    likelihood: str,
+    tau: float,
+    method: str = "factored",
+    fisher: str = "auto",
+    create_graph: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """log det Ĥ per task [tasks]: Σ over layers of log det(c·A⊗G + τI), c = rows."""
+    total = None
+    for record, g in layer_rows(net, params, x, y, likelihood, fisher, create_graph, generator):
+        a = record.a if create_graph else record.a.detach()
+        logdet = ops.kfac_logdet(a, g, float(g.shape[1]), tau, method, bias=record.bias, check=False)
+        total = logdet if total is None else total + logdet
+    return total

@@ -1,0 +1,186 @@
+"""ML-POINT (MAML) and ML-LAPLACE (LLAMA): Algorithm 2 of Grant et al. (2018) with its
+Subroutines 3 and 4, batched over the tasks of a meta-batch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batched import TaskBatchedNetwork
+from .curvature import FISHER_TYPES, support_logdet
+
+LOSSES = {"mse": "gaussian", "cross_entropy": "categorical"}
+
+
+@dataclass
+class MetaLoss:
+    """The meta-objective of a batch of tasks and its parts (all differentiable in θ)."""
+
+    loss: Tensor  # scalar: mean over tasks of the task objective
+    query_loss: Tensor  # [tasks]: L_qry(φ̂)
+    logdet: Tensor | None = None  # [tasks]: log det Ĥ(φ̂) (LLAMA only)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+class MAML(nn.Module):
+    """ML-POINT: φ̂ = θ after K steps of gradient descent on the support loss; the task
+    objective is the query loss at φ̂ (Subroutine 3).
+
+    Args:
+        model: an ``nn.Sequential`` of Linear, Conv2d, BatchNorm2d (without running
+            stats), pooling, Flatten and activations. Its Linear and Conv2d weights are
+            the adapted meta-parameters θ; BatchNorm's scale and shift are meta-learned
+            but not adapted.
+        inner_lr: α, the inner-loop step size.
+        inner_steps: K, inner steps during meta-training (``adapt`` takes others).
+        first_order: drop the second-order terms of the meta-gradient.
+        loss: ``"mse"`` (regression) or ``"cross_entropy"`` (classification).
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
+                 first_order: bool = False, loss: str = "mse"):
+        super().__init__()
+        _check_positive("inner_lr", inner_lr)
+        if not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
+        self.model = model
+        self.net = TaskBatchedNetwork(model)
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = inner_steps
+        self.first_order = first_order
+        self.loss = loss
+
+    # ------------------------------------------------------------------ helpers
+    def task_losses(self, out: Tensor, y: Tensor) -> Tensor:
+        """Mean loss of each task [tasks] for outputs [tasks, examples, ...]."""
+        T = out.shape[0]
+        if self.loss == "mse":
+            return (out - y).pow(2).reshape(T, -1).mean(1)
+        return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").reshape(T, -1).mean(1)
+
+    def _check_batch(self, x: Tensor, y: Tensor, what: str) -> None:
+        if x.dim() < 3:
+            raise ValueError(f"{what}: inputs must be [tasks, examples, features...], got shape {tuple(x.shape)}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"{what}: need at least one task and one example, got shape {tuple(x.shape)}")
+        expected = x.shape[:2] if self.loss == "cross_entropy" else (*x.shape[:2], y.shape[-1] if y.dim() > 2 else 0)
+        if self.loss == "cross_entropy" and (tuple(y.shape) != tuple(expected) or y.is_floating_point()):
+            raise ValueError(f"{what}: labels must be integers of shape {tuple(expected)}, got "
+                             f"{tuple(y.shape)} {y.dtype}")
+        if self.loss == "mse" and (y.dim() != 3 or y.shape[:2] != x.shape[:2]):
+            raise ValueError(f"{what}: targets must be [tasks, examples, outputs] matching inputs "
+                             f"{tuple(x.shape[:2])}, got {tuple(y.shape)}")
+        param = next(iter(self.net.adapted_parameters().values()))
+        if x.device != param.device:
+            raise ValueError(f"{what}: inputs are on {x.device} but the model is on {param.device}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{what}: inputs contain NaN or Inf")
+
+    # ------------------------------------------------------------------ inner loop
+    def adapt(self, x_support: Tensor, y_support: Tensor, steps: int | None = None,
+              create_graph: bool | None = None) -> dict[str, Tensor]:
+        """φ̂ for every task: ``steps`` (default K) gradient steps from θ on the support set.
+
+        Returns a dict of per-task parameters, each [tasks, *shape]. Differentiable with
+        respect to θ when grad mode is on (second order unless ``first_order``).
+        """
+        self._check_batch(x_support, y_support, "support set")
+        steps = self.inner_steps if steps is None else steps
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        track = torch.is_grad_enabled()
+        if create_graph is None:
+            create_graph = track and not self.first_order
+        T = x_support.shape[0]
+        params = {k: p.unsqueeze(0).expand(T, *p.shape) for k, p in self.net.adapted_parameters().items()}
+        with torch.enable_grad():
+            if not track:  # evaluation: a fresh leaf per task, no graph back to θ
+                params = {k: p.detach().requires_grad_() for k, p in params.items()}
+            for _ in range(steps):
+                out, _ = self.net(params, x_support)
+                # Tasks are independent, so the gradient of the summed losses with respect
+                # to task t's parameters is the gradient of task t's own loss.
+                loss = self.task_losses(out, y_support).sum()
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+                params = {k: p - self.inner_lr * g for (k, p), g in zip(params.items(), grads)}
+        if not track:
+            params = {k: p.detach() for k, p in params.items()}
+        return params
+
+    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Outputs [tasks, examples, ...] of the adapted networks."""
+        return self.net(params, x)[0]
+
+    # ------------------------------------------------------------------ objective
+    def meta_objective(self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor,
+                       generator: torch.Generator | None = None) -> MetaLoss:
+        self._check_batch(x_query, y_query, "query set")
+        if x_query.shape[0] != x_support.shape[0]:
+            raise ValueError(f"support and query sets have {x_support.shape[0]} and {x_query.shape[0]} tasks")
+        params = self.adapt(x_support, y_support)
+        query_loss = self.task_losses(self.predict(params, x_query), y_query)
+        return MetaLoss(query_loss.mean(), query_loss)
+
+    def meta_loss(self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor,
+                  generator: torch.Generator | None = None) -> Tensor:
+        """Mean task objective over a batch of tasks (inputs [tasks, examples, ...])."""
+        return self.meta_objective(x_support, y_support, x_query, y_query, generator).loss
+
+    forward = meta_loss
+
+
+class LLAMA(MAML):
+    """ML-LAPLACE: the task objective adds η·log det Ĥ(φ̂) (Subroutine 4), with Ĥ the K-FAC
+    Fisher of the support set's summed negative log likelihood plus prior precision τ.
+
+    Args:
+        eta: η, weight of the log-det term (the paper: 1e-6).
+        tau: τ, prior precision added to the curvature (the paper: 0.001).
+        logdet_method: ``"factored"`` (K-FAC's damping, as in the paper) or ``"exact"``.
+        fisher: ``"auto"``, ``"gauss_newton"``, ``"sampled"`` or ``"empirical"``
+            (see :mod:`fastlaplace.curvature`).
+        Other arguments as :class:`MAML`. With ``eta = 0`` the objective and its
+        meta-gradient are exactly MAML's.
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
+                 first_order: bool = False, loss: str = "mse", eta: float = 1e-6, tau: float = 1e-3,
+                 logdet_method: str = "factored", fisher: str = "auto"):
+        super().__init__(model, inner_lr, inner_steps, first_order, loss)
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        _check_positive("tau", tau)
+        if logdet_method not in ("exact", "factored"):
+            raise ValueError(f"logdet_method must be 'exact' or 'factored', got {logdet_method!r}")
+        if fisher not in FISHER_TYPES:
+            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+        self.eta, self.tau = float(eta), float(tau)
+        self.logdet_method, self.fisher = logdet_method, fisher
+
+    def laplace_logdet(self, params: dict[str, Tensor], x_support: Tensor, y_support: Tensor,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """log det Ĥ(φ̂) per task [tasks], differentiable with respect to θ through φ̂."""
+        return support_logdet(self.net, params, x_support, y_support, likelihood=LOSSES[self.loss],
+                              tau=self.tau, method=self.logdet_method, fisher=self.fisher,
+                              create_graph=torch.is_grad_enabled(), generator=generator)
+
+    def meta_objective(self, x_support, y_support, x_query, y_query, generator=None) -> MetaLoss:
+        if self.eta == 0:
+            return super().meta_objective(x_support, y_support, x_query, y_query)
+        self._check_batch(x_query, y_query, "query set")
+        if x_query.shape[0] != x_support.shape[0]:
+            raise ValueError(f"support and query sets have {x_support.shape[0]} and {x_query.shape[0]} tasks")
+        params = self.adapt(x_support, y_support)
+        query_loss = self.task_losses(self.predict(params, x_query), y_query)
+        logdet = self.laplace_logdet(params, x_support, y_support, generator)
+        return MetaLoss((query_loss + self.eta * logdet).mean(), query_loss, logdet)
