@@ -52,29 +52,39 @@ def _fisher_loss(out: Tensor, y: Tensor, likelihood: str, fisher: str, generator
 
 
 def layer_rows(
-    net: TaskBatchedNetwork,
-    params: dict[str, Tensor],
-    x: Tensor,
+    out: Tensor,
+    records: list[LayerRecord],
     y: Tensor,
     likelihood: str,
     fisher: str = "auto",
     create_graph: bool = True,
     generator: torch.Generator | None = None,
-) -> list[tuple[LayerRecord, Tensor]]:
-    """(record, g rows) for every adapted layer, from one forward and one backward pass."""
+) -> list[tuple[LayerRecord, Tensor, Tensor]]:
+    """(record, a rows, g rows) of every adapted layer, for the first ``y.shape[1]`` examples.
+
+    ``out`` and ``records`` come from one recorded forward pass, which may hold more
+    examples than ``y`` (LLAMA runs support and query sets through one pass when the
+    network has no BatchNorm); rows of the others are dropped.
+    """
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    examples, total = y.shape[1], out.shape[1]
     with torch.enable_grad():
-        out, records = net(params, x, record=True)
-        loss = _fisher_loss(out, y, likelihood, fisher, generator)
+        loss = _fisher_loss(out[:, :examples], y, likelihood, fisher, generator)
         grads = torch.autograd.grad(loss, [r.s for r in records], create_graph=create_graph)
-    return [(r, r.g_rows(gs)) for r, gs in zip(records, grads)]
+    rows = []
+    for record, grad_s in zip(records, grads):
+        a, g = record.a, record.g_rows(grad_s)
+        keep = examples * (a.shape[1] // total)  # rows are (example, location) pairs, example-major
+        if keep != a.shape[1]:
+            a, g = a[:, :keep], g[:, :keep]
+        rows.append((record, a if create_graph else a.detach(), g))
+    return rows
 
 
-def support_logdet(
-    net: TaskBatchedNetwork,
-    params: dict[str, Tensor],
-    x: Tensor,
+def records_logdet(
+    out: Tensor,
+    records: list[LayerRecord],
     y: Tensor,
     *,
     likelihood: str,
@@ -84,10 +94,24 @@ def support_logdet(
     create_graph: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """log det Ĥ per task [tasks]: Σ over layers of log det(c·A⊗G + τI), c = rows."""
+    """log det Ĥ per task [tasks] from a recorded forward pass: Σ over layers of
+    log det(c·A⊗G + τI), with c the layer's number of rows (examples × locations)."""
     total = None
-    for record, g in layer_rows(net, params, x, y, likelihood, fisher, create_graph, generator):
-        a = record.a if create_graph else record.a.detach()
+    for record, a, g in layer_rows(out, records, y, likelihood, fisher, create_graph, generator):
         logdet = ops.kfac_logdet(a, g, float(g.shape[1]), tau, method, bias=record.bias, check=False)
         total = logdet if total is None else total + logdet
     return total
+
+
+def support_logdet(
+    net: TaskBatchedNetwork,
+    params: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    **kwargs,
+) -> Tensor:
+    """log det Ĥ per task [tasks] of the support set (x, y) at per-task parameters ``params``;
+    keyword arguments as :func:`records_logdet`."""
+    with torch.enable_grad():
+        out, records = net(params, x, record=True)
+    return records_logdet(out, records, y, **kwargs)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batched import TaskBatchedNetwork
-from .curvature import FISHER_TYPES, support_logdet
+from .curvature import FISHER_TYPES, records_logdet, support_logdet
 
 LOSSES = {"mse": "gaussian", "cross_entropy": "categorical"}
 
@@ -86,6 +86,15 @@ class MAML(nn.Module):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{what}: inputs contain NaN or Inf")
 
+    def _check_episode(self, x_support, y_support, x_query, y_query) -> None:
+        self._check_batch(x_support, y_support, "support set")
+        self._check_batch(x_query, y_query, "query set")
+        if x_query.shape[0] != x_support.shape[0]:
+            raise ValueError(f"support and query sets have {x_support.shape[0]} and {x_query.shape[0]} tasks")
+        if x_query.shape[2:] != x_support.shape[2:]:
+            raise ValueError(f"support and query inputs differ in shape: {tuple(x_support.shape[2:])} and "
+                             f"{tuple(x_query.shape[2:])}")
+
     # ------------------------------------------------------------------ inner loop
     def adapt(self, x_support: Tensor, y_support: Tensor, steps: int | None = None,
               create_graph: bool | None = None) -> dict[str, Tensor]:
@@ -124,9 +133,7 @@ class MAML(nn.Module):
     # ------------------------------------------------------------------ objective
     def meta_objective(self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor,
                        generator: torch.Generator | None = None) -> MetaLoss:
-        self._check_batch(x_query, y_query, "query set")
-        if x_query.shape[0] != x_support.shape[0]:
-            raise ValueError(f"support and query sets have {x_support.shape[0]} and {x_query.shape[0]} tasks")
+        self._check_episode(x_support, y_support, x_query, y_query)
         params = self.adapt(x_support, y_support)
         query_loss = self.task_losses(self.predict(params, x_query), y_query)
         return MetaLoss(query_loss.mean(), query_loss)
@@ -177,10 +184,15 @@ class LLAMA(MAML):
     def meta_objective(self, x_support, y_support, x_query, y_query, generator=None) -> MetaLoss:
         if self.eta == 0:
             return super().meta_objective(x_support, y_support, x_query, y_query)
-        self._check_batch(x_query, y_query, "query set")
-        if x_query.shape[0] != x_support.shape[0]:
-            raise ValueError(f"support and query sets have {x_support.shape[0]} and {x_query.shape[0]} tasks")
+        self._check_episode(x_support, y_support, x_query, y_query)
         params = self.adapt(x_support, y_support)
-        query_loss = self.task_losses(self.predict(params, x_query), y_query)
-        logdet = self.laplace_logdet(params, x_support, y_support, generator)
+        laplace = dict(likelihood=LOSSES[self.loss], tau=self.tau, method=self.logdet_method, fisher=self.fisher,
+                       create_graph=torch.is_grad_enabled(), generator=generator)
+        if self.net.has_batchnorm:  # batch statistics must not mix support and query examples
+            query_loss = self.task_losses(self.predict(params, x_query), y_query)
+            logdet = self.laplace_logdet(params, x_support, y_support, generator)
+        else:  # one pass over support and query examples serves both terms
+            out, records = self.net(params, torch.cat([x_support, x_query], 1), record=True)
+            query_loss = self.task_losses(out[:, x_support.shape[1]:], y_query)
+            logdet = records_logdet(out, records, y_support, **laplace)
         return MetaLoss((query_loss + self.eta * logdet).mean(), query_loss, logdet)

@@ -227,14 +227,14 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
             optimizer.step()
-            loss = float(parts.loss)
+            loss = float(parts.loss.detach())
             running = loss if running is None else 0.98 * running + 0.02 * loss
             bar.update(1, loss=running)
             if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
-                row = dict(iteration=it + 1, loss=loss, query_loss=float(parts.query_loss.mean()),
+                row = dict(iteration=it + 1, loss=loss, query_loss=float(parts.query_loss.detach().mean()),
                            seconds=time.perf_counter() - t0)
                 if parts.logdet is not None:
-                    row["logdet"] = float(parts.logdet.mean())
+                    row["logdet"] = float(parts.logdet.detach().mean())
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 if writer is not None:

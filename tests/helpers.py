@@ -1,0 +1,56 @@
+"""Plainly written per-task versions of the meta-learners: the oracle for the batched ones."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from fastlaplace import reference as ref
+
+
+def mlp_logdet(model: nn.Sequential, params: dict, x, tau: float, method: str):
+    """log det Ĥ of one task for an MLP, Gauss-Newton Fisher of its single output."""
+    h, inputs, pre = x, [], []
+    linears = [(name, m) for name, m in model.named_children() if isinstance(m, nn.Linear)]
+    for i, (name, _) in enumerate(linears):
+        inputs.append(h)
+        s = h @ params[f"{name}.weight"].T + params[f"{name}.bias"]
+        pre.append(s)
+        h = torch.relu(s) if i < len(linears) - 1 else s
+    grads = torch.autograd.grad(h.sum(), pre, create_graph=True)
+    R = x.shape[0]
+    return sum(ref.kfac_logdet(a[None], g[None], R, tau, method)[0] for a, g in zip(inputs, grads))
+
+
+def per_task_objective(model, xs, ys, xq, yq, lr, steps, first_order=False, eta=0.0, tau=1.0, method="factored",
+                       loss="mse"):
+    """Mean over tasks of the MAML (eta=0) or LLAMA objective, one task at a time."""
+    lossfn = F.mse_loss if loss == "mse" else F.cross_entropy
+    theta = dict(model.named_parameters())
+    total = 0
+    for t in range(xs.shape[0]):
+        phi = {k: v for k, v in theta.items() if not k.startswith(_batchnorm_prefixes(model))}
+        for _ in range(steps):
+            l = lossfn(functional_call(model, {**theta, **phi}, (xs[t],)), ys[t])
+            grads = torch.autograd.grad(l, list(phi.values()), create_graph=not first_order)
+            phi = {k: v - lr * g for (k, v), g in zip(phi.items(), grads)}
+        q = lossfn(functional_call(model, {**theta, **phi}, (xq[t],)), yq[t])
+        if eta:
+            q = q + eta * mlp_logdet(model, phi, xs[t], tau, method)
+        total = total + q
+    return total / xs.shape[0]
+
+
+def _batchnorm_prefixes(model):
+    return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)) or ("\0",)
+
+
+def tiny_mlp(hidden=5):
+    return nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+
+def tiny_convnet(classes=3):
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(3 * 2 * 2, classes),
+    )
