@@ -82,36 +82,29 @@ def layer_rows(
     return rows
 
 
-def records_logdet(
-    out: Tensor,
-    records: list[LayerRecord],
-    y: Tensor,
-    *,
-    likelihood: str,
-    tau: float,
-    method: str = "factored",
-    fisher: str = "auto",
-    create_graph: bool = True,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """log det Ĥ per task [tasks] from a recorded forward pass: Σ over layers of
-    log det(c·A⊗G + τI), with c the layer's number of rows (examples × locations)."""
-    total = None
-    for record, a, g in layer_rows(out, records, y, likelihood, fisher, create_graph, generator):
-        logdet = ops.kfac_logdet(a, g, float(g.shape[1]), tau, method, bias=record.bias, check=False)
-        total = logdet if total is None else total + logdet
-    return total
-
-
-def support_logdet(
+def support_rows(
     net: TaskBatchedNetwork,
     params: dict[str, Tensor],
     x: Tensor,
     y: Tensor,
-    **kwargs,
-) -> Tensor:
-    """log det Ĥ per task [tasks] of the support set (x, y) at per-task parameters ``params``;
-    keyword arguments as :func:`records_logdet`."""
+    likelihood: str,
+    fisher: str = "auto",
+    create_graph: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[tuple[LayerRecord, Tensor, Tensor]]:
+    """:func:`layer_rows` of the support set (x, y) at per-task parameters ``params``."""
     with torch.enable_grad():
+        if not any(p.requires_grad for p in params.values()):  # g needs a graph from params to outputs
+            params = {k: v.detach().requires_grad_() for k, v in params.items()}
         out, records = net(params, x, record=True)
-    return records_logdet(out, records, y, **kwargs)
+    return layer_rows(out, records, y, likelihood, fisher, create_graph, generator)
+
+
+def rows_logdet(rows: list[tuple[LayerRecord, Tensor, Tensor]], tau: float, method: str = "factored") -> Tensor:
+    """log det Ĥ per task [tasks]: Σ over layers of log det(c·A⊗G + τI), with c the layer's
+    number of rows (examples × locations)."""
+    total = None
+    for record, a, g in rows:
+        logdet = ops.kfac_logdet(a, g, float(g.shape[1]), tau, method, bias=record.bias, check=False)
+        total = logdet if total is None else total + logdet
+    return total

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batched import TaskBatchedNetwork
-from .curvature import FISHER_TYPES, records_logdet, support_logdet
+from . import ops
+from .curvature import FISHER_TYPES, layer_rows, rows_logdet, support_rows
+from .posterior import LaplacePosterior, LayerPosterior
 
 LOSSES = {"mse": "gaussian", "cross_entropy": "categorical"}
 
@@ -177,22 +179,51 @@ class LLAMA(MAML):
     def laplace_logdet(self, params: dict[str, Tensor], x_support: Tensor, y_support: Tensor,
                        generator: torch.Generator | None = None) -> Tensor:
         """log det Ĥ(φ̂) per task [tasks], differentiable with respect to θ through φ̂."""
-        return support_logdet(self.net, params, x_support, y_support, likelihood=LOSSES[self.loss],
-                              tau=self.tau, method=self.logdet_method, fisher=self.fisher,
-                              create_graph=torch.is_grad_enabled(), generator=generator)
+        rows = support_rows(self.net, params, x_support, y_support, LOSSES[self.loss], self.fisher,
+                            create_graph=torch.is_grad_enabled(), generator=generator)
+        return rows_logdet(rows, self.tau, self.logdet_method)
 
     def meta_objective(self, x_support, y_support, x_query, y_query, generator=None) -> MetaLoss:
         if self.eta == 0:
             return super().meta_objective(x_support, y_support, x_query, y_query)
         self._check_episode(x_support, y_support, x_query, y_query)
         params = self.adapt(x_support, y_support)
-        laplace = dict(likelihood=LOSSES[self.loss], tau=self.tau, method=self.logdet_method, fisher=self.fisher,
-                       create_graph=torch.is_grad_enabled(), generator=generator)
         if self.net.has_batchnorm:  # batch statistics must not mix support and query examples
             query_loss = self.task_losses(self.predict(params, x_query), y_query)
             logdet = self.laplace_logdet(params, x_support, y_support, generator)
         else:  # one pass over support and query examples serves both terms
             out, records = self.net(params, torch.cat([x_support, x_query], 1), record=True)
             query_loss = self.task_losses(out[:, x_support.shape[1]:], y_query)
-            logdet = records_logdet(out, records, y_support, **laplace)
+            rows = layer_rows(out, records, y_support, LOSSES[self.loss], self.fisher,
+                              create_graph=torch.is_grad_enabled(), generator=generator)
+            logdet = rows_logdet(rows, self.tau, self.logdet_method)
         return MetaLoss((query_loss + self.eta * logdet).mean(), query_loss, logdet)
+
+    def posterior(self, x_support: Tensor, y_support: Tensor, tau: float | None = None, method: str | None = None,
+                  generator: torch.Generator | None = None) -> LaplacePosterior:
+        """Each task's Laplace posterior N(φ̂, Ĥ⁻¹) over its adapted layers (paper Section 5.1).
+
+        Args:
+            x_support, y_support: the tasks' support sets [tasks, examples, ...].
+            tau: prior precision of the posterior (default: the training τ). Choose it on
+                validation tasks (:func:`fastlaplace.uncertainty.calibrate`).
+            method: ``"factored"`` or ``"exact"`` precision (default: ``logdet_method``).
+            generator: for sampled-label Fisher curvature.
+        """
+        self._check_batch(x_support, y_support, "support set")
+        tau = self.tau if tau is None else tau
+        _check_positive("tau", tau)
+        method = method or self.logdet_method
+        if method not in ("exact", "factored"):
+            raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
+        with torch.no_grad():
+            params = self.adapt(x_support, y_support)
+        rows = support_rows(self.net, params, x_support, y_support, LOSSES[self.loss], self.fisher,
+                            create_graph=False, generator=generator)
+        layers = []
+        for record, a, g in rows:
+            A, G = ops.kron_factors(a.detach(), g.detach(), record.bias)
+            layers.append(LayerPosterior.build(record.name, params[f"{record.name}.weight"].detach(),
+                                               None if not record.bias else params[f"{record.name}.bias"].detach(),
+                                               A, G, float(g.shape[1]), tau, method))
+        return LaplacePosterior(self.net, {k: v.detach() for k, v in params.items()}, layers)
