@@ -40,7 +40,7 @@ DATASET_DEFAULTS: dict[str, dict] = {
                          test_inner_steps=[10], ways=5, shots=1, query=15, eta=1e-6, tau=1e-3, filters=32),
     "omniglot": dict(iterations=60000, meta_batch=32, meta_lr=1e-3, inner_lr=0.4, inner_steps=1,
                      test_inner_steps=[3], ways=5, shots=1, query=1, eta=1e-6, tau=1e-3, filters=64),
-    "digits": dict(iterations=2000, meta_batch=8, meta_lr=1e-3, inner_lr=0.1, inner_steps=3,
+    "digits": dict(iterations=1000, meta_batch=4, meta_lr=1e-3, inner_lr=0.1, inner_steps=3,
                    test_inner_steps=[5], ways=5, shots=1, query=5, eta=1e-6, tau=1e-3, filters=32),
 }
 

@@ -1,0 +1,124 @@
+"""Figures: ``python -m fastlaplace.plot posterior CHECKPOINT`` (the paper's Figure 5) and
+``python -m fastlaplace.plot curves RUN_DIR`` (training curves). Needs matplotlib
+(``pip install fastlaplace[plots]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("error: plotting needs matplotlib: pip install 'fastlaplace[plots]'") from exc
+    return plt
+
+
+def posterior_figure(learner, tasks, out: str, tau: float, point_learner=None, samples: int = 20, seed: int = 3,
+                     method: str | None = None, linearized: bool = True) -> None:
+    """Figure 5 of the paper for one new sinusoid: support points over the whole range (left)
+    and only in its lowest fifth (right); ground truth, MAML's adapted prediction and LLAMA's
+    posterior samples with their ±2 standard deviation band."""
+    plt = _pyplot()
+    lo, hi = tasks.x_range
+    g = torch.Generator().manual_seed(seed)
+    base = tasks.sample(1, g)
+    amp, phase = base.amplitude, base.phase
+    grid = torch.linspace(lo, hi, 400).view(1, -1, 1)
+    truth = tasks.evaluate(grid, amp, phase)[0, :, 0]
+    cases = [("support over the whole range", (lo, hi)), ("support in the lowest fifth only", (lo, lo + (hi - lo) / 5))]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    point = point_learner or learner
+    for ax, (title, rng) in zip(axes, cases):
+        xs = torch.rand((1, tasks.support, 1), generator=g) * (rng[1] - rng[0]) + rng[0]
+        ys = tasks.evaluate(xs, amp, phase)
+        post = learner.posterior(xs, ys, tau=tau, method=method)
+        pred = post.predict(grid, 200, g, linearized=linearized)
+        with torch.no_grad():
+            f_point = point.predict(point.adapt(xs, ys), grid)[0, :, 0]
+        x = grid[0, :, 0]
+        mean, std = pred.mean[0, :, 0], pred.std[0, :, 0]
+        ax.fill_between(x, mean - 2 * std, mean + 2 * std, color="tab:blue", alpha=0.15, label="LLAMA ±2 sd")
+        for s in range(min(samples, pred.samples.shape[0])):
+            ax.plot(x, pred.samples[s, 0, :, 0], color="tab:blue", lw=0.6, alpha=0.5,
+                    label="LLAMA posterior samples" if s == 0 else None)
+        ax.plot(x, truth, color="black", lw=1.5, label="ground truth")
+        ax.plot(x, f_point, color="tab:red", lw=1.5, ls="--", label="MAML adapted prediction")
+        ax.scatter(xs[0, :, 0], ys[0, :, 0], color="tab:orange", zorder=5, s=25, label="support points")
+        ax.set_title(title)
+        ax.set_xlabel("x")
+        ax.set_ylim(-7, 7)
+    axes[0].set_ylabel("y")
+    axes[0].legend(loc="lower left", fontsize=7)
+    fig.suptitle(f"Posterior samples of a new task (τ = {tau:g}, {method or learner.logdet_method} K-FAC, "
+                 f"{'linearised' if linearized else 'sampled-network'} predictive)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def curves_figure(run_dir: str, out: str) -> None:
+    """Meta-training loss (and LLAMA's mean log det Ĥ) against iterations, from metrics.jsonl."""
+    plt = _pyplot()
+    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl") if line.strip()]
+    if not rows:
+        raise SystemExit(f"error: {run_dir}/metrics.jsonl has no rows yet")
+    it = [r["iteration"] for r in rows]
+    has_logdet = "logdet" in rows[0]
+    fig, axes = plt.subplots(1, 2 if has_logdet else 1, figsize=(10 if has_logdet else 5, 3.5), squeeze=False)
+    axes[0, 0].plot(it, [r["query_loss"] for r in rows], lw=0.8)
+    axes[0, 0].set_xlabel("iteration")
+    axes[0, 0].set_ylabel("query loss")
+    axes[0, 0].set_yscale("log")
+    if has_logdet:
+        axes[0, 1].plot(it, [r["logdet"] for r in rows], lw=0.8, color="tab:green")
+        axes[0, 1].set_xlabel("iteration")
+        axes[0, 1].set_ylabel("mean log det Ĥ")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .meta import LLAMA  # noqa: PLC0415
+    from .train import load_for_evaluation  # noqa: PLC0415
+    from .uncertainty import calibrate  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(prog="python -m fastlaplace.plot", description=__doc__)
+    sub = p.add_subparsers(dest="figure", required=True)
+    pp = sub.add_parser("posterior", help="Figure 5: posterior samples on a new sinusoid")
+    pp.add_argument("checkpoint")
+    pp.add_argument("--out", default="posterior.png")
+    pp.add_argument("--maml", help="a MAML checkpoint for the point prediction (default: the LLAMA run's φ̂)")
+    pp.add_argument("--tau", type=float, help="prior precision (default: chosen on validation tasks)")
+    pp.add_argument("--method", choices=("factored", "exact"))
+    pp.add_argument("--sampled-networks", action="store_true")
+    pp.add_argument("--seed", type=int, default=3)
+    pc = sub.add_parser("curves", help="training curves of a run")
+    pc.add_argument("run_dir")
+    pc.add_argument("--out", default="curves.png")
+    args = p.parse_args(argv)
+    if args.figure == "curves":
+        curves_figure(args.run_dir, args.out)
+    else:
+        learner, problem, _ = load_for_evaluation(args.checkpoint, device="cpu")
+        if not isinstance(learner, LLAMA) or not hasattr(problem, "tasks"):
+            raise SystemExit("error: the posterior figure needs a LLAMA sinusoid checkpoint")
+        point = load_for_evaluation(args.maml, device="cpu")[0] if args.maml else None
+        tau = args.tau
+        if tau is None:
+            tau = calibrate(learner, problem, point, method=args.method, linearized=not args.sampled_networks).tau
+        posterior_figure(learner, problem.tasks, args.out, tau, point, seed=args.seed, method=args.method,
+                         linearized=not args.sampled_networks)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

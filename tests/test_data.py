@@ -1,0 +1,137 @@
+"""Readers of the standard on-disk formats, on small fixtures made here, and episode sampling."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastlaplace.data import EpisodeSampler, ImageClasses, SinusoidTasks
+from fastlaplace.data.images import DataLayoutError, read_digits, read_miniimagenet, read_omniglot
+from fastlaplace.data.loaders import image_problem
+
+
+def write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture
+def omniglot_root(tmp_path):
+    rng = np.random.default_rng(0)
+    for archive, alphabets in (("images_background", ["Latin", "Greek"]), ("images_evaluation", ["Runic"])):
+        for alphabet in alphabets:
+            for c in range(4):
+                for k in range(3):
+                    img = (rng.random((105, 105)) > 0.5).astype(np.uint8) * 255
+                    write_png(tmp_path / archive / alphabet / f"character{c:02d}" / f"{c}_{k:02d}.png", img)
+    return tmp_path
+
+
+def test_omniglot_reader(omniglot_root):
+    splits = read_omniglot(omniglot_root, train=6, val=2, seed=0)
+    assert {s: c.num_classes for s, c in splits.items()} == {"train": 24, "val": 8, "test": 16}  # × 4 rotations
+    assert splits["train"].image_shape == (1, 28, 28)
+    assert splits["train"].images.dtype == torch.uint8
+    names = {s: {n.split("@")[0] for n in c.names} for s, c in splits.items()}
+    assert not names["train"] & names["test"] and not names["train"] & names["val"]
+    # the split is a seeded shuffle over all characters, regardless of alphabet
+    assert read_omniglot(omniglot_root, train=6, val=2, seed=0)["test"].names == splits["test"].names
+    assert read_omniglot(omniglot_root, train=6, val=2, seed=1)["test"].names != splits["test"].names
+    # a rotated class is the original rotated
+    base = splits["train"]
+    torch.testing.assert_close(base.images[base.members[6]], torch.rot90(base.images[base.members[0]], 1, (2, 3)))
+
+
+def test_omniglot_missing_folder_shows_layout(tmp_path):
+    with pytest.raises(DataLayoutError, match="images_background") as err:
+        read_omniglot(tmp_path)
+    assert "Expected layout" in str(err.value)
+
+
+def make_mini_csv(root, classes=3, per_class=4, size=84):
+    rng = np.random.default_rng(1)
+    for split in ("train", "val", "test"):
+        lines = ["filename,label"]
+        for c in range(classes):
+            for k in range(per_class):
+                name = f"{split}{c}_{k}.jpg"
+                shape = (size, size, 3) if k else (100, 120, 3)  # one larger image, resized on reading
+                write_png(root / "images" / name, rng.integers(0, 255, shape, dtype=np.uint8))
+                lines.append(f"{name},n0{split}{c}")
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_miniimagenet_csv_reader(tmp_path):
+    make_mini_csv(tmp_path)
+    splits = read_miniimagenet(tmp_path)
+    for s in ("train", "val", "test"):
+        assert splits[s].num_classes == 3 and splits[s].images.shape == (12, 3, 84, 84)
+
+
+def test_miniimagenet_pickle_reader(tmp_path):
+    rng = np.random.default_rng(2)
+    for name in ("train", "validation", "test"):
+        data = {"image_data": rng.integers(0, 255, (10, 84, 84, 3), dtype=np.uint8),
+                "class_dict": {"n01": list(range(0, 5)), "n02": list(range(5, 10))}}
+        with open(tmp_path / f"mini-imagenet-cache-{name}.pkl", "wb") as f:
+            pickle.dump(data, f)
+    splits = read_miniimagenet(tmp_path)
+    assert splits["val"].num_classes == 2 and splits["test"].images.shape == (10, 3, 84, 84)
+    test = splits["test"]  # the last file written: `data` holds its contents
+    torch.testing.assert_close(test.images[test.members[1][0]], torch.from_numpy(data["image_data"][5]).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("damage", ["header", "missing image", "nothing"])
+def test_miniimagenet_malformed(tmp_path, damage):
+    if damage != "nothing":
+        make_mini_csv(tmp_path)
+    if damage == "header":
+        (tmp_path / "val.csv").write_text("file,class\nx.jpg,n01\n")
+    elif damage == "missing image":
+        next((tmp_path / "images").glob("test*")).unlink()
+    with pytest.raises(DataLayoutError, match="Expected layout"):
+        read_miniimagenet(tmp_path)
+
+
+def test_digits_reader():
+    splits = read_digits()
+    assert splits["train"].num_classes == 20 and splits["val"].num_classes == 20
+    assert splits["test"].num_classes == 5 and splits["test"].names == ["5", "6", "7", "8", "9"]
+    assert splits["train"].image_shape == (1, 16, 16)
+
+
+def test_episode_sampler():
+    classes = ImageClasses.from_groups([torch.full((6, 1, 4, 4), c, dtype=torch.uint8) for c in range(7)])
+    sampler = EpisodeSampler(classes, ways=5, shots=2, query=3)
+    xs, ys, xq, yq = sampler.sample(4, torch.Generator().manual_seed(0))
+    assert xs.shape == (4, 10, 1, 4, 4) and xq.shape == (4, 15, 1, 4, 4)
+    assert ys.shape == (4, 10) and int(ys.max()) == 4 and (torch.bincount(yq[0]) == 3).all()
+    # labels are consistent between support and query within a task: same class, same label
+    for t in range(4):
+        for label in range(5):
+            assert xs[t][ys[t] == label].unique().numel() == 1
+            assert torch.equal(xs[t][ys[t] == label].unique(), xq[t][yq[t] == label].unique())
+    with pytest.raises(ValueError, match="at least 8 classes"):
+        EpisodeSampler(classes, ways=8, shots=1, query=1)
+    with pytest.raises(ValueError, match="fewer than shots"):
+        EpisodeSampler(classes, ways=5, shots=4, query=3)
+
+
+def test_image_problem_digits():
+    problem = image_problem("digits", None, ways=5, shots=1, query=2, filters=8)
+    batch = problem.sample("test", 3, torch.Generator().manual_seed(0))
+    assert batch.x_support.shape == (3, 5, 1, 16, 16) and batch.y_query.shape == (3, 10)
+    model = problem.build_model()
+    assert model(batch.x_support[0]).shape == (5, 5)
+
+
+def test_sinusoid_tasks():
+    tasks = SinusoidTasks()
+    b = tasks.sample(50, torch.Generator().manual_seed(0), support_range=(-10, -6))
+    assert b.x_support.shape == (50, 10, 1) and float(b.x_support.max()) <= -6
+    assert float(b.amplitude.min()) >= 0.1 and float(b.amplitude.max()) <= 5.0
+    torch.testing.assert_close(b.y_query, b.amplitude[:, None, None] * torch.sin(b.x_query - b.phase[:, None, None]))
+    with pytest.raises(ValueError):
+        tasks.sample(0)

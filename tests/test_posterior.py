@@ -1,0 +1,134 @@
+"""The Laplace posterior: sampler moments against the analytic covariance, predictions, metrics, plots."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastlaplace import LLAMA, sinusoid_mlp
+from fastlaplace.data import SinusoidTasks
+from fastlaplace.posterior import LayerPosterior, Predictive
+from fastlaplace.problems import SinusoidProblem
+from fastlaplace.uncertainty import (Z50, Z90, NoiseModel, calibrate, coverage, laplace_marginal_nll, mixture_nll,
+                                     point_nll, report)
+
+F64 = torch.float64
+
+
+def small_layer(method, d_in=2, d_out=2, rows=3, tasks=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(tasks, rows, d_in, generator=g, dtype=F64)
+    gr = torch.randn(tasks, rows, d_out, generator=g, dtype=F64)
+    from fastlaplace.reference import kron_factors
+    A, G = kron_factors(a, gr, bias=True)
+    weight = torch.randn(tasks, d_out, d_in, generator=g, dtype=F64)
+    bias = torch.randn(tasks, d_out, generator=g, dtype=F64)
+    return LayerPosterior.build("layer", weight, bias, A, G, scale=float(rows), tau=0.7, method=method)
+
+
+@pytest.mark.parametrize("method", ["factored", "exact"])
+def test_sample_moments_match_analytic_covariance(method):
+    post = small_layer(method)
+    n = 200_000
+    W = post.sample(n, torch.Generator().manual_seed(1))  # [n, tasks, d_out, d_A]
+    vec = W.mT.reshape(n, W.shape[1], -1)  # column-stacked vec([W | b])
+    analytic = post.dense_covariance()
+    for t in range(W.shape[1]):
+        torch.testing.assert_close(vec[:, t].mean(0), post.mean[t].mT.reshape(-1), atol=0.02 * analytic[t].diagonal().max().sqrt(), rtol=0)
+        empirical = torch.cov(vec[:, t].T)
+        assert (empirical - analytic[t]).abs().max() <= 0.03 * analytic[t].abs().max()
+
+
+def test_exact_sampler_covariance_is_inverse_dense_precision():
+    post = small_layer("exact", d_in=3, d_out=2, rows=2)
+    for t in range(post.A.shape[0]):
+        UA, UG = post.U_A[t], post.U_G[t]
+        U = torch.kron(UA, UG)  # vec(U_G E U_Aᵀ) = (U_A ⊗ U_G) vec(E)
+        sampler_cov = U @ torch.diag(post.std[t].mT.reshape(-1) ** 2) @ U.T
+        D = post.A.shape[-1] * post.G.shape[-1]
+        precision = post.scale * torch.kron(post.A[t], post.G[t]) + post.tau * torch.eye(D, dtype=F64)
+        torch.testing.assert_close(sampler_cov, torch.linalg.inv(precision), rtol=1e-10, atol=1e-12)
+
+
+def sinusoid_learner(method="factored"):
+    torch.manual_seed(0)
+    return LLAMA(sinusoid_mlp(), tau=1.0, logdet_method=method)
+
+
+@pytest.mark.parametrize("method", ["factored", "exact"])
+@pytest.mark.parametrize("linearized", [True, False])
+def test_posterior_predict_shapes(method, linearized):
+    learner = sinusoid_learner(method)
+    b = SinusoidTasks().sample(3, torch.Generator().manual_seed(0))
+    post = learner.posterior(b.x_support, b.y_support)
+    params = post.sample(4)
+    assert params["0.weight"].shape == (4, 3, 40, 1) and params["4.bias"].shape == (4, 3, 1)
+    pred = post.predict(b.x_query, 7, torch.Generator().manual_seed(1), linearized=linearized)
+    assert pred.samples.shape == (7, 3, 10, 1)
+    assert pred.mean.shape == (3, 10, 1) and bool((pred.std > 0).all())
+    # the samples spread around the posterior mode
+    torch.testing.assert_close(post.predict(b.x_query, 2000, linearized=True).mean,
+                               post.predict_mean_params(b.x_query), atol=0.3, rtol=0)
+
+
+def test_posterior_errors():
+    learner = sinusoid_learner()
+    b = SinusoidTasks().sample(3, torch.Generator().manual_seed(0))
+    post = learner.posterior(b.x_support, b.y_support)
+    with pytest.raises(ValueError, match="samples"):
+        post.sample(0)
+    with pytest.raises(ValueError, match="samples"):
+        post.predict(b.x_query, -1)
+    with pytest.raises(ValueError, match="tasks"):
+        post.predict(b.x_query[:2], 5)
+    with pytest.raises(ValueError, match="targets must be"):
+        learner.posterior(b.x_support, b.y_support[:, :4])
+    with pytest.raises(ValueError, match="tau"):
+        learner.posterior(b.x_support, b.y_support, tau=-1.0)
+
+
+def test_metrics():
+    torch.manual_seed(0)
+    y = torch.zeros(2, 5000, 1)
+    pred = Predictive(torch.zeros(1, 2, 5000, 1))
+    noisy = y + torch.randn_like(y)
+    assert abs(float(coverage(pred, noisy, 1.0, Z90).mean()) - 0.9) < 0.02
+    assert abs(float(coverage(pred, noisy, 1.0, Z50).mean()) - 0.5) < 0.02
+    # one sample: the mixture NLL is the point NLL
+    torch.testing.assert_close(mixture_nll(pred, noisy, 0.5), point_nll(pred.samples[0], noisy, 0.5))
+    assert float(point_nll(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), 1.0)) == pytest.approx(0.5 * math.log(2 * math.pi))
+    noise = NoiseModel(0.1, 0.5)
+    ys = torch.ones(3, 4, 1) * 2
+    torch.testing.assert_close(noise.variance(ys), torch.full((3, 1, 1), 2.1))
+
+
+def test_laplace_marginal_nll_is_finite_and_per_task():
+    learner = sinusoid_learner()
+    b = SinusoidTasks().sample(4, torch.Generator().manual_seed(0))
+    out = laplace_marginal_nll(learner, b.x_support, b.y_support)
+    assert out.shape == (4,) and bool(torch.isfinite(out).all())
+
+
+def test_report_runs_on_few_tasks():
+    learner = sinusoid_learner()
+    problem = SinusoidProblem(SinusoidTasks())
+    cal = calibrate(learner, problem, tasks=10, taus=[1.0, 100.0], samples=5)
+    assert cal.tau in (1.0, 100.0)
+    out = report(learner, problem, tasks=12, samples=5, calibration=cal)
+    for key in ("llama_nll", "maml_point_nll", "coverage50", "coverage90", "laplace_marginal_nll",
+                "extrapolation_std_ratio"):
+        assert math.isfinite(out[key]["mean"]), key
+
+
+def test_plot_cli(tmp_path):
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "fastlaplace.train", "--iterations", "3", "--eval-tasks", "5",
+                    "--out", str(out), "--no-progress"], check=True, capture_output=True, timeout=300)
+    for args in (["posterior", str(out / "checkpoint.pt"), "--tau", "10"], ["curves", str(out)]):
+        png = tmp_path / f"{args[0]}.png"
+        run = subprocess.run([sys.executable, "-m", "fastlaplace.plot", *args, "--out", str(png)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert png.stat().st_size > 10_000
