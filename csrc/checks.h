@@ -49,6 +49,15 @@ inline void check_square(const at::Tensor& m, const char* name) {
   TORCH_CHECK_VALUE(m.size(0) >= 1, "fastlaplace: ", name, " needs at least one task, got ", m.sizes());
 }
 
+// A batch of matrices to factor and one damping value per matrix.
+inline void check_damped(const at::Tensor& M, const at::Tensor& damping) {
+  check_square(M, "M");
+  check_rank(damping, 1, "damping", "[tasks]");
+  check_same_kind(M, damping, "M", "damping");
+  TORCH_CHECK_VALUE(damping.size(0) == M.size(0), "fastlaplace: damping must have one value per task (", M.size(0),
+                    "), got ", damping.size(0));
+}
+
 inline void check_factors(const at::Tensor& A, const at::Tensor& G) {
   check_square(A, "A");
   check_square(G, "G");

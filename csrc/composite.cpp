@@ -84,40 +84,58 @@ Tensor rows_grad_gram(const Tensor& x, const Tensor& P) {
   return at::matmul(P, x) * (2.0 / static_cast<double>(x.size(1)));
 }
 
+// x̄ᵀx̄ / R through the kron_factors primitive of the tensor's backend (its second,
+// 1×1 factor is discarded).
+Tensor factor_of(const Tensor& x, bool bias) { return std::get<0>(call_kron_factors(x, x.narrow(2, 0, 1), bias)); }
+
+// The matrix carrying the spectrum of one side's factor: the factor itself, or with fewer
+// rows than columns the R×R Gram matrix (same nonzero eigenvalues, DESIGN.md §2).
+Tensor spectrum_carrier(const Tensor& x, bool bias) {
+  const int64_t D = x.size(2) + (bias ? 1 : 0);
+  return x.size(1) < D ? gram(x, bias) : factor_of(x, bias);
+}
+
 struct Factored {
-  Tensor LA, LG, logdet, pi, valid, trA, trG;
+  Tensor LA, LG, logdet, pi, valid, trA, trG, lamA, lamG;
 };
 
-// (√c·A + π√τ·I) ⊗ (√c·G + (√τ/π)·I), whose log-det is
-// d_G·logdet(A + π√τ/√c·I) + d_A·logdet(G + √τ/(π√c)·I) + d_A·d_G·log c.
-Factored factored_forward(const Tensor& A, const Tensor& G, double c, double tau) {
-  const int64_t dA = A.size(1), dG = G.size(1);
+// (√c·A + π√τ·I) ⊗ (√c·G + (√τ/π)·I) from K_A (n_A ≤ d_A) and K_G: its log-det is
+// d_G·logdet(A + λ_A I) + d_A·logdet(G + λ_G I) + d_A·d_G·log c with λ_A = π√τ/√c,
+// λ_G = √τ/(π√c), and logdet(A + λI) = logdet(K + λI) + (d − n)·log λ.
+Factored factored_forward(const Tensor& KA, int64_t dA, const Tensor& KG, int64_t dG, double c, double tau) {
+  const int64_t nA = KA.size(1), nG = KG.size(1);
   Factored f;
-  f.trA = batch_trace(A);
-  f.trG = batch_trace(G);
+  f.trA = batch_trace(KA);  // tr K = tr A for a Gram matrix too
+  f.trG = batch_trace(KG);
   f.valid = at::logical_and(f.trA > 0, f.trG > 0);
   // π-correction (Martens & Grosse 2015); π = 1 where a factor has zero trace.
   f.pi = at::where(f.valid, at::sqrt((f.trA / static_cast<double>(dA)) / (f.trG / static_cast<double>(dG))),
                    at::ones_like(f.trA));
   const double sc = std::sqrt(c), st = std::sqrt(tau);
-  auto [LA, ldA, infoA] = call_damped_cholesky(A, f.pi * (st / sc));
-  auto [LG, ldG, infoG] = call_damped_cholesky(G, f.pi.reciprocal() * (st / sc));
+  f.lamA = f.pi * (st / sc);
+  f.lamG = f.pi.reciprocal() * (st / sc);
+  auto [LA, ldA, infoA] = call_damped_cholesky(KA, f.lamA);
+  auto [LG, ldG, infoG] = call_damped_cholesky(KG, f.lamG);
   f.LA = LA;
   f.LG = LG;
+  ldA = ldA + f.lamA.log() * static_cast<double>(dA - nA);
+  ldG = ldG + f.lamG.log() * static_cast<double>(dG - nG);
   f.logdet = ldA * static_cast<double>(dG) + ldG * static_cast<double>(dA) +
              static_cast<double>(dA * dG) * std::log(c);
   return f;
 }
 
-// d logdet / dA and d logdet / dG for the factored method, π's dependence included.
+// d logdet / dK_A and d logdet / dK_G for the factored method, π's dependence included.
 std::tuple<Tensor, Tensor> factored_backward(const Factored& f, const Tensor& grad, int64_t dA, int64_t dG,
                                              double c, double tau) {
   const double sc = std::sqrt(c), st = std::sqrt(tau);
-  auto invA = at::cholesky_inverse(f.LA);  // (A + λ_A I)⁻¹ = √c·A_d⁻¹
+  const int64_t nA = f.LA.size(1), nG = f.LG.size(1);
+  auto invA = at::cholesky_inverse(f.LA);  // (K_A + λ_A I)⁻¹
   auto invG = at::cholesky_inverse(f.LG);
-  // d logdet / dπ = d_G·√τ·tr(A_d⁻¹) − d_A·(√τ/π²)·tr(G_d⁻¹)
-  auto dpi = batch_trace(invA) * (static_cast<double>(dG) * st / sc) -
-             batch_trace(invG) * (static_cast<double>(dA) * st / sc) / (f.pi * f.pi);
+  auto trInvA = batch_trace(invA) + f.lamA.reciprocal() * static_cast<double>(dA - nA);
+  auto trInvG = batch_trace(invG) + f.lamG.reciprocal() * static_cast<double>(dG - nG);
+  // d logdet / dπ = d_G·√τ·tr(A_d⁻¹) − d_A·(√τ/π²)·tr(G_d⁻¹), with A_d⁻¹ = (A + λ_A I)⁻¹/√c
+  auto dpi = trInvA * (static_cast<double>(dG) * st / sc) - trInvG * (static_cast<double>(dA) * st / sc) / (f.pi * f.pi);
   auto zero = at::zeros_like(dpi);
   auto kA = at::where(f.valid, dpi * f.pi / (f.trA * 2.0), zero);
   auto kG = at::where(f.valid, -dpi * f.pi / (f.trG * 2.0), zero);
@@ -126,12 +144,17 @@ std::tuple<Tensor, Tensor> factored_backward(const Factored& f, const Tensor& gr
   return std::make_tuple(gA, gG);
 }
 
+// dL/dx from dL/dK = P for the matrix K that spectrum_carrier(x, bias) returned.
+Tensor rows_grad(const Tensor& x, const Tensor& P, bool bias) {
+  return x.size(1) < x.size(2) + (bias ? 1 : 0) ? rows_grad_gram(x, P) : rows_grad_factor(x, P, bias);
+}
+
 }  // namespace
 
 Tensor kron_logdet_composite(const Tensor& A, const Tensor& G, double scale, double tau, const std::string& method) {
   check_factors(A, G);
   check_scale_tau(scale, tau);
-  if (parse_method(method) == Method::Factored) return factored_forward(A, G, scale, tau).logdet;
+  if (parse_method(method) == Method::Factored) return factored_forward(A, A.size(1), G, G.size(1), scale, tau).logdet;
   auto wA = at::linalg_eigvalsh(A);
   auto wG = at::linalg_eigvalsh(G);
   return exact_from_eigenvalues(wA, A.size(1), wG, G.size(1), scale, tau);
@@ -143,7 +166,8 @@ std::tuple<Tensor, Tensor> kron_logdet_backward_composite(const Tensor& grad, co
   check_scale_tau(scale, tau);
   check_grad(grad, A, A.size(0));
   if (parse_method(method) == Method::Factored)
-    return factored_backward(factored_forward(A, G, scale, tau), grad, A.size(1), G.size(1), scale, tau);
+    return factored_backward(factored_forward(A, A.size(1), G, G.size(1), scale, tau), grad, A.size(1), G.size(1),
+                             scale, tau);
   auto [wA, VA] = psd_eigh(A);
   auto [wG, VG] = psd_eigh(G);
   auto [psiA, psiG] = exact_psi(wA, wG, scale, tau);
@@ -155,16 +179,9 @@ Tensor kfac_logdet_composite(const Tensor& a, const Tensor& g, double scale, dou
                              bool bias) {
   check_rows(a, g);
   check_scale_tau(scale, tau);
-  const int64_t R = a.size(1), dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
-  if (parse_method(method) == Method::Factored) {
-    auto [A, G] = call_kron_factors(a, g, bias);
-    return factored_forward(A, G, scale, tau).logdet;
-  }
-  // With fewer rows than columns the factor's nonzero eigenvalues are the Gram matrix's.
-  Tensor KA, KG;
-  if (R >= dA || R >= dG) std::tie(KA, KG) = call_kron_factors(a, g, bias);
-  if (R < dA) KA = gram(a, bias);
-  if (R < dG) KG = gram(g, false);
+  const int64_t dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
+  auto KA = spectrum_carrier(a, bias), KG = spectrum_carrier(g, false);
+  if (parse_method(method) == Method::Factored) return factored_forward(KA, dA, KG, dG, scale, tau).logdet;
   auto wA = at::linalg_eigvalsh(KA);
   auto wG = at::linalg_eigvalsh(KG);
   return exact_from_eigenvalues(wA, dA, wG, dG, scale, tau);
@@ -176,25 +193,20 @@ std::tuple<Tensor, Tensor> kfac_logdet_backward_composite(const Tensor& grad, co
   check_rows(a, g);
   check_scale_tau(scale, tau);
   check_grad(grad, a, a.size(0));
-  const int64_t R = a.size(1), dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
+  const int64_t dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
+  auto KA = spectrum_carrier(a, bias), KG = spectrum_carrier(g, false);
+  Tensor PA, PG;
   if (parse_method(method) == Method::Factored) {
-    auto [A, G] = call_kron_factors(a, g, bias);
-    auto [gA, gG] = factored_backward(factored_forward(A, G, scale, tau), grad, dA, dG, scale, tau);
-    return {rows_grad_factor(a, gA, bias), rows_grad_factor(g, gG, false)};
+    std::tie(PA, PG) = factored_backward(factored_forward(KA, dA, KG, dG, scale, tau), grad, dA, dG, scale, tau);
+  } else {
+    auto [wA, VA] = psd_eigh(KA);
+    auto [wG, VG] = psd_eigh(KG);
+    auto [psiA, psiG] = exact_psi(wA, wG, scale, tau);
+    auto gvec = grad.view({-1, 1, 1});
+    PA = spectral(VA, psiA) * gvec;
+    PG = spectral(VG, psiG) * gvec;
   }
-  Tensor KA, KG;
-  if (R >= dA || R >= dG) std::tie(KA, KG) = call_kron_factors(a, g, bias);
-  if (R < dA) KA = gram(a, bias);
-  if (R < dG) KG = gram(g, false);
-  auto [wA, VA] = psd_eigh(KA);
-  auto [wG, VG] = psd_eigh(KG);
-  auto [psiA, psiG] = exact_psi(wA, wG, scale, tau);
-  auto gvec = grad.view({-1, 1, 1});
-  auto PA = spectral(VA, psiA) * gvec;
-  auto PG = spectral(VG, psiG) * gvec;
-  auto grad_a = R < dA ? rows_grad_gram(a, PA) : rows_grad_factor(a, PA, bias);
-  auto grad_g = R < dG ? rows_grad_gram(g, PG) : rows_grad_factor(g, PG, false);
-  return {grad_a, grad_g};
+  return {rows_grad(a, PA, bias), rows_grad(g, PG, false)};
 }
 
 }  // namespace fastlaplace

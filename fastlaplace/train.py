@@ -192,8 +192,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
         saved = Config(**state["config"])
-        if dataclasses.replace(saved, out=cfg.out, iterations=cfg.iterations, device=cfg.device) != \
-                dataclasses.replace(cfg, iterations=cfg.iterations):
+        # A resumed run may train longer, or move to another device; nothing else may change.
+        if dataclasses.replace(saved, out=cfg.out, iterations=cfg.iterations, device=cfg.device) != cfg:
             raise ValueError(f"{ckpt_path} was written with another configuration; use a new --out "
                              f"or the same settings (saved: {saved})")
         learner.load_state_dict(state["learner"])

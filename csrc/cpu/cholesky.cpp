@@ -15,20 +15,19 @@ namespace {
 constexpr int64_t kLapackAbove = 96;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky_cpu(const at::Tensor& M, const at::Tensor& damping) {
-  check_square(M, "M");
-  check_rank(damping, 1, "damping", "[tasks]");
-  check_same_kind(M, damping, "M", "damping");
+  check_damped(M, damping);
   const int64_t B = M.size(0), d = M.size(1);
-  TORCH_CHECK_VALUE(damping.size(0) == B, "fastlaplace: damping must have one value per task (", B, "), got ",
-                    damping.size(0));
   if (d > kLapackAbove) {
-    auto damped = M.tril().clone();  // like the loop below, read the lower triangle only
+    // potrf reads only the lower triangle, like the loop below.
+    auto damped = M.clone(at::MemoryFormat::Contiguous);
     damped.diagonal(0, -2, -1).add_(damping.unsqueeze(-1));
     auto [L, info] = at::linalg_cholesky_ex(damped);
     auto logdet = L.diagonal(0, -2, -1).log().sum(-1) * 2;
-    const auto nan = std::numeric_limits<double>::quiet_NaN();
-    logdet = at::where(info == 0, logdet, at::full_like(logdet, nan));
-    L = at::where((info == 0).view({-1, 1, 1}), L, at::full_like(L, nan));
+    if (info.any().item<bool>()) {  // a CPU tensor: no device sync
+      const auto nan = std::numeric_limits<double>::quiet_NaN();
+      logdet = at::where(info == 0, logdet, at::full_like(logdet, nan));
+      L = at::where((info == 0).view({-1, 1, 1}), L, at::full_like(L, nan));
+    }
     return {L, logdet, info};
   }
   auto L = at::empty({B, d, d}, M.options());

@@ -78,12 +78,8 @@ __global__ void damped_cholesky_kernel(const scalar_t* __restrict__ M, int64_t s
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky_cuda(const at::Tensor& M, const at::Tensor& damping) {
-  check_square(M, "M");
-  check_rank(damping, 1, "damping", "[tasks]");
-  check_same_kind(M, damping, "M", "damping");
+  check_damped(M, damping);
   const int64_t B = M.size(0), d = M.size(1);
-  TORCH_CHECK_VALUE(damping.size(0) == B, "fastlaplace: damping must have one value per task (", B, "), got ",
-                    damping.size(0));
   const c10::cuda::CUDAGuard guard(M.device());
   auto L = at::empty({B, d, d}, M.options());
   auto logdet = at::empty({B}, M.options());

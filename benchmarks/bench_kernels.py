@@ -1,0 +1,113 @@
+"""fastlaplace's kernels against the pure-PyTorch reference, side by side in one run.
+
+    python benchmarks/bench_kernels.py [--device cuda] [--quick]
+
+Shapes: the sinusoid MLP's three layers for 25 tasks of 10 examples; Conv4 on 84×84
+miniImageNet 5-way 1-shot for 4 tasks (KFC rows = examples × locations); a sweep over
+d and the number of tasks. Both log-det methods, forward alone and forward + backward.
+Prints a table and writes it to benchmarks/RESULTS.md. Speed-ups are ratios of medians
+measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import fastlaplace.ops as ops
+import fastlaplace.reference as ref
+from _common import fmt_time, markdown_table, timeit, write_block
+
+SINUSOID = [("sinusoid L1", 25, 10, 1, 40), ("sinusoid L2", 25, 10, 40, 40), ("sinusoid L3", 25, 10, 40, 1)]
+CONV4 = [("conv4 L1", 4, 5 * 84 * 84, 27, 64), ("conv4 L2", 4, 5 * 42 * 42, 576, 64),
+         ("conv4 L3", 4, 5 * 21 * 21, 576, 64), ("conv4 L4", 4, 5 * 10 * 10, 576, 64), ("conv4 head", 4, 5, 1600, 5)]
+
+
+def layer_inputs(B, R, d_in, d_out, device, dtype, grad=False):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(B, R, d_in, generator=g, dtype=dtype).to(device).requires_grad_(grad)
+    gg = torch.randn(B, R, d_out, generator=g, dtype=dtype).to(device).requires_grad_(grad)
+    return a, gg
+
+
+def bench_logdet(name, B, R, d_in, d_out, method, device, dtype, backward, min_run_time):
+    a, g = layer_inputs(B, R, d_in, d_out, device, dtype, grad=backward)
+
+    def ours():
+        out = ops.kfac_logdet(a, g, float(R), 1e-3, method, check=False)
+        if backward:
+            out.sum().backward()
+
+    def reference():
+        out = ref.kfac_logdet(a, g, float(R), 1e-3, method)
+        if backward:
+            out.sum().backward()
+
+    t_ours, t_ref = timeit(ours, min_run_time), timeit(reference, min_run_time)
+    return [name, f"{B}×{R}×({d_in}+1)→{d_out}", method, "fwd+bwd" if backward else "fwd", fmt_time(t_ref),
+            fmt_time(t_ours), f"{t_ref / t_ours:.1f}×"], (t_ref, t_ours)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--quick", action="store_true", help="shorter timings, fewer sweep points")
+    p.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    mrt = 0.1 if args.quick else 0.4
+    header = ["layer", "tasks×rows×d_A→d_G", "method", "pass", "reference", "fastlaplace", "speed-up"]
+    sections = []
+
+    # Whole-model totals are the sums over layers of both sides' medians.
+    for title, layers in (("Sinusoid MLP (25 tasks × 10 examples)", SINUSOID),
+                          ("Conv4, 84×84 miniImageNet 5-way 1-shot (4 tasks)", CONV4)):
+        rows = []
+        for method in ("factored", "exact"):
+            for backward in (False, True):
+                tot_ref = tot_ours = 0.0
+                for name, B, R, d_in, d_out in layers:
+                    row, (t_ref, t_ours) = bench_logdet(name, B, R, d_in, d_out, method, args.device, dtype,
+                                                        backward, mrt)
+                    rows.append(row)
+                    tot_ref += t_ref
+                    tot_ours += t_ours
+                    print(" | ".join(row), flush=True)
+                rows.append([f"**all layers**", "", method, "fwd+bwd" if backward else "fwd", f"**{fmt_time(tot_ref)}**",
+                             f"**{fmt_time(tot_ours)}**", f"**{tot_ref / tot_ours:.1f}×**"])
+                print(" | ".join(rows[-1]), flush=True)
+        sections.append(f"### kfac_logdet: {title}\n\n" + markdown_table(header, rows))
+
+    # Sweep: the primitives on their own.
+    ds = [2, 41, 64, 577, 1601]
+    Bs = [1, 4, 25] if args.quick else [1, 4, 25, 100]
+    rows = []
+    for d in ds:
+        for B in Bs:
+            if d * d * d * B > 2e10 and args.device == "cpu":
+                continue  # minutes of LAPACK on 2 cores; says nothing new
+            X = torch.randn(B, d, d + 8, dtype=dtype, device=args.device)
+            M = X @ X.mT / (d + 8)
+            damping = torch.full((B,), 0.1, dtype=dtype, device=args.device)
+            t_ours = timeit(lambda: ops.damped_cholesky(M, damping, check=False), mrt)
+            t_ref = timeit(lambda: ref.damped_cholesky(M, damping), mrt)
+            a = torch.randn(B, 10, d - 1 if d > 1 else 1, dtype=dtype, device=args.device)
+            g = torch.randn(B, 10, min(d, 64), dtype=dtype, device=args.device)
+            f_ours = timeit(lambda: ops.kron_factors(a, g), mrt)
+            f_ref = timeit(lambda: ref.kron_factors(a, g), mrt)
+            row = [str(d), str(B), fmt_time(t_ref), fmt_time(t_ours), f"{t_ref / t_ours:.1f}×", fmt_time(f_ref),
+                   fmt_time(f_ours), f"{f_ref / f_ours:.1f}×"]
+            rows.append(row)
+            print(" | ".join(row), flush=True)
+    sections.append("### Primitives: damped_cholesky (d×d) and kron_factors (10 rows, d_A = d, d_G = min(d, 64))\n\n"
+                    + markdown_table(["d", "tasks", "cholesky ref", "cholesky ours", "speed-up", "factors ref",
+                                      "factors ours", "speed-up"], rows))
+    body = f"dtype {args.dtype}, τ = 1e-3, c = rows.\n\n" + "\n\n".join(sections)
+    if not args.no_write:
+        write_block("bench_kernels", body, args.device)
+
+
+if __name__ == "__main__":
+    main()
