@@ -222,7 +222,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
             parts = learner.meta_objective(*batch, generator=fisher_gen)
             if not bool(torch.isfinite(parts.loss)):
                 raise FloatingPointError(
-                    f"meta-loss became {float(parts.loss)} at iteration {it + 1}; try a smaller --meta-lr or "
+                    f"meta-loss became {float(parts.loss.detach())} at iteration {it + 1}; try a smaller --meta-lr or "
                     f"--inner-lr (last checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()

@@ -107,7 +107,7 @@ def calibrate(learner: LLAMA, problem, point_learner: MAML | None = None, tasks:
               linearized: bool = True) -> Calibration:
     """Choose τ and the noise model on validation tasks by predictive NLL; likewise the
     noise model of the point-prediction baseline."""
-    taus = taus or [10.0 ** (e / 2) for e in range(-2, 9)]
+    taus = taus or [10.0 ** (e / 2) for e in range(-2, 13)]  # 0.1 … 1e6
     noises = noises or noise_grid()
     batch = problem.sample("val", tasks, torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed + 1)

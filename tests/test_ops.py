@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -296,5 +297,6 @@ def test_torch_mismatch_gives_rebuild_message():
         "import torch; torch.__version__ = '0.0.0'\n"
         "try:\n    import fastlaplace\nexcept ImportError as e:\n    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tempfile.gettempdir()).stdout
     assert "but torch 0.0.0 is imported" in out and "Rebuild" in out

@@ -125,10 +125,10 @@ def test_report_runs_on_few_tasks():
 def test_plot_cli(tmp_path):
     out = tmp_path / "run"
     subprocess.run([sys.executable, "-m", "fastlaplace.train", "--iterations", "3", "--eval-tasks", "5",
-                    "--out", str(out), "--no-progress"], check=True, capture_output=True, timeout=300)
+                    "--out", str(out), "--no-progress"], check=True, capture_output=True, timeout=300, cwd=tmp_path)
     for args in (["posterior", str(out / "checkpoint.pt"), "--tau", "10"], ["curves", str(out)]):
         png = tmp_path / f"{args[0]}.png"
         run = subprocess.run([sys.executable, "-m", "fastlaplace.plot", *args, "--out", str(png)],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert run.returncode == 0, run.stderr
         assert png.stat().st_size > 10_000

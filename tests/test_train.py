@@ -101,13 +101,13 @@ def test_cli_train_and_evaluate(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "fastlaplace.train", "--iterations", "4", "--meta-batch", "3", "--eval-tasks", "12",
          "--out", str(out), "--method", "fomaml"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "test mse after 1 inner step(s)" in run.stdout
     results = json.loads((out / "results.json").read_text())
     assert set(results["test"]) == {"1", "10"}
     ev = subprocess.run([sys.executable, "-m", "fastlaplace.evaluate", str(out / "checkpoint.pt"), "--tasks", "12"],
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr
     # Same tasks, same seed: the evaluation reproduces the run's own numbers.
     assert json.loads(ev.stdout.strip().splitlines()[-1])["1"]["mean"] == results["test"]["1"]["mean"]
@@ -115,7 +115,7 @@ def test_cli_train_and_evaluate(tmp_path):
 
 def test_cli_reports_bad_options_without_traceback(tmp_path):
     run = subprocess.run([sys.executable, "-m", "fastlaplace.train", "--inner-lr", "-1", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode != 0 and "inner_lr must be a positive number" in run.stderr
     assert "Traceback" not in run.stderr
 
