@@ -200,7 +200,7 @@ class LLAMA(MAML):
         return MetaLoss((query_loss + self.eta * logdet).mean(), query_loss, logdet)
 
     def posterior(self, x_support: Tensor, y_support: Tensor, tau: float | None = None, method: str | None = None,
-                  generator: torch.Generator | None = None) -> LaplacePosterior:
+                  generator: torch.Generator | None = None, steps: int | None = None) -> LaplacePosterior:
         """Each task's Laplace posterior N(φ̂, Ĥ⁻¹) over its adapted layers (paper Section 5.1).
 
         Args:
@@ -209,6 +209,7 @@ class LLAMA(MAML):
                 validation tasks (:func:`fastlaplace.uncertainty.calibrate`).
             method: ``"factored"`` or ``"exact"`` precision (default: ``logdet_method``).
             generator: for sampled-label Fisher curvature.
+            steps: inner steps to reach φ̂ (default: the training K).
         """
         self._check_batch(x_support, y_support, "support set")
         tau = self.tau if tau is None else tau
@@ -217,7 +218,7 @@ class LLAMA(MAML):
         if method not in ("exact", "factored"):
             raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
         with torch.no_grad():
-            params = self.adapt(x_support, y_support)
+            params = self.adapt(x_support, y_support, steps=steps)
         rows = support_rows(self.net, params, x_support, y_support, LOSSES[self.loss], self.fisher,
                             create_graph=False, generator=generator)
         layers = []

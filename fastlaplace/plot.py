@@ -24,11 +24,12 @@ def _pyplot():
 
 
 def posterior_figure(learner, tasks, out: str, tau: float, point_learner=None, samples: int = 20, seed: int = 3,
-                     method: str | None = None, linearized: bool = True) -> None:
+                     method: str | None = None, linearized: bool = True, steps: int | None = None) -> None:
     """Figure 5 of the paper for one new sinusoid: support points over the whole range (left)
     and only in its lowest fifth (right); ground truth, MAML's adapted prediction and LLAMA's
     posterior samples with their ±2 standard deviation band."""
     plt = _pyplot()
+    steps = learner.inner_steps if steps is None else steps
     lo, hi = tasks.x_range
     g = torch.Generator().manual_seed(seed)
     base = tasks.sample(1, g)
@@ -41,10 +42,10 @@ def posterior_figure(learner, tasks, out: str, tau: float, point_learner=None, s
     for ax, (title, rng) in zip(axes, cases):
         xs = torch.rand((1, tasks.support, 1), generator=g) * (rng[1] - rng[0]) + rng[0]
         ys = tasks.evaluate(xs, amp, phase)
-        post = learner.posterior(xs, ys, tau=tau, method=method)
+        post = learner.posterior(xs, ys, tau=tau, method=method, steps=steps)
         pred = post.predict(grid, 200, g, linearized=linearized)
         with torch.no_grad():
-            f_point = point.predict(point.adapt(xs, ys), grid)[0, :, 0]
+            f_point = point.predict(point.adapt(xs, ys, steps=steps), grid)[0, :, 0]
         x = grid[0, :, 0]
         mean, std = pred.mean[0, :, 0], pred.std[0, :, 0]
         ax.fill_between(x, mean - 2 * std, mean + 2 * std, color="tab:blue", alpha=0.15, label="LLAMA ±2 sd")
@@ -59,8 +60,9 @@ def posterior_figure(learner, tasks, out: str, tau: float, point_learner=None, s
         ax.set_ylim(-7, 7)
     axes[0].set_ylabel("y")
     axes[0].legend(loc="lower left", fontsize=7)
-    fig.suptitle(f"Posterior samples of a new task (τ = {tau:g}, {method or learner.logdet_method} K-FAC, "
-                 f"{'linearised' if linearized else 'sampled-network'} predictive)", fontsize=10)
+    fig.suptitle(f"Posterior samples of a new task after {steps} inner steps (τ = {tau:g}, "
+                 f"{method or learner.logdet_method} K-FAC, {'linearised' if linearized else 'sampled-network'} "
+                 "predictive)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     pp.add_argument("--method", choices=("factored", "exact"))
     pp.add_argument("--sampled-networks", action="store_true")
     pp.add_argument("--seed", type=int, default=3)
+    pp.add_argument("--steps", type=int, default=None, help="inner steps of the adaptation (default: the run's K)")
     pc = sub.add_parser("curves", help="training curves of a run")
     pc.add_argument("run_dir")
     pc.add_argument("--out", default="curves.png")
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         if tau is None:
             tau = calibrate(learner, problem, point, method=args.method, linearized=not args.sampled_networks).tau
         posterior_figure(learner, problem.tasks, args.out, tau, point, seed=args.seed, method=args.method,
-                         linearized=not args.sampled_networks)
+                         linearized=not args.sampled_networks, steps=args.steps)
     print(f"wrote {args.out}")
 
 
