@@ -79,10 +79,5 @@ inline void check_scale_tau(double scale, double tau) {
   TORCH_CHECK_VALUE(tau > 0 && std::isfinite(tau), "fastlaplace: tau (prior precision) must be positive and finite, got ", tau);
 }
 
-inline void check_grad(const at::Tensor& grad, const at::Tensor& like, int64_t tasks) {
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == tasks, "fastlaplace: grad must have shape [", tasks, "], got ",
-                    grad.sizes());
-  check_same_kind(grad, like, "grad", "input");
-}
 
 }  // namespace fastlaplace

@@ -126,8 +126,7 @@ Factored factored_forward(const Tensor& KA, int64_t dA, const Tensor& KG, int64_
 }
 
 // d logdet / dK_A and d logdet / dK_G for the factored method, π's dependence included.
-std::tuple<Tensor, Tensor> factored_backward(const Factored& f, const Tensor& grad, int64_t dA, int64_t dG,
-                                             double c, double tau) {
+std::tuple<Tensor, Tensor> factored_backward(const Factored& f, int64_t dA, int64_t dG, double c, double tau) {
   const double sc = std::sqrt(c), st = std::sqrt(tau);
   const int64_t nA = f.LA.size(1), nG = f.LG.size(1);
   auto invA = at::cholesky_inverse(f.LA);  // (K_A + λ_A I)⁻¹
@@ -139,9 +138,8 @@ std::tuple<Tensor, Tensor> factored_backward(const Factored& f, const Tensor& gr
   auto zero = at::zeros_like(dpi);
   auto kA = at::where(f.valid, dpi * f.pi / (f.trA * 2.0), zero);
   auto kG = at::where(f.valid, -dpi * f.pi / (f.trG * 2.0), zero);
-  auto gA = add_to_diagonal(invA * static_cast<double>(dG), kA) * grad.view({-1, 1, 1});
-  auto gG = add_to_diagonal(invG * static_cast<double>(dA), kG) * grad.view({-1, 1, 1});
-  return std::make_tuple(gA, gG);
+  return std::make_tuple(add_to_diagonal(invA * static_cast<double>(dG), kA),
+                         add_to_diagonal(invG * static_cast<double>(dA), kG));
 }
 
 // dL/dx from dL/dK = P for the matrix K that spectrum_carrier(x, bias) returned.
@@ -160,19 +158,19 @@ Tensor kron_logdet_composite(const Tensor& A, const Tensor& G, double scale, dou
   return exact_from_eigenvalues(wA, A.size(1), wG, G.size(1), scale, tau);
 }
 
-std::tuple<Tensor, Tensor> kron_logdet_backward_composite(const Tensor& grad, const Tensor& A, const Tensor& G,
-                                                          double scale, double tau, const std::string& method) {
+std::tuple<Tensor, Tensor, Tensor> kron_logdet_and_grad_composite(const Tensor& A, const Tensor& G, double scale,
+                                                                  double tau, const std::string& method) {
   check_factors(A, G);
   check_scale_tau(scale, tau);
-  check_grad(grad, A, A.size(0));
-  if (parse_method(method) == Method::Factored)
-    return factored_backward(factored_forward(A, A.size(1), G, G.size(1), scale, tau), grad, A.size(1), G.size(1),
-                             scale, tau);
+  if (parse_method(method) == Method::Factored) {
+    auto f = factored_forward(A, A.size(1), G, G.size(1), scale, tau);
+    auto [gA, gG] = factored_backward(f, A.size(1), G.size(1), scale, tau);
+    return {f.logdet, gA, gG};
+  }
   auto [wA, VA] = psd_eigh(A);
   auto [wG, VG] = psd_eigh(G);
   auto [psiA, psiG] = exact_psi(wA, wG, scale, tau);
-  auto g = grad.view({-1, 1, 1});
-  return {spectral(VA, psiA) * g, spectral(VG, psiG) * g};
+  return {exact_from_eigenvalues(wA, A.size(1), wG, G.size(1), scale, tau), spectral(VA, psiA), spectral(VG, psiG)};
 }
 
 Tensor kfac_logdet_composite(const Tensor& a, const Tensor& g, double scale, double tau, const std::string& method,
@@ -187,26 +185,26 @@ Tensor kfac_logdet_composite(const Tensor& a, const Tensor& g, double scale, dou
   return exact_from_eigenvalues(wA, dA, wG, dG, scale, tau);
 }
 
-std::tuple<Tensor, Tensor> kfac_logdet_backward_composite(const Tensor& grad, const Tensor& a, const Tensor& g,
-                                                          double scale, double tau, const std::string& method,
-                                                          bool bias) {
+std::tuple<Tensor, Tensor, Tensor> kfac_logdet_and_grad_composite(const Tensor& a, const Tensor& g, double scale,
+                                                                  double tau, const std::string& method, bool bias) {
   check_rows(a, g);
   check_scale_tau(scale, tau);
-  check_grad(grad, a, a.size(0));
   const int64_t dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
   auto KA = spectrum_carrier(a, bias), KG = spectrum_carrier(g, false);
-  Tensor PA, PG;
+  Tensor logdet, PA, PG;
   if (parse_method(method) == Method::Factored) {
-    std::tie(PA, PG) = factored_backward(factored_forward(KA, dA, KG, dG, scale, tau), grad, dA, dG, scale, tau);
+    auto f = factored_forward(KA, dA, KG, dG, scale, tau);
+    logdet = f.logdet;
+    std::tie(PA, PG) = factored_backward(f, dA, dG, scale, tau);
   } else {
     auto [wA, VA] = psd_eigh(KA);
     auto [wG, VG] = psd_eigh(KG);
     auto [psiA, psiG] = exact_psi(wA, wG, scale, tau);
-    auto gvec = grad.view({-1, 1, 1});
-    PA = spectral(VA, psiA) * gvec;
-    PG = spectral(VG, psiG) * gvec;
+    logdet = exact_from_eigenvalues(wA, dA, wG, dG, scale, tau);
+    PA = spectral(VA, psiA);
+    PG = spectral(VG, psiG);
   }
-  return {rows_grad(a, PA, bias), rows_grad(g, PG, false)};
+  return {logdet, rows_grad(a, PA, bias), rows_grad(g, PG, false)};
 }
 
 }  // namespace fastlaplace

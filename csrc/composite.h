@@ -14,13 +14,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_damped_cholesky(const at::Te
 
 at::Tensor kron_logdet_composite(const at::Tensor& A, const at::Tensor& G, double scale, double tau,
                                  const std::string& method);
-std::tuple<at::Tensor, at::Tensor> kron_logdet_backward_composite(const at::Tensor& grad, const at::Tensor& A,
-                                                                  const at::Tensor& G, double scale, double tau,
-                                                                  const std::string& method);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_logdet_and_grad_composite(const at::Tensor& A, const at::Tensor& G,
+                                                                              double scale, double tau,
+                                                                              const std::string& method);
 at::Tensor kfac_logdet_composite(const at::Tensor& a, const at::Tensor& g, double scale, double tau,
                                  const std::string& method, bool bias);
-std::tuple<at::Tensor, at::Tensor> kfac_logdet_backward_composite(const at::Tensor& grad, const at::Tensor& a,
-                                                                  const at::Tensor& g, double scale, double tau,
-                                                                  const std::string& method, bool bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kfac_logdet_and_grad_composite(const at::Tensor& a, const at::Tensor& g,
+                                                                              double scale, double tau,
+                                                                              const std::string& method, bool bias);
 
 }  // namespace fastlaplace

@@ -11,8 +11,10 @@ TORCH_LIBRARY(fastlaplace, m) {
   m.def("damped_cholesky(Tensor M, Tensor damping) -> (Tensor, Tensor, Tensor)");
   // log det(scale·A⊗G + tau·I) by method "exact" or "factored" (DESIGN.md §2).
   m.def("kron_logdet(Tensor A, Tensor G, float scale, float tau, str method) -> Tensor");
-  m.def("kron_logdet_backward(Tensor grad, Tensor A, Tensor G, float scale, float tau, str method) -> (Tensor, Tensor)");
+  // The log-det and its gradients for a unit upstream gradient, from one pass: what the
+  // backward of kron_logdet needs, and what LLAMA calls when it needs both.
+  m.def("kron_logdet_and_grad(Tensor A, Tensor G, float scale, float tau, str method) -> (Tensor, Tensor, Tensor)");
   // The same log-determinant straight from a layer's rows a, g (the LLAMA hot path).
   m.def("kfac_logdet(Tensor a, Tensor g, float scale, float tau, str method, bool bias) -> Tensor");
-  m.def("kfac_logdet_backward(Tensor grad, Tensor a, Tensor g, float scale, float tau, str method, bool bias) -> (Tensor, Tensor)");
+  m.def("kfac_logdet_and_grad(Tensor a, Tensor g, float scale, float tau, str method, bool bias) -> (Tensor, Tensor, Tensor)");
 }

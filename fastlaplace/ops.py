@@ -52,11 +52,37 @@ def _as_damping(damping: float | Tensor, M: Tensor) -> Tensor:
     return torch.full((M.shape[0],), float(damping), dtype=M.dtype, device=M.device)
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "fastlaplace: the log-det ops are differentiable once (their backward ops are not "
-        "differentiable); do not take a gradient of their gradient"
-    )
+def _with_grad_autograd(op_name: str, n_inputs: int):
+    """Autograd of a ``*_and_grad`` op: its (logdet, d1, d2) outputs carry the gradients of
+    the log-det for a unit upstream gradient, so backward only scales them. The gradient
+    outputs themselves are not differentiable (the log-det ops are differentiable once)."""
+
+    def setup(ctx, inputs, output):
+        _, d1, d2 = output
+        ctx.mark_non_differentiable(d1, d2)
+        ctx.save_for_backward(d1, d2)
+
+    def backward(ctx, grad, _g1, _g2):
+        _refuse_double_backward()
+        d1, d2 = ctx.saved_tensors
+        scale = grad.reshape(-1, 1, 1)
+        return (d1 * scale, d2 * scale) + (None,) * (n_inputs - 2)
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup)
+
+
+def _refuse_double_backward() -> None:
+    """A backward that runs with grad mode on (create_graph=True) would build a graph in which
+    the log-det's second derivatives are silently zero: refuse rather than be wrong."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "fastlaplace: the log-det ops are differentiable once; backward through them with "
+            "create_graph=True (a gradient of their gradient) is not supported"
+        )
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _check_method(method: str) -> None:
@@ -201,7 +227,10 @@ def kron_logdet(
         ``[tasks]``.
     """
     _check_method(method)
-    out = _ops.kron_logdet(A, G, float(scale), float(tau), method)
+    if _needs_grad(A, G):  # one pass gives the value and the gradients backward will need
+        out = _ops.kron_logdet_and_grad(A, G, float(scale), float(tau), method)[0]
+    else:
+        out = _ops.kron_logdet(A, G, float(scale), float(tau), method)
     if _should_check(check) and not bool(torch.isfinite(out).all()):
         _raise_for_nonfinite("kron_logdet", A=A, G=G)
         raise ValueError("fastlaplace.kron_logdet: a damped factor is not positive definite (are A and G PSD?)")
@@ -213,9 +242,9 @@ def _(A, G, scale, tau, method):
     return A.new_empty(A.shape[0])
 
 
-@torch.library.register_fake("fastlaplace::kron_logdet_backward")
-def _(grad, A, G, scale, tau, method):
-    return torch.empty_like(A), torch.empty_like(G)
+@torch.library.register_fake("fastlaplace::kron_logdet_and_grad")
+def _(A, G, scale, tau, method):
+    return A.new_empty(A.shape[0]), torch.empty_like(A), torch.empty_like(G)
 
 
 def _kron_logdet_setup(ctx, inputs, output):
@@ -225,15 +254,15 @@ def _kron_logdet_setup(ctx, inputs, output):
 
 
 def _kron_logdet_backward(ctx, grad):
+    _refuse_double_backward()
     A, G = ctx.saved_tensors
-    grad_A, grad_G = _ops.kron_logdet_backward(grad.contiguous(), A, G, *ctx.args)
-    return grad_A, grad_G, None, None, None
+    _, dA, dG = _ops.kron_logdet_and_grad(A, G, *ctx.args)
+    scale = grad.reshape(-1, 1, 1)
+    return dA * scale, dG * scale, None, None, None
 
 
-torch.library.register_autograd("fastlaplace::kron_logdet_backward", _no_double_backward)
-torch.library.register_autograd(
-    "fastlaplace::kron_logdet", _kron_logdet_backward, setup_context=_kron_logdet_setup
-)
+torch.library.register_autograd("fastlaplace::kron_logdet", _kron_logdet_backward, setup_context=_kron_logdet_setup)
+_with_grad_autograd("fastlaplace::kron_logdet_and_grad", 5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,7 +293,10 @@ def kfac_logdet(
         ``[tasks]``.
     """
     _check_method(method)
-    out = _ops.kfac_logdet(a, g, float(scale), float(tau), method, bias)
+    if _needs_grad(a, g):  # one pass gives the value and the gradients backward will need
+        out = _ops.kfac_logdet_and_grad(a, g, float(scale), float(tau), method, bias)[0]
+    else:
+        out = _ops.kfac_logdet(a, g, float(scale), float(tau), method, bias)
     if _should_check(check) and not bool(torch.isfinite(out).all()):
         _raise_for_nonfinite("kfac_logdet", a=a, g=g)
         raise ValueError("fastlaplace.kfac_logdet: the log-determinant is not finite")
@@ -276,9 +308,9 @@ def _(a, g, scale, tau, method, bias):
     return a.new_empty(a.shape[0])
 
 
-@torch.library.register_fake("fastlaplace::kfac_logdet_backward")
-def _(grad, a, g, scale, tau, method, bias):
-    return torch.empty_like(a), torch.empty_like(g)
+@torch.library.register_fake("fastlaplace::kfac_logdet_and_grad")
+def _(a, g, scale, tau, method, bias):
+    return a.new_empty(a.shape[0]), torch.empty_like(a), torch.empty_like(g)
 
 
 def _kfac_logdet_setup(ctx, inputs, output):
@@ -288,12 +320,12 @@ def _kfac_logdet_setup(ctx, inputs, output):
 
 
 def _kfac_logdet_backward(ctx, grad):
+    _refuse_double_backward()
     a, g = ctx.saved_tensors
-    grad_a, grad_g = _ops.kfac_logdet_backward(grad.contiguous(), a, g, *ctx.args)
-    return grad_a, grad_g, None, None, None, None
+    _, da, dg = _ops.kfac_logdet_and_grad(a, g, *ctx.args)
+    scale = grad.reshape(-1, 1, 1)
+    return da * scale, dg * scale, None, None, None, None
 
 
-torch.library.register_autograd("fastlaplace::kfac_logdet_backward", _no_double_backward)
-torch.library.register_autograd(
-    "fastlaplace::kfac_logdet", _kfac_logdet_backward, setup_context=_kfac_logdet_setup
-)
+torch.library.register_autograd("fastlaplace::kfac_logdet", _kfac_logdet_backward, setup_context=_kfac_logdet_setup)
+_with_grad_autograd("fastlaplace::kfac_logdet_and_grad", 6)

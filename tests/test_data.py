@@ -135,3 +135,27 @@ def test_sinusoid_tasks():
     torch.testing.assert_close(b.y_query, b.amplitude[:, None, None] * torch.sin(b.x_query - b.phase[:, None, None]))
     with pytest.raises(ValueError):
         tasks.sample(0)
+
+
+def test_train_cli_on_miniimagenet_pickles(tmp_path):
+    """The whole image path from an on-disk data set: read, train LLAMA two iterations, evaluate."""
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(3)
+    for name in ("train", "validation", "test"):
+        data = {"image_data": rng.integers(0, 255, (12, 84, 84, 3), dtype=np.uint8),
+                "class_dict": {f"n{c:02d}": list(range(2 * c, 2 * c + 2)) for c in range(6)}}
+        with open(tmp_path / f"mini-imagenet-cache-{name}.pkl", "wb") as f:
+            pickle.dump(data, f)
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "fastlaplace.train", "--dataset", "miniimagenet", "--data-root", str(tmp_path),
+         "--method", "llama", "--iterations", "2", "--meta-batch", "2", "--inner-steps", "1", "--test-inner-steps", "1",
+         "--query", "1", "--filters", "4", "--eval-tasks", "4", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert result["metric"] == "accuracy" and 0 <= result["test"]["1"]["mean"] <= 1
+    assert (tmp_path / "fastlaplace-miniimagenet-84.pt").exists()  # decoded cache beside the data

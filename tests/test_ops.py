@@ -152,6 +152,20 @@ def test_kron_logdet_gradcheck(device, d, method):
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
 @pytest.mark.parametrize("method", ["exact", "factored"])
+def test_raw_op_gradients_match_wrapper(device, shape, method):
+    """torch.ops.fastlaplace.kfac_logdet (recomputes in backward) and the wrapper (one pass)."""
+    a, g = rows(*shape, device)
+    w = torch.randn(shape[0], dtype=F64, device=device)
+    grads = []
+    for fn in (ops.kfac_logdet, torch.ops.fastlaplace.kfac_logdet):
+        a_, g_ = a.clone().requires_grad_(), g.clone().requires_grad_()
+        (fn(a_, g_, float(shape[1]), 0.3, method, True) * w).sum().backward()
+        grads.append((a_.grad, g_.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
+@pytest.mark.parametrize("method", ["exact", "factored"])
 def test_kfac_logdet_gradient_matches_reference(device, shape, method):
     a, g = rows(*shape, device)
     w = torch.randn(shape[0], dtype=F64, device=device)
@@ -183,7 +197,6 @@ def _opcheck_cases(device):
     a, g = rows(2, 5, 3, 4, device)
     a2, g2 = rows(1, 70, 70, 3, device)  # composite path on the CPU
     A, G = spd(2, 4, device), spd(2, 3, device)
-    grad = torch.randn(2, dtype=F64, device=device)
     cases = [
         (torch.ops.fastlaplace.kron_factors, (a, g, True)),
         (torch.ops.fastlaplace.kron_factors, (a2, g2, False)),
@@ -192,30 +205,28 @@ def _opcheck_cases(device):
     for method in ("exact", "factored"):
         cases += [
             (torch.ops.fastlaplace.kron_logdet, (A, G, 2.0, 0.5, method)),
-            (torch.ops.fastlaplace.kron_logdet_backward, (grad, A, G, 2.0, 0.5, method)),
+            (torch.ops.fastlaplace.kron_logdet_and_grad, (A, G, 2.0, 0.5, method)),
             (torch.ops.fastlaplace.kfac_logdet, (a, g, 5.0, 0.5, method, True)),
             (torch.ops.fastlaplace.kfac_logdet, (a2, g2, 70.0, 0.5, method, True)),
-            (torch.ops.fastlaplace.kfac_logdet_backward, (grad, a, g, 5.0, 0.5, method, True)),
+            (torch.ops.fastlaplace.kfac_logdet_and_grad, (a, g, 5.0, 0.5, method, True)),
+            (torch.ops.fastlaplace.kfac_logdet_and_grad, (a2, g2, 70.0, 0.5, method, True)),
         ]
     return cases
 
 
 def test_opcheck(device):
     for op, args in _opcheck_cases(device):
-        differentiable = not str(op).endswith("_backward")  # backward ops are differentiable once, not twice
-        args = tuple(
-            x.clone().requires_grad_(differentiable) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-            for x in args
-        )
+        args = tuple(x.clone().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                     for x in args)
         torch.library.opcheck(op, args)
 
 
 def test_double_backward_is_refused(device):
     a, g = rows(2, 5, 3, 4, device)
     a.requires_grad_()
-    (grad_a,) = torch.autograd.grad(ops.kfac_logdet(a, g, 5, 0.5).sum(), a, create_graph=True)
-    with pytest.raises(NotImplementedError, match="differentiable once"):
-        grad_a.sum().backward()
+    for fn in (ops.kfac_logdet, torch.ops.fastlaplace.kfac_logdet):
+        with pytest.raises(NotImplementedError, match="differentiable once"):
+            torch.autograd.grad(fn(a, g, 5.0, 0.5, "factored", True).sum(), a, create_graph=True)
 
 
 # ------------------------------------------------------------------------- bad input
@@ -281,8 +292,8 @@ def test_mixed_devices_raise():
 def test_cuda_kernels_registered_when_built_with_cuda():
     if not fastlaplace.has_cuda():
         pytest.skip("extension built without CUDA")
-    for name in ["kron_factors", "damped_cholesky", "kron_logdet", "kron_logdet_backward", "kfac_logdet",
-                 "kfac_logdet_backward"]:
+    for name in ["kron_factors", "damped_cholesky", "kron_logdet", "kron_logdet_and_grad", "kfac_logdet",
+                 "kfac_logdet_and_grad"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastlaplace::{name}", "CUDA"), name
 
 

@@ -1,4 +1,4 @@
-// CPU kernels of kron_logdet, kfac_logdet and their backward ops. Small layers (every
+// CPU kernels of kron_logdet, kfac_logdet and their _and_grad variants. Small layers (every
 // matrix of order ≤ 64, as in the sinusoid MLP and the classifier heads) run fused, one
 // task per thread, from rows to log-det in double precision with no intermediate tensors;
 // larger ones go to the composite path (BLAS and LAPACK) in csrc/composite.cpp.
@@ -38,7 +38,7 @@ struct Exact {
   std::vector<double> w, V, S, Minv, X, psi;
 
   double forward(const std::vector<double>& Ks, int64_t ns, int64_t ds, const std::vector<double>& Kb, int64_t nb,
-                 int64_t db, bool grads, std::vector<double>* Ps, std::vector<double>* Pb, double grad) {
+                 int64_t db, bool grads, std::vector<double>* Ps, std::vector<double>* Pb) {
     V.assign(Ks.begin(), Ks.end());
     w.resize(ns);
     if (!dense::eigh(V.data(), ns, w.data(), grads, X)) return kNaN;
@@ -59,10 +59,10 @@ struct Exact {
       if (!grads) continue;
       dense::inverse_from_upper(S.data(), nb, Minv.data(), X);
       for (int64_t i = 0; i < nb * nb; ++i) {
-        (*Pb)[i] += grad * cs * Minv[i];
+        (*Pb)[i] += cs * Minv[i];
         psi[j] += Kb[i] * Minv[i];  // tr(K M⁻¹) of two symmetric matrices
       }
-      psi[j] *= grad * c;
+      psi[j] *= c;
     }
     if (grads) {  // Ps = V diag(ψ) Vᵀ
       Ps->resize(ns * ns);
@@ -88,7 +88,7 @@ struct Factored {
   std::vector<double> UA, UG, X;
 
   double forward(const std::vector<double>& KA, int64_t nA, int64_t dA, const std::vector<double>& KG, int64_t nG,
-                 int64_t dG, bool grads, std::vector<double>* PA, std::vector<double>* PG, double grad) {
+                 int64_t dG, bool grads, std::vector<double>* PA, std::vector<double>* PG) {
     trA = trG = 0;
     for (int64_t i = 0; i < nA; ++i) trA += KA[i * nA + i];
     for (int64_t i = 0; i < nG; ++i) trG += KG[i * nG + i];
@@ -104,13 +104,12 @@ struct Factored {
       return kNaN;
     ldA += (dA - nA) * std::log(lamA);
     ldG += (dG - nG) * std::log(lamG);
-    if (grads) gradients(nA, dA, nG, dG, grad, *PA, *PG);
+    if (grads) gradients(nA, dA, nG, dG, *PA, *PG);
     return dG * ldA + dA * ldG + static_cast<double>(dA * dG) * std::log(c);
   }
 
   // dL/dK_A = d_G·(K_A + λ_A I)⁻¹ + κ_A I, where κ carries π's dependence on the traces.
-  void gradients(int64_t nA, int64_t dA, int64_t nG, int64_t dG, double grad, std::vector<double>& PA,
-                 std::vector<double>& PG) {
+  void gradients(int64_t nA, int64_t dA, int64_t nG, int64_t dG, std::vector<double>& PA, std::vector<double>& PG) {
     PA.resize(nA * nA);
     PG.resize(nG * nG);
     dense::inverse_from_upper(UA.data(), nA, PA.data(), X);
@@ -122,15 +121,15 @@ struct Factored {
     const double dpi = dG * st / sc * trInvA - dA * st / sc * trInvG / (pi * pi);
     const double kA = valid ? dpi * pi / (2 * trA) : 0.0;
     const double kG = valid ? -dpi * pi / (2 * trG) : 0.0;
-    for (auto& x : PA) x *= dG * grad;
-    for (auto& x : PG) x *= dA * grad;
-    for (int64_t i = 0; i < nA; ++i) PA[i * nA + i] += kA * grad;
-    for (int64_t i = 0; i < nG; ++i) PG[i * nG + i] += kG * grad;
+    for (auto& x : PA) x *= dG;
+    for (auto& x : PG) x *= dA;
+    for (int64_t i = 0; i < nA; ++i) PA[i * nA + i] += kA;
+    for (int64_t i = 0; i < nG; ++i) PG[i * nG + i] += kG;
   }
 };
 
 // The log-det of one task from K_A (n_A, full dimension d_A) and K_G; with grads, also
-// PA = dL/dK_A and PG = dL/dK_G scaled by grad.
+// PA = dL/dK_A and PG = dL/dK_G.
 struct TaskLogdet {
   Method method;
   double c, tau;
@@ -139,10 +138,10 @@ struct TaskLogdet {
 
   double operator()(const std::vector<double>& KA, int64_t nA, int64_t dA, const std::vector<double>& KG, int64_t nG,
                     int64_t dG, bool grads = false, std::vector<double>* PA = nullptr,
-                    std::vector<double>* PG = nullptr, double grad = 0) {
-    if (method == Method::Factored) return factored.forward(KA, nA, dA, KG, nG, dG, grads, PA, PG, grad);
-    if (nA <= nG) return exact.forward(KA, nA, dA, KG, nG, dG, grads, PA, PG, grad);
-    return exact.forward(KG, nG, dG, KA, nA, dA, grads, PG, PA, grad);
+                    std::vector<double>* PG = nullptr) {
+    if (method == Method::Factored) return factored.forward(KA, nA, dA, KG, nG, dG, grads, PA, PG);
+    if (nA <= nG) return exact.forward(KA, nA, dA, KG, nG, dG, grads, PA, PG);
+    return exact.forward(KG, nG, dG, KA, nA, dA, grads, PG, PA);
   }
 };
 
@@ -241,21 +240,20 @@ Tensor kron_logdet_cpu(const Tensor& A, const Tensor& G, double scale, double ta
   return out;
 }
 
-std::tuple<Tensor, Tensor> kron_logdet_backward_cpu(const Tensor& grad, const Tensor& A, const Tensor& G,
-                                                    double scale, double tau, const std::string& method) {
+std::tuple<Tensor, Tensor, Tensor> kron_logdet_and_grad_cpu(const Tensor& A, const Tensor& G, double scale, double tau,
+                                                            const std::string& method) {
   check_factors(A, G);
   check_scale_tau(scale, tau);
-  check_grad(grad, A, A.size(0));
   const auto m = parse_method(method);
   const int64_t B = A.size(0), dA = A.size(1), dG = G.size(1);
-  if (dA > kFusedMaxOrder || dG > kFusedMaxOrder)
-    return kron_logdet_backward_composite(grad, A, G, scale, tau, method);
+  if (dA > kFusedMaxOrder || dG > kFusedMaxOrder) return kron_logdet_and_grad_composite(A, G, scale, tau, method);
+  auto out = at::empty({B}, A.options());
   auto gA = at::empty_like(A, at::MemoryFormat::Contiguous);
   auto gG = at::empty_like(G, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "kron_logdet_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "kron_logdet_and_grad_cpu", [&] {
     auto Aa = A.accessor<const scalar_t, 3>();
     auto Ga = G.accessor<const scalar_t, 3>();
-    auto ga = grad.accessor<const scalar_t, 1>();
+    auto oa = out.accessor<scalar_t, 1>();
     auto gAa = gA.accessor<scalar_t, 3>();
     auto gGa = gG.accessor<scalar_t, 3>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -264,16 +262,18 @@ std::tuple<Tensor, Tensor> kron_logdet_backward_cpu(const Tensor& grad, const Te
       for (int64_t b = b0; b < b1; ++b) {
         load_symmetric(Aa, b, KA);
         load_symmetric(Ga, b, KG);
-        if (std::isnan(task(KA, dA, dA, KG, dG, dG, true, &PA, &PG, static_cast<double>(ga[b])))) {
+        const double logdet = task(KA, dA, dA, KG, dG, dG, true, &PA, &PG);
+        if (std::isnan(logdet)) {
           PA.assign(dA * dA, kNaN);
           PG.assign(dG * dG, kNaN);
         }
+        oa[b] = static_cast<scalar_t>(logdet);
         store(PA, gAa, b);
         store(PG, gGa, b);
       }
     });
   });
-  return {gA, gG};
+  return {out, gA, gG};
 }
 
 Tensor kfac_logdet_cpu(const Tensor& a, const Tensor& g, double scale, double tau, const std::string& method,
@@ -302,22 +302,22 @@ Tensor kfac_logdet_cpu(const Tensor& a, const Tensor& g, double scale, double ta
   return out;
 }
 
-std::tuple<Tensor, Tensor> kfac_logdet_backward_cpu(const Tensor& grad, const Tensor& a, const Tensor& g,
-                                                    double scale, double tau, const std::string& method, bool bias) {
+std::tuple<Tensor, Tensor, Tensor> kfac_logdet_and_grad_cpu(const Tensor& a, const Tensor& g, double scale, double tau,
+                                                            const std::string& method, bool bias) {
   check_rows(a, g);
   check_scale_tau(scale, tau);
-  check_grad(grad, a, a.size(0));
   const auto m = parse_method(method);
   const int64_t B = a.size(0), R = a.size(1), dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
   const Side planA = plan_side(R, dA), planG = plan_side(R, dG);
-  if (!fused_fits(planA, planG)) return kfac_logdet_backward_composite(grad, a, g, scale, tau, method, bias);
+  if (!fused_fits(planA, planG)) return kfac_logdet_and_grad_composite(a, g, scale, tau, method, bias);
+  auto out = at::empty({B}, a.options());
   auto grad_a = at::empty(a.sizes(), a.options());
   auto grad_g = at::empty(g.sizes(), g.options());
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "kfac_logdet_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "kfac_logdet_and_grad_cpu", [&] {
     auto aa = a.accessor<const scalar_t, 3>();
     auto gg = g.accessor<const scalar_t, 3>();
-    auto ga = grad.accessor<const scalar_t, 1>();
-    auto oa = grad_a.accessor<scalar_t, 3>();
+    auto oa = out.accessor<scalar_t, 1>();
+    auto ga = grad_a.accessor<scalar_t, 3>();
     auto og = grad_g.accessor<scalar_t, 3>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       TaskLogdet task{m, scale, tau};
@@ -326,25 +326,27 @@ std::tuple<Tensor, Tensor> kfac_logdet_backward_cpu(const Tensor& grad, const Te
       for (int64_t b = b0; b < b1; ++b) {
         sA.load(aa, b, bias);
         sG.load(gg, b, false);
-        if (std::isnan(task(sA.K, sA.n, dA, sG.K, sG.n, dG, true, &PA, &PG, static_cast<double>(ga[b])))) {
+        const double logdet = task(sA.K, sA.n, dA, sG.K, sG.n, dG, true, &PA, &PG);
+        if (std::isnan(logdet)) {
           PA.assign(sA.n * sA.n, kNaN);
           PG.assign(sG.n * sG.n, kNaN);
         }
-        sA.rows_grad(PA, a.size(2), oa, b, acc);
+        oa[b] = static_cast<scalar_t>(logdet);
+        sA.rows_grad(PA, a.size(2), ga, b, acc);
         sG.rows_grad(PG, dG, og, b, acc);
       }
     });
   });
-  return {grad_a, grad_g};
+  return {out, grad_a, grad_g};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
   m.impl("kron_logdet", &kron_logdet_cpu);
-  m.impl("kron_logdet_backward", &kron_logdet_backward_cpu);
+  m.impl("kron_logdet_and_grad", &kron_logdet_and_grad_cpu);
   m.impl("kfac_logdet", &kfac_logdet_cpu);
-  m.impl("kfac_logdet_backward", &kfac_logdet_backward_cpu);
+  m.impl("kfac_logdet_and_grad", &kfac_logdet_and_grad_cpu);
 }
 
 }  // namespace fastlaplace
