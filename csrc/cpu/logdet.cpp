@@ -216,75 +216,52 @@ void store(const std::vector<double>& K, at::TensorAccessor<scalar_t, 3> out, in
 // ---------------------------------------------------------------------------------------
 // Kernels.
 
-Tensor kron_logdet_cpu(const Tensor& A, const Tensor& G, double scale, double tau, const std::string& method) {
-  check_factors(A, G);
-  check_scale_tau(scale, tau);
-  const auto m = parse_method(method);
+// The fused path of kron_logdet over the batch; with grads, also dL/dA and dL/dG for a unit
+// upstream gradient (otherwise those tensors are left undefined).
+std::tuple<Tensor, Tensor, Tensor> kron_fused(const Tensor& A, const Tensor& G, double scale, double tau, Method m,
+                                              bool grads) {
   const int64_t B = A.size(0), dA = A.size(1), dG = G.size(1);
-  if (dA > kFusedMaxOrder || dG > kFusedMaxOrder) return kron_logdet_composite(A, G, scale, tau, method);
   auto out = at::empty({B}, A.options());
+  Tensor gA, gG;
+  if (grads) {
+    gA = at::empty_like(A, at::MemoryFormat::Contiguous);
+    gG = at::empty_like(G, at::MemoryFormat::Contiguous);
+  }
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "kron_logdet_cpu", [&] {
     auto Aa = A.accessor<const scalar_t, 3>();
     auto Ga = G.accessor<const scalar_t, 3>();
     auto oa = out.accessor<scalar_t, 1>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       TaskLogdet task{m, scale, tau};
-      std::vector<double> KA, KG;
-      for (int64_t b = b0; b < b1; ++b) {
-        load_symmetric(Aa, b, KA);
-        load_symmetric(Ga, b, KG);
-        oa[b] = static_cast<scalar_t>(task(KA, dA, dA, KG, dG, dG));
-      }
-    });
-  });
-  return out;
-}
-
-std::tuple<Tensor, Tensor, Tensor> kron_logdet_and_grad_cpu(const Tensor& A, const Tensor& G, double scale, double tau,
-                                                            const std::string& method) {
-  check_factors(A, G);
-  check_scale_tau(scale, tau);
-  const auto m = parse_method(method);
-  const int64_t B = A.size(0), dA = A.size(1), dG = G.size(1);
-  if (dA > kFusedMaxOrder || dG > kFusedMaxOrder) return kron_logdet_and_grad_composite(A, G, scale, tau, method);
-  auto out = at::empty({B}, A.options());
-  auto gA = at::empty_like(A, at::MemoryFormat::Contiguous);
-  auto gG = at::empty_like(G, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "kron_logdet_and_grad_cpu", [&] {
-    auto Aa = A.accessor<const scalar_t, 3>();
-    auto Ga = G.accessor<const scalar_t, 3>();
-    auto oa = out.accessor<scalar_t, 1>();
-    auto gAa = gA.accessor<scalar_t, 3>();
-    auto gGa = gG.accessor<scalar_t, 3>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      TaskLogdet task{m, scale, tau};
       std::vector<double> KA, KG, PA, PG;
       for (int64_t b = b0; b < b1; ++b) {
         load_symmetric(Aa, b, KA);
         load_symmetric(Ga, b, KG);
-        const double logdet = task(KA, dA, dA, KG, dG, dG, true, &PA, &PG);
+        const double logdet = task(KA, dA, dA, KG, dG, dG, grads, &PA, &PG);
+        oa[b] = static_cast<scalar_t>(logdet);
+        if (!grads) continue;
         if (std::isnan(logdet)) {
           PA.assign(dA * dA, kNaN);
           PG.assign(dG * dG, kNaN);
         }
-        oa[b] = static_cast<scalar_t>(logdet);
-        store(PA, gAa, b);
-        store(PG, gGa, b);
+        store(PA, gA.accessor<scalar_t, 3>(), b);
+        store(PG, gG.accessor<scalar_t, 3>(), b);
       }
     });
   });
   return {out, gA, gG};
 }
 
-Tensor kfac_logdet_cpu(const Tensor& a, const Tensor& g, double scale, double tau, const std::string& method,
-                       bool bias) {
-  check_rows(a, g);
-  check_scale_tau(scale, tau);
-  const auto m = parse_method(method);
-  const int64_t B = a.size(0), R = a.size(1), dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
-  const Side planA = plan_side(R, dA), planG = plan_side(R, dG);
-  if (!fused_fits(planA, planG)) return kfac_logdet_composite(a, g, scale, tau, method, bias);
+// The fused path of kfac_logdet, likewise.
+std::tuple<Tensor, Tensor, Tensor> kfac_fused(const Tensor& a, const Tensor& g, double scale, double tau, Method m,
+                                              bool bias, const Side& planA, const Side& planG, bool grads) {
+  const int64_t B = a.size(0), dA = planA.D, dG = planG.D;
   auto out = at::empty({B}, a.options());
+  Tensor grad_a, grad_g;
+  if (grads) {
+    grad_a = at::empty(a.sizes(), a.options());
+    grad_g = at::empty(g.sizes(), g.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "kfac_logdet_cpu", [&] {
     auto aa = a.accessor<const scalar_t, 3>();
     auto gg = g.accessor<const scalar_t, 3>();
@@ -292,52 +269,58 @@ Tensor kfac_logdet_cpu(const Tensor& a, const Tensor& g, double scale, double ta
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       TaskLogdet task{m, scale, tau};
       Side sA = planA, sG = planG;
+      std::vector<double> PA, PG, acc;
       for (int64_t b = b0; b < b1; ++b) {
         sA.load(aa, b, bias);
         sG.load(gg, b, false);
-        oa[b] = static_cast<scalar_t>(task(sA.K, sA.n, dA, sG.K, sG.n, dG));
+        const double logdet = task(sA.K, sA.n, dA, sG.K, sG.n, dG, grads, &PA, &PG);
+        oa[b] = static_cast<scalar_t>(logdet);
+        if (!grads) continue;
+        if (std::isnan(logdet)) {
+          PA.assign(sA.n * sA.n, kNaN);
+          PG.assign(sG.n * sG.n, kNaN);
+        }
+        sA.rows_grad(PA, a.size(2), grad_a.accessor<scalar_t, 3>(), b, acc);
+        sG.rows_grad(PG, dG, grad_g.accessor<scalar_t, 3>(), b, acc);
       }
     });
   });
-  return out;
+  return {out, grad_a, grad_g};
+}
+
+bool kron_fits(const Tensor& A, const Tensor& G) { return A.size(1) <= kFusedMaxOrder && G.size(1) <= kFusedMaxOrder; }
+
+Tensor kron_logdet_cpu(const Tensor& A, const Tensor& G, double scale, double tau, const std::string& method) {
+  check_factors(A, G);
+  check_scale_tau(scale, tau);
+  if (!kron_fits(A, G)) return kron_logdet_composite(A, G, scale, tau, method);
+  return std::get<0>(kron_fused(A, G, scale, tau, parse_method(method), false));
+}
+
+std::tuple<Tensor, Tensor, Tensor> kron_logdet_and_grad_cpu(const Tensor& A, const Tensor& G, double scale, double tau,
+                                                            const std::string& method) {
+  check_factors(A, G);
+  check_scale_tau(scale, tau);
+  if (!kron_fits(A, G)) return kron_logdet_and_grad_composite(A, G, scale, tau, method);
+  return kron_fused(A, G, scale, tau, parse_method(method), true);
+}
+
+Tensor kfac_logdet_cpu(const Tensor& a, const Tensor& g, double scale, double tau, const std::string& method,
+                       bool bias) {
+  check_rows(a, g);
+  check_scale_tau(scale, tau);
+  const Side planA = plan_side(a.size(1), a.size(2) + (bias ? 1 : 0)), planG = plan_side(g.size(1), g.size(2));
+  if (!fused_fits(planA, planG)) return kfac_logdet_composite(a, g, scale, tau, method, bias);
+  return std::get<0>(kfac_fused(a, g, scale, tau, parse_method(method), bias, planA, planG, false));
 }
 
 std::tuple<Tensor, Tensor, Tensor> kfac_logdet_and_grad_cpu(const Tensor& a, const Tensor& g, double scale, double tau,
                                                             const std::string& method, bool bias) {
   check_rows(a, g);
   check_scale_tau(scale, tau);
-  const auto m = parse_method(method);
-  const int64_t B = a.size(0), R = a.size(1), dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
-  const Side planA = plan_side(R, dA), planG = plan_side(R, dG);
+  const Side planA = plan_side(a.size(1), a.size(2) + (bias ? 1 : 0)), planG = plan_side(g.size(1), g.size(2));
   if (!fused_fits(planA, planG)) return kfac_logdet_and_grad_composite(a, g, scale, tau, method, bias);
-  auto out = at::empty({B}, a.options());
-  auto grad_a = at::empty(a.sizes(), a.options());
-  auto grad_g = at::empty(g.sizes(), g.options());
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "kfac_logdet_and_grad_cpu", [&] {
-    auto aa = a.accessor<const scalar_t, 3>();
-    auto gg = g.accessor<const scalar_t, 3>();
-    auto oa = out.accessor<scalar_t, 1>();
-    auto ga = grad_a.accessor<scalar_t, 3>();
-    auto og = grad_g.accessor<scalar_t, 3>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      TaskLogdet task{m, scale, tau};
-      Side sA = planA, sG = planG;
-      std::vector<double> PA, PG, acc;
-      for (int64_t b = b0; b < b1; ++b) {
-        sA.load(aa, b, bias);
-        sG.load(gg, b, false);
-        const double logdet = task(sA.K, sA.n, dA, sG.K, sG.n, dG, true, &PA, &PG);
-        if (std::isnan(logdet)) {
-          PA.assign(sA.n * sA.n, kNaN);
-          PG.assign(sG.n * sG.n, kNaN);
-        }
-        oa[b] = static_cast<scalar_t>(logdet);
-        sA.rows_grad(PA, a.size(2), ga, b, acc);
-        sG.rows_grad(PG, dG, og, b, acc);
-      }
-    });
-  });
-  return {out, grad_a, grad_g};
+  return kfac_fused(a, g, scale, tau, parse_method(method), bias, planA, planG, true);
 }
 
 }  // namespace
