@@ -43,7 +43,7 @@ Tensor gram(const Tensor& x, bool bias) {
 
 // Eigenvalues and eigenvectors. Not clamped at 0: log(c·a·g + τ) is smooth through a = 0,
 // and a clamp would make the gradient wrong for factors of low rank.
-std::tuple<Tensor, Tensor> psd_eigh(const Tensor& K) {
+std::tuple<Tensor, Tensor> symmetric_eigh(const Tensor& K) {
   auto [w, V] = at::linalg_eigh(K);
   return {w, V};
 }
@@ -167,8 +167,8 @@ std::tuple<Tensor, Tensor, Tensor> kron_logdet_and_grad_composite(const Tensor& 
     auto [gA, gG] = factored_backward(f, A.size(1), G.size(1), scale, tau);
     return {f.logdet, gA, gG};
   }
-  auto [wA, VA] = psd_eigh(A);
-  auto [wG, VG] = psd_eigh(G);
+  auto [wA, VA] = symmetric_eigh(A);
+  auto [wG, VG] = symmetric_eigh(G);
   auto [psiA, psiG] = exact_psi(wA, wG, scale, tau);
   return {exact_from_eigenvalues(wA, A.size(1), wG, G.size(1), scale, tau), spectral(VA, psiA), spectral(VG, psiG)};
 }
@@ -197,8 +197,8 @@ std::tuple<Tensor, Tensor, Tensor> kfac_logdet_and_grad_composite(const Tensor& 
     logdet = f.logdet;
     std::tie(PA, PG) = factored_backward(f, dA, dG, scale, tau);
   } else {
-    auto [wA, VA] = psd_eigh(KA);
-    auto [wG, VG] = psd_eigh(KG);
+    auto [wA, VA] = symmetric_eigh(KA);
+    auto [wG, VG] = symmetric_eigh(KG);
     auto [psiA, psiG] = exact_psi(wA, wG, scale, tau);
     logdet = exact_from_eigenvalues(wA, dA, wG, dG, scale, tau);
     PA = spectral(VA, psiA);

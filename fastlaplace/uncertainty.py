@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from .evaluate import Estimate
-from .meta import LLAMA, MAML
+from .curvature import rows_logdet, support_rows
+from .meta import LLAMA, LOSSES, MAML
 from .posterior import Predictive
 
 Z50, Z90 = 0.6744897501960817, 1.6448536269514722
@@ -90,7 +91,9 @@ def laplace_marginal_nll(learner: LLAMA, x_support: Tensor, y_support: Tensor, t
         theta = learner.net.adapted_parameters()
         sq = sum((params[k] - theta[k]).pow(2).flatten(1).sum(1) for k in params)
         D = sum(p.numel() for p in theta.values())
-        logdet = learner.laplace_logdet(params, x_support, y_support)
+        rows = support_rows(learner.net, params, x_support, y_support, LOSSES[learner.loss], learner.fisher,
+                            create_graph=False)
+        logdet = rows_logdet(rows, tau, learner.logdet_method)
     return nll + 0.5 * tau * sq - 0.5 * D * math.log(tau) + 0.5 * logdet
 
 

@@ -109,6 +109,19 @@ def test_laplace_marginal_nll_is_finite_and_per_task():
     b = SinusoidTasks().sample(4, torch.Generator().manual_seed(0))
     out = laplace_marginal_nll(learner, b.x_support, b.y_support)
     assert out.shape == (4,) and bool(torch.isfinite(out).all())
+    # −log p(X|θ) from its parts: data NLL at φ̂, the prior's quadratic and normaliser, ½ log det Ĥ
+    tau = 3.0
+    phi = learner.adapt(b.x_support, b.y_support)
+    with torch.no_grad():
+        f = learner.predict(phi, b.x_support)
+    nll = (0.5 * (f - b.y_support) ** 2 + 0.5 * math.log(2 * math.pi)).sum((1, 2))
+    theta = learner.net.adapted_parameters()
+    sq = sum((phi[k] - theta[k]).pow(2).flatten(1).sum(1) for k in phi)
+    D = sum(p.numel() for p in theta.values())
+    import fastlaplace.curvature as curv
+    rows = curv.support_rows(learner.net, phi, b.x_support, b.y_support, "gaussian", create_graph=False)
+    expected = nll + 0.5 * tau * sq - 0.5 * D * math.log(tau) + 0.5 * curv.rows_logdet(rows, tau, "factored")
+    torch.testing.assert_close(laplace_marginal_nll(learner, b.x_support, b.y_support, tau=tau), expected.detach())
 
 
 def test_report_runs_on_few_tasks():
