@@ -3,7 +3,8 @@
 Each op is batched over a leading task dimension B. Beside each wrapper sit its fake
 (meta) implementation, so that ``torch.compile`` can trace it, and its autograd formula,
 which is first order: the meta-gradient of LLAMA's log-det term needs dA/dā and dG/dg,
-never a double backward. Formulas: ``shared/DESIGN.md`` §2; pure-PyTorch twins of every
+never a double backward. (The log-det ops' autograd lives in ``csrc/autograd.cpp``: in
+Python its per-call overhead exceeded the kernels' time at the sinusoid's sizes.) Formulas: ``shared/DESIGN.md`` §2; pure-PyTorch twins of every
 op are in :mod:`fastlaplace.reference`.
 """
 
@@ -50,39 +51,6 @@ def _as_damping(damping: float | Tensor, M: Tensor) -> Tensor:
     if isinstance(damping, Tensor):
         return damping.expand(M.shape[0]) if damping.dim() == 0 else damping
     return torch.full((M.shape[0],), float(damping), dtype=M.dtype, device=M.device)
-
-
-def _with_grad_autograd(op_name: str, n_inputs: int):
-    """Autograd of a ``*_and_grad`` op: its (logdet, d1, d2) outputs carry the gradients of
-    the log-det for a unit upstream gradient, so backward only scales them. The gradient
-    outputs themselves are not differentiable (the log-det ops are differentiable once)."""
-
-    def setup(ctx, inputs, output):
-        _, d1, d2 = output
-        ctx.mark_non_differentiable(d1, d2)
-        ctx.save_for_backward(d1, d2)
-
-    def backward(ctx, grad, _g1, _g2):
-        _refuse_double_backward()
-        d1, d2 = ctx.saved_tensors
-        scale = grad.reshape(-1, 1, 1)
-        return (d1 * scale, d2 * scale) + (None,) * (n_inputs - 2)
-
-    torch.library.register_autograd(op_name, backward, setup_context=setup)
-
-
-def _refuse_double_backward() -> None:
-    """A backward that runs with grad mode on (create_graph=True) would build a graph in which
-    the log-det's second derivatives are silently zero: refuse rather than be wrong."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise NotImplementedError(
-            "fastlaplace: the log-det ops are differentiable once; backward through them with "
-            "create_graph=True (a gradient of their gradient) is not supported"
-        )
-
-
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _check_method(method: str) -> None:
@@ -227,10 +195,7 @@ def kron_logdet(
         ``[tasks]``.
     """
     _check_method(method)
-    if _needs_grad(A, G):  # one pass gives the value and the gradients backward will need
-        out = _ops.kron_logdet_and_grad(A, G, float(scale), float(tau), method)[0]
-    else:
-        out = _ops.kron_logdet(A, G, float(scale), float(tau), method)
+    out = _ops.kron_logdet(A, G, float(scale), float(tau), method)
     if _should_check(check) and not bool(torch.isfinite(out).all()):
         _raise_for_nonfinite("kron_logdet", A=A, G=G)
         raise ValueError("fastlaplace.kron_logdet: a damped factor is not positive definite (are A and G PSD?)")
@@ -247,22 +212,9 @@ def _(A, G, scale, tau, method):
     return A.new_empty(A.shape[0]), torch.empty_like(A), torch.empty_like(G)
 
 
-def _kron_logdet_setup(ctx, inputs, output):
-    A, G, scale, tau, method = inputs
-    ctx.args = (scale, tau, method)
-    ctx.save_for_backward(A, G)
-
-
-def _kron_logdet_backward(ctx, grad):
-    _refuse_double_backward()
-    A, G = ctx.saved_tensors
-    _, dA, dG = _ops.kron_logdet_and_grad(A, G, *ctx.args)
-    scale = grad.reshape(-1, 1, 1)
-    return dA * scale, dG * scale, None, None, None
-
-
-torch.library.register_autograd("fastlaplace::kron_logdet", _kron_logdet_backward, setup_context=_kron_logdet_setup)
-_with_grad_autograd("fastlaplace::kron_logdet_and_grad", 5)
+# Autograd of kron_logdet and kfac_logdet is registered in C++ (csrc/autograd.cpp): when a
+# gradient is needed the forward runs the *_and_grad op (value and gradients in one pass)
+# and backward only scales the saved gradients.
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,10 +245,7 @@ def kfac_logdet(
         ``[tasks]``.
     """
     _check_method(method)
-    if _needs_grad(a, g):  # one pass gives the value and the gradients backward will need
-        out = _ops.kfac_logdet_and_grad(a, g, float(scale), float(tau), method, bias)[0]
-    else:
-        out = _ops.kfac_logdet(a, g, float(scale), float(tau), method, bias)
+    out = _ops.kfac_logdet(a, g, float(scale), float(tau), method, bias)
     if _should_check(check) and not bool(torch.isfinite(out).all()):
         _raise_for_nonfinite("kfac_logdet", a=a, g=g)
         raise ValueError("fastlaplace.kfac_logdet: the log-determinant is not finite")
@@ -311,21 +260,3 @@ def _(a, g, scale, tau, method, bias):
 @torch.library.register_fake("fastlaplace::kfac_logdet_and_grad")
 def _(a, g, scale, tau, method, bias):
     return a.new_empty(a.shape[0]), torch.empty_like(a), torch.empty_like(g)
-
-
-def _kfac_logdet_setup(ctx, inputs, output):
-    a, g, scale, tau, method, bias = inputs
-    ctx.args = (scale, tau, method, bias)
-    ctx.save_for_backward(a, g)
-
-
-def _kfac_logdet_backward(ctx, grad):
-    _refuse_double_backward()
-    a, g = ctx.saved_tensors
-    _, da, dg = _ops.kfac_logdet_and_grad(a, g, *ctx.args)
-    scale = grad.reshape(-1, 1, 1)
-    return da * scale, dg * scale, None, None, None, None
-
-
-torch.library.register_autograd("fastlaplace::kfac_logdet", _kfac_logdet_backward, setup_context=_kfac_logdet_setup)
-_with_grad_autograd("fastlaplace::kfac_logdet_and_grad", 6)
