@@ -88,11 +88,14 @@ Tensor rows_grad_gram(const Tensor& x, const Tensor& P) {
 // 1×1 factor is discarded).
 Tensor factor_of(const Tensor& x, bool bias) { return std::get<0>(call_kron_factors(x, x.narrow(2, 0, 1), bias)); }
 
-// The matrix carrying the spectrum of one side's factor: the factor itself, or with fewer
-// rows than columns the R×R Gram matrix (same nonzero eigenvalues, DESIGN.md §2).
-Tensor spectrum_carrier(const Tensor& x, bool bias) {
-  const int64_t D = x.size(2) + (bias ? 1 : 0);
-  return x.size(1) < D ? gram(x, bias) : factor_of(x, bias);
+// The matrices carrying the spectra of a layer's two factors: each factor itself, or with
+// fewer rows than columns its R×R Gram matrix (same nonzero eigenvalues, DESIGN.md §2).
+// One kron_factors call serves both sides when neither is a Gram matrix.
+std::tuple<Tensor, Tensor> spectrum_carriers(const Tensor& a, const Tensor& g, bool bias) {
+  const int64_t R = a.size(1);
+  const bool gramA = R < a.size(2) + (bias ? 1 : 0), gramG = R < g.size(2);
+  if (!gramA && !gramG) return call_kron_factors(a, g, bias);
+  return {gramA ? gram(a, bias) : factor_of(a, bias), gramG ? gram(g, false) : factor_of(g, false)};
 }
 
 struct Factored {
@@ -142,7 +145,7 @@ std::tuple<Tensor, Tensor> factored_backward(const Factored& f, int64_t dA, int6
                          add_to_diagonal(invG * static_cast<double>(dA), kG));
 }
 
-// dL/dx from dL/dK = P for the matrix K that spectrum_carrier(x, bias) returned.
+// dL/dx from dL/dK = P for the matrix K that spectrum_carriers returned for x.
 Tensor rows_grad(const Tensor& x, const Tensor& P, bool bias) {
   return x.size(1) < x.size(2) + (bias ? 1 : 0) ? rows_grad_gram(x, P) : rows_grad_factor(x, P, bias);
 }
@@ -178,7 +181,7 @@ Tensor kfac_logdet_composite(const Tensor& a, const Tensor& g, double scale, dou
   check_rows(a, g);
   check_scale_tau(scale, tau);
   const int64_t dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
-  auto KA = spectrum_carrier(a, bias), KG = spectrum_carrier(g, false);
+  auto [KA, KG] = spectrum_carriers(a, g, bias);
   if (parse_method(method) == Method::Factored) return factored_forward(KA, dA, KG, dG, scale, tau).logdet;
   auto wA = at::linalg_eigvalsh(KA);
   auto wG = at::linalg_eigvalsh(KG);
@@ -190,7 +193,7 @@ std::tuple<Tensor, Tensor, Tensor> kfac_logdet_and_grad_composite(const Tensor& 
   check_rows(a, g);
   check_scale_tau(scale, tau);
   const int64_t dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
-  auto KA = spectrum_carrier(a, bias), KG = spectrum_carrier(g, false);
+  auto [KA, KG] = spectrum_carriers(a, g, bias);
   Tensor logdet, PA, PG;
   if (parse_method(method) == Method::Factored) {
     auto f = factored_forward(KA, dA, KG, dG, scale, tau);

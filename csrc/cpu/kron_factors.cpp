@@ -9,13 +9,14 @@
 namespace fastlaplace {
 namespace {
 
-// The dot-free loops below beat a batched BLAS call only for the smallest factors
-// (the sinusoid's first layer, d_A = 2), where BLAS's per-matrix overhead dominates.
+// The dot-free loops below beat a batched BLAS call only for the smallest factors over few
+// rows (the sinusoid's first layer, d_A = 2), where BLAS's per-matrix overhead dominates.
 constexpr int64_t kLoopsUpTo = 8;
+constexpr int64_t kLoopsRowsUpTo = 1024;
 
 at::Tensor factor(const at::Tensor& x, bool bias) {
   const int64_t B = x.size(0), R = x.size(1), D = x.size(2) + (bias ? 1 : 0);
-  if (D > kLoopsUpTo) {
+  if (D > kLoopsUpTo || R > kLoopsRowsUpTo) {
     auto xb = bias ? at::cat({x, at::ones({B, R, 1}, x.options())}, 2) : x;
     // One pass: beta = 0 ignores the uninitialised input, alpha folds in the 1/R.
     return at::baddbmm(at::empty({B, D, D}, x.options()), xb.mT(), xb, /*beta=*/0, /*alpha=*/1.0 / R);
