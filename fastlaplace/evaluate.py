@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=None)
     p.add_argument("--data-root", default=None, help="override the run's data folder")
     args = p.parse_args(argv)
-    learner, problem, cfg = load_for_evaluation(args.checkpoint, device=args.device, data_root=args.data_root)
+    try:
+        learner, problem, cfg = load_for_evaluation(args.checkpoint, device=args.device, data_root=args.data_root)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
     steps = args.steps or cfg.test_inner_steps
     seed = cfg.eval_seed if args.seed is None else args.seed
     results = evaluate(learner, problem, steps, args.tasks, seed, args.split, device=cfg.device)

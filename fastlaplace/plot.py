@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.figure == "curves":
         curves_figure(args.run_dir, args.out)
     else:
-        learner, problem, _ = load_for_evaluation(args.checkpoint, device="cpu")
+        try:
+            learner, problem, _ = load_for_evaluation(args.checkpoint, device="cpu")
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(f"error: {exc}") from exc
         if not isinstance(learner, LLAMA) or not hasattr(problem, "tasks"):
             raise SystemExit("error: the posterior figure needs a LLAMA sinusoid checkpoint")
         point = load_for_evaluation(args.maml, device="cpu")[0] if args.maml else None

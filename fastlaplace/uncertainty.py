@@ -197,7 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="predict with the sampled networks rather than the network linearised at φ̂")
     p.add_argument("--json", help="also write the report to this file")
     args = p.parse_args(argv)
-    learner, problem, cfg = load_for_evaluation(args.checkpoint, device="cpu")
+    try:
+        learner, problem, cfg = load_for_evaluation(args.checkpoint, device="cpu")
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
     if not isinstance(learner, LLAMA):
         raise SystemExit("error: the checkpoint is not a LLAMA run (train with --method llama)")
     point = load_for_evaluation(args.maml, device="cpu")[0] if args.maml else None

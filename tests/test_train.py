@@ -125,3 +125,10 @@ def test_config_file(tmp_path):
     path.write_text(json.dumps({"iterations": 3, "method": "maml"}))
     cfg, resume, _ = train_mod.parse_args(["--config", str(path), "--seed", "4"])
     assert (cfg.iterations, cfg.method, cfg.seed, resume) == (3, "maml", 4, False)
+
+
+@pytest.mark.parametrize("module", ["evaluate", "uncertainty"])
+def test_missing_checkpoint_is_a_clear_error(tmp_path, module):
+    run = subprocess.run([sys.executable, "-m", f"fastlaplace.{module}", str(tmp_path / "none.pt")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode != 0 and "no checkpoint at" in run.stderr and "Traceback" not in run.stderr
