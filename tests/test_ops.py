@@ -129,7 +129,7 @@ def test_float32_close_to_float64(device):
 
 # ------------------------------------------------------------------------- gradients
 
-GRAD_SHAPES = [(2, 10, 3, 4), (2, 4, 6, 5), (2, 30, 3, 2), (1, 70, 70, 3)]
+GRAD_SHAPES = [(2, 10, 3, 4), (2, 4, 6, 5), (2, 30, 3, 2), (2, 8, 9, 7), (1, 70, 70, 3)]
 
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
