@@ -75,9 +75,8 @@ class MAML(nn.Module):
             raise ValueError(f"{what}: inputs must be [tasks, examples, features...], got shape {tuple(x.shape)}")
         if x.shape[0] < 1 or x.shape[1] < 1:
             raise ValueError(f"{what}: need at least one task and one example, got shape {tuple(x.shape)}")
-        expected = x.shape[:2] if self.loss == "cross_entropy" else (*x.shape[:2], y.shape[-1] if y.dim() > 2 else 0)
-        if self.loss == "cross_entropy" and (tuple(y.shape) != tuple(expected) or y.is_floating_point()):
-            raise ValueError(f"{what}: labels must be integers of shape {tuple(expected)}, got "
+        if self.loss == "cross_entropy" and (y.shape != x.shape[:2] or y.is_floating_point()):
+            raise ValueError(f"{what}: labels must be integers of shape {tuple(x.shape[:2])}, got "
                              f"{tuple(y.shape)} {y.dtype}")
         if self.loss == "mse" and (y.dim() != 3 or y.shape[:2] != x.shape[:2]):
             raise ValueError(f"{what}: targets must be [tasks, examples, outputs] matching inputs "
@@ -106,6 +105,11 @@ class MAML(nn.Module):
         respect to θ when grad mode is on (second order unless ``first_order``).
         """
         self._check_batch(x_support, y_support, "support set")
+        return self._adapt(x_support, y_support, steps, create_graph)
+
+    def _adapt(self, x_support: Tensor, y_support: Tensor, steps: int | None = None,
+               create_graph: bool | None = None) -> dict[str, Tensor]:
+        """:meth:`adapt` without the input checks (for callers that made them)."""
         steps = self.inner_steps if steps is None else steps
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
@@ -136,7 +140,7 @@ class MAML(nn.Module):
     def meta_objective(self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor,
                        generator: torch.Generator | None = None) -> MetaLoss:
         self._check_episode(x_support, y_support, x_query, y_query)
-        params = self.adapt(x_support, y_support)
+        params = self._adapt(x_support, y_support)
         query_loss = self.task_losses(self.predict(params, x_query), y_query)
         return MetaLoss(query_loss.mean(), query_loss)
 
@@ -187,7 +191,7 @@ class LLAMA(MAML):
         if self.eta == 0:
             return super().meta_objective(x_support, y_support, x_query, y_query)
         self._check_episode(x_support, y_support, x_query, y_query)
-        params = self.adapt(x_support, y_support)
+        params = self._adapt(x_support, y_support)
         if self.net.has_batchnorm:  # batch statistics must not mix support and query examples
             query_loss = self.task_losses(self.predict(params, x_query), y_query)
             logdet = self.laplace_logdet(params, x_support, y_support, generator)
@@ -218,7 +222,7 @@ class LLAMA(MAML):
         if method not in ("exact", "factored"):
             raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
         with torch.no_grad():
-            params = self.adapt(x_support, y_support, steps=steps)
+            params = self._adapt(x_support, y_support, steps=steps)
         rows = support_rows(self.net, params, x_support, y_support, LOSSES[self.loss], self.fisher,
                             create_graph=False, generator=generator)
         layers = []

@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +158,7 @@ class _StopFlag:
         self._old = {}
 
     def __enter__(self):
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():  # signals only go there
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -170,12 +171,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def threading_main() -> bool:
-    import threading  # noqa: PLC0415
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_end: bool = True) -> dict:

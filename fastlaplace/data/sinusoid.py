@@ -18,10 +18,6 @@ class SinusoidBatch:
     amplitude: Tensor  # [tasks]
     phase: Tensor  # [tasks]
 
-    def to(self, device) -> "SinusoidBatch":
-        return SinusoidBatch(*(t.to(device) for t in (self.x_support, self.y_support, self.x_query, self.y_query,
-                                                      self.amplitude, self.phase)))
-
 
 @dataclass(frozen=True)
 class SinusoidTasks:
