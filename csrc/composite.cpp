@@ -89,7 +89,7 @@ Tensor rows_grad_gram(const Tensor& x, const Tensor& P) {
 Tensor factor_of(const Tensor& x, bool bias) { return std::get<0>(call_kron_factors(x, x.narrow(2, 0, 1), bias)); }
 
 // The matrices carrying the spectra of a layer's two factors: each factor itself, or with
-// fewer rows than columns its R×R Gram matrix (same nonzero eigenvalues, DESIGN.md §2).
+// fewer rows than columns its R×R Gram matrix (same nonzero eigenvalues, docs/design.md §2).
 // One kron_factors call serves both sides when neither is a Gram matrix.
 std::tuple<Tensor, Tensor> spectrum_carriers(const Tensor& a, const Tensor& g, bool bias) {
   const int64_t R = a.size(1);

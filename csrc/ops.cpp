@@ -9,7 +9,7 @@ TORCH_LIBRARY(fastlaplace, m) {
   // Lower Cholesky factor of M + damping·I, its log-determinant, and a per-task status
   // (0: positive definite; j > 0: the leading minor of order j is not).
   m.def("damped_cholesky(Tensor M, Tensor damping) -> (Tensor, Tensor, Tensor)");
-  // log det(scale·A⊗G + tau·I) by method "exact" or "factored" (DESIGN.md §2).
+  // log det(scale·A⊗G + tau·I) by method "exact" or "factored" (docs/design.md §2).
   m.def("kron_logdet(Tensor A, Tensor G, float scale, float tau, str method) -> Tensor");
   // The log-det and its gradients for a unit upstream gradient, from one pass: what the
   // backward of kron_logdet needs, and what LLAMA calls when it needs both.

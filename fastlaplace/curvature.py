@@ -2,7 +2,7 @@
 
 For every adapted Linear or Conv2d layer, K-FAC needs the layer's input rows ``a`` and the
 per-row gradients ``g`` of the negative log likelihood with respect to its outputs
-(``shared/DESIGN.md`` §2). Which likelihood gradient goes into ``g`` is the Fisher type:
+(``docs/design.md`` §2). Which likelihood gradient goes into ``g`` is the Fisher type:
 
 - ``"gauss_newton"``: regression with one output under unit Gaussian noise, where the
   Fisher equals the Gauss-Newton matrix and g = ∂f/∂s exactly (no sampling).

@@ -4,7 +4,7 @@ Each op is batched over a leading task dimension B. Beside each wrapper sit its 
 (meta) implementation, so that ``torch.compile`` can trace it, and its autograd formula,
 which is first order: the meta-gradient of LLAMA's log-det term needs dA/dā and dG/dg,
 never a double backward. (The log-det ops' autograd lives in ``csrc/autograd.cpp``: in
-Python its per-call overhead exceeded the kernels' time at the sinusoid's sizes.) Formulas: ``shared/DESIGN.md`` §2; pure-PyTorch twins of every
+Python its per-call overhead exceeded the kernels' time at the sinusoid's sizes.) Formulas: ``docs/design.md`` §2; pure-PyTorch twins of every
 op are in :mod:`fastlaplace.reference`.
 """
 

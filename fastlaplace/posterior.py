@@ -1,7 +1,7 @@
 """The Laplace posterior of a task's adapted parameters, N(φ̂, Ĥ⁻¹), and sampling from it.
 
 Ĥ is block diagonal over the adapted layers; each block is Kronecker factored
-(``shared/DESIGN.md`` §3). With the layer's weight and bias as one matrix W = [W | b] of
+(``docs/design.md`` §3). With the layer's weight and bias as one matrix W = [W | b] of
 shape [d_out, d_A] and its column-stacked vec:
 
 - ``"factored"``: precision A_d ⊗ G_d with the damped factors A_d = √c·A + π√τ·I and

@@ -1,7 +1,7 @@
 """Pure-PyTorch twins of every op in :mod:`fastlaplace.ops`, written for clarity.
 
 They are the test oracle and the benchmark baseline: same signatures, same conventions
-(``shared/DESIGN.md`` §2), gradients by plain autograd.
+(``docs/design.md`` §2), gradients by plain autograd.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def test_exact_logdet_equals_dense_slogdet(device, shape):
 
 
 def test_factored_differs_from_exact_on_low_rank_factors(device):
-    """DESIGN.md §2: with few rows the factored approximation is far from the exact value."""
+    """docs/design.md §2: with few rows the factored approximation is far from the exact value."""
     a, g = rows(4, 10, 40, 40, device)
     exact = ops.kfac_logdet(a, g, 10, 1.0, "exact")
     factored = ops.kfac_logdet(a, g, 10, 1.0, "factored")

@@ -99,8 +99,9 @@ def test_example_runs(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "examples" / "early_stopping_prior.py"
+    # From the repository root, as the README has it.
     run = subprocess.run([sys.executable, str(script), "--plot", str(tmp_path / "q.png")], capture_output=True,
-                         text=True, timeout=120, cwd=tmp_path)
+                         text=True, timeout=120, cwd=script.parents[1])
     assert run.returncode == 0, run.stderr
     gaps = [float(line.split()[1]) for line in run.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert len(gaps) == 6 and max(gaps) < 1e-10

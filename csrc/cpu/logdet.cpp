@@ -25,7 +25,7 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // ---------------------------------------------------------------------------------------
 // Per-task math. Each task's factors are represented by the matrices K_A (n_A × n_A) and
 // K_G (n_G × n_G) that carry their nonzero spectrum: the factor itself, or with fewer
-// rows R than columns its R×R Gram matrix (DESIGN.md §2).
+// rows R than columns its R×R Gram matrix (docs/design.md §2).
 
 // Exact: log det(c·A⊗G + τI) = Σ_ij log(c·s_i·b_j + τ) + (zero pairs)·log τ over the
 // eigenvalues s_i of K_small and b_j of K_big. For the value alone, or when the smaller
