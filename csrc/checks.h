@@ -40,6 +40,14 @@ inline void check_rows(const at::Tensor& a, const at::Tensor& g) {
   TORCH_CHECK_VALUE(g.size(2) >= 1, "fastlaplace: g needs d_out >= 1, got shape ", g.sizes());
 }
 
+// The rows of a layer whose curvature's log-det is taken: the layer needs at least one
+// parameter per output (d_in >= 1, or a bias).
+inline void check_layer(const at::Tensor& a, const at::Tensor& g, bool bias) {
+  check_rows(a, g);
+  TORCH_CHECK_VALUE(a.size(2) + (bias ? 1 : 0) >= 1, "fastlaplace: a has d_in = 0 and bias=False: the layer has no "
+                    "parameters, so its curvature has no log-determinant (shape ", a.sizes(), ")");
+}
+
 // A batch of square matrices [B, d, d].
 inline void check_square(const at::Tensor& m, const char* name) {
   check_float(m, name);

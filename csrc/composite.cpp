@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <cmath>
+#include <limits>
 
 #include "checks.h"
 
@@ -41,11 +42,19 @@ Tensor gram(const Tensor& x, bool bias) {
   return K / static_cast<double>(x.size(1));
 }
 
-// Eigenvalues and eigenvectors. Not clamped at 0: log(c·a·g + τ) is smooth through a = 0,
-// and a clamp would make the gradient wrong for factors of low rank.
-std::tuple<Tensor, Tensor> symmetric_eigh(const Tensor& K) {
-  auto [w, V] = at::linalg_eigh(K);
-  return {w, V};
+// Eigenvalues (and eigenvectors) of each task's matrix. Not clamped at 0: log(c·a·g + τ)
+// is smooth through a = 0, and a clamp would make the gradient wrong for factors of low
+// rank. LAPACK raises on non-finite input where the other paths report NaN: such tasks are
+// decomposed as zero matrices and their eigenvalues set to NaN, so that every result of
+// theirs is NaN, as on the fused path.
+struct Spectrum {
+  Tensor w, V;
+};
+
+Spectrum symmetric_eigh(const Tensor& K, bool vectors) {
+  auto bad = at::logical_not(at::isfinite(K).flatten(1).all(1));
+  auto [w, V] = at::_linalg_eigh(at::where(bad.view({-1, 1, 1}), at::zeros_like(K), K), "L", vectors);
+  return {at::where(bad.unsqueeze(1), at::full_like(w, std::numeric_limits<double>::quiet_NaN()), w), V};
 }
 
 // Σ_ij log(c·a_i·g_j + τ) over all d_A·d_G pairs, given the n_A ≤ d_A and n_G ≤ d_G
@@ -86,7 +95,10 @@ Tensor rows_grad_gram(const Tensor& x, const Tensor& P) {
 
 // x̄ᵀx̄ / R through the kron_factors primitive of the tensor's backend (its second,
 // 1×1 factor is discarded).
-Tensor factor_of(const Tensor& x, bool bias) { return std::get<0>(call_kron_factors(x, x.narrow(2, 0, 1), bias)); }
+Tensor factor_of(const Tensor& x, bool bias) {
+  auto probe = x.size(2) > 0 ? x.narrow(2, 0, 1) : at::zeros({x.size(0), x.size(1), 1}, x.options());
+  return std::get<0>(call_kron_factors(x, probe, bias));
+}
 
 // The matrices carrying the spectra of a layer's two factors: each factor itself, or with
 // fewer rows than columns its R×R Gram matrix (same nonzero eigenvalues, docs/design.md §2).
@@ -156,8 +168,8 @@ Tensor kron_logdet_composite(const Tensor& A, const Tensor& G, double scale, dou
   check_factors(A, G);
   check_scale_tau(scale, tau);
   if (parse_method(method) == Method::Factored) return factored_forward(A, A.size(1), G, G.size(1), scale, tau).logdet;
-  auto wA = at::linalg_eigvalsh(A);
-  auto wG = at::linalg_eigvalsh(G);
+  auto wA = symmetric_eigh(A, false).w;
+  auto wG = symmetric_eigh(G, false).w;
   return exact_from_eigenvalues(wA, A.size(1), wG, G.size(1), scale, tau);
 }
 
@@ -168,29 +180,30 @@ std::tuple<Tensor, Tensor, Tensor> kron_logdet_and_grad_composite(const Tensor& 
   if (parse_method(method) == Method::Factored) {
     auto f = factored_forward(A, A.size(1), G, G.size(1), scale, tau);
     auto [gA, gG] = factored_backward(f, A.size(1), G.size(1), scale, tau);
-    return {f.logdet, gA, gG};
+    return {f.logdet, gA.contiguous(), gG.contiguous()};
   }
-  auto [wA, VA] = symmetric_eigh(A);
-  auto [wG, VG] = symmetric_eigh(G);
+  auto [wA, VA] = symmetric_eigh(A, true);
+  auto [wG, VG] = symmetric_eigh(G, true);
   auto [psiA, psiG] = exact_psi(wA, wG, scale, tau);
-  return {exact_from_eigenvalues(wA, A.size(1), wG, G.size(1), scale, tau), spectral(VA, psiA), spectral(VG, psiG)};
+  return {exact_from_eigenvalues(wA, A.size(1), wG, G.size(1), scale, tau), spectral(VA, psiA).contiguous(),
+          spectral(VG, psiG).contiguous()};
 }
 
 Tensor kfac_logdet_composite(const Tensor& a, const Tensor& g, double scale, double tau, const std::string& method,
                              bool bias) {
-  check_rows(a, g);
+  check_layer(a, g, bias);
   check_scale_tau(scale, tau);
   const int64_t dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
   auto [KA, KG] = spectrum_carriers(a, g, bias);
   if (parse_method(method) == Method::Factored) return factored_forward(KA, dA, KG, dG, scale, tau).logdet;
-  auto wA = at::linalg_eigvalsh(KA);
-  auto wG = at::linalg_eigvalsh(KG);
+  auto wA = symmetric_eigh(KA, false).w;
+  auto wG = symmetric_eigh(KG, false).w;
   return exact_from_eigenvalues(wA, dA, wG, dG, scale, tau);
 }
 
 std::tuple<Tensor, Tensor, Tensor> kfac_logdet_and_grad_composite(const Tensor& a, const Tensor& g, double scale,
                                                                   double tau, const std::string& method, bool bias) {
-  check_rows(a, g);
+  check_layer(a, g, bias);
   check_scale_tau(scale, tau);
   const int64_t dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
   auto [KA, KG] = spectrum_carriers(a, g, bias);
@@ -200,14 +213,14 @@ std::tuple<Tensor, Tensor, Tensor> kfac_logdet_and_grad_composite(const Tensor& 
     logdet = f.logdet;
     std::tie(PA, PG) = factored_backward(f, dA, dG, scale, tau);
   } else {
-    auto [wA, VA] = symmetric_eigh(KA);
-    auto [wG, VG] = symmetric_eigh(KG);
+    auto [wA, VA] = symmetric_eigh(KA, true);
+    auto [wG, VG] = symmetric_eigh(KG, true);
     auto [psiA, psiG] = exact_psi(wA, wG, scale, tau);
     logdet = exact_from_eigenvalues(wA, dA, wG, dG, scale, tau);
     PA = spectral(VA, psiA);
     PG = spectral(VG, psiG);
   }
-  return {logdet, rows_grad(a, PA, bias), rows_grad(g, PG, false)};
+  return {logdet, rows_grad(a, PA, bias).contiguous(), rows_grad(g, PG, false).contiguous()};
 }
 
 }  // namespace fastlaplace

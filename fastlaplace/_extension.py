@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.machinery
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -44,15 +45,14 @@ def sources_digest(csrc: Path) -> str:
     return hashlib.sha256(per_file.encode()).hexdigest()
 
 
-try:
-    from . import _build_config
-except ModuleNotFoundError:  # a source checkout: use the compiled files of an installed build
+if importlib.util.find_spec(f"{__package__}._build_config") is None:
+    # A source checkout: use the compiled files of an installed build.
     _installed = _installed_build()
     if _installed is None:
         raise ImportError(
             "fastlaplace: no compiled extension found; run `pip install .` in the repository first "
             "(or `pip install -e .` for development, see the README)."
-        ) from None
+        )
     sys.modules[__package__].__path__.append(str(_installed))
     from . import _build_config
 
@@ -63,6 +63,8 @@ except ModuleNotFoundError:  # a source checkout: use the compiled files of an i
             f"than {_csrc}; run `pip install .` again to rebuild it.",
             stacklevel=2,
         )
+else:
+    from . import _build_config
 
 if _build_config.TORCH_VERSION != torch.__version__:
     raise ImportError(

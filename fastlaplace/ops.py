@@ -10,6 +10,7 @@ op are in :mod:`fastlaplace.reference`.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -58,6 +59,69 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
 
 
+def _check_bias(bias: bool) -> None:
+    if not isinstance(bias, bool):  # the op schema would take 2, 1.5 or None as a bool
+        raise TypeError(f"fastlaplace: bias must be True or False, got {bias!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# The kernels' input checks (csrc/checks.h), repeated for the fake implementations so that
+# torch.compile refuses at trace time what eager refuses at run time. Fakes return
+# contiguous tensors, as the kernels do.
+
+
+def _fake_float(t: Tensor, name: str) -> None:
+    torch._check_type(t.dtype in (torch.float32, torch.float64),
+                      lambda: f"fastlaplace: {name} must be float32 or float64, got {t.dtype}")
+
+
+def _fake_rank(t: Tensor, rank: int, name: str, shape: str) -> None:
+    torch._check_value(t.dim() == rank,
+                       lambda: f"fastlaplace: {name} must have shape {shape}, got a tensor of shape {tuple(t.shape)}")
+
+
+def _fake_same_kind(x: Tensor, y: Tensor, nx: str, ny: str) -> None:
+    torch._check_type(x.dtype == y.dtype, lambda: f"fastlaplace: {nx} and {ny} must have the same dtype")
+    torch._check_value(x.device == y.device, lambda: f"fastlaplace: {nx} and {ny} must be on the same device")
+
+
+def _fake_rows(a: Tensor, g: Tensor) -> None:
+    _fake_float(a, "a")
+    _fake_float(g, "g")
+    _fake_rank(a, 3, "a", "[tasks, rows, d_in]")
+    _fake_rank(g, 3, "g", "[tasks, rows, d_out]")
+    _fake_same_kind(a, g, "a", "g")
+    torch._check_value(a.shape[0] == g.shape[0], lambda: "fastlaplace: a and g must have the same number of tasks")
+    torch._check_value(a.shape[1] == g.shape[1], lambda: "fastlaplace: a and g must have the same number of rows")
+    torch._check_value(a.shape[0] >= 1 and a.shape[1] >= 1, lambda: "fastlaplace: need at least one task and one row")
+    torch._check_value(g.shape[2] >= 1, lambda: "fastlaplace: g needs d_out >= 1")
+
+
+def _fake_layer(a: Tensor, g: Tensor, bias: bool) -> None:
+    _fake_rows(a, g)
+    torch._check_value(a.shape[2] + int(bias) >= 1, lambda: "fastlaplace: a has d_in = 0 and bias=False")
+
+
+def _fake_square(m: Tensor, name: str) -> None:
+    _fake_float(m, name)
+    _fake_rank(m, 3, name, "[tasks, d, d]")
+    torch._check_value(m.shape[1] == m.shape[2] and m.shape[1] >= 1 and m.shape[0] >= 1,
+                       lambda: f"fastlaplace: {name} must be a batch of square matrices [tasks, d, d]")
+
+
+def _fake_factors(A: Tensor, G: Tensor) -> None:
+    _fake_square(A, "A")
+    _fake_square(G, "G")
+    _fake_same_kind(A, G, "A", "G")
+    torch._check_value(A.shape[0] == G.shape[0], lambda: "fastlaplace: A and G must have the same number of tasks")
+
+
+def _fake_scalars(scale: float, tau: float, method: str) -> None:
+    torch._check_value(scale > 0 and math.isfinite(scale), lambda: "fastlaplace: scale must be positive and finite")
+    torch._check_value(tau > 0 and math.isfinite(tau), lambda: "fastlaplace: tau must be positive and finite")
+    torch._check_value(method in ("exact", "factored"), lambda: "fastlaplace: method must be 'exact' or 'factored'")
+
+
 # ---------------------------------------------------------------------------------------
 # kron_factors
 
@@ -70,17 +134,19 @@ def kron_factors(a: Tensor, g: Tensor, bias: bool = True) -> tuple[Tensor, Tenso
             of unfolded conv patches).
         g: gradients of the loss with respect to the layer's outputs, ``[tasks, rows, d_out]``.
         bias: append a constant 1 to each input row (the layer has a bias); the kernels
-            never materialise the extended rows.
+            build the extended rows only where a BLAS call needs them.
 
     Returns:
         ``A = āᵀā / R`` of shape ``[tasks, d_in + bias, d_in + bias]`` and
         ``G = gᵀg / R`` of shape ``[tasks, d_out, d_out]``.
     """
+    _check_bias(bias)
     return _ops.kron_factors(a, g, bias)
 
 
 @torch.library.register_fake("fastlaplace::kron_factors")
 def _(a, g, bias):
+    _fake_rows(a, g)
     B, _, d = a.shape
     D = d + int(bias)
     return a.new_empty(B, D, D), g.new_empty(B, g.shape[2], g.shape[2])
@@ -144,7 +210,11 @@ def damped_cholesky(M: Tensor, damping: float | Tensor = 0.0, check: bool = True
 
 @torch.library.register_fake("fastlaplace::damped_cholesky")
 def _(M, damping):
-    return torch.empty_like(M), M.new_empty(M.shape[0]), M.new_empty(M.shape[0], dtype=torch.int32)
+    _fake_square(M, "M")
+    _fake_rank(damping, 1, "damping", "[tasks]")
+    _fake_same_kind(M, damping, "M", "damping")
+    torch._check_value(damping.shape[0] == M.shape[0], lambda: "fastlaplace: damping must have one value per task")
+    return M.new_empty(M.shape), M.new_empty(M.shape[0]), M.new_empty(M.shape[0], dtype=torch.int32)
 
 
 def _damped_cholesky_setup(ctx, inputs, output):
@@ -204,12 +274,16 @@ def kron_logdet(
 
 @torch.library.register_fake("fastlaplace::kron_logdet")
 def _(A, G, scale, tau, method):
+    _fake_factors(A, G)
+    _fake_scalars(scale, tau, method)
     return A.new_empty(A.shape[0])
 
 
 @torch.library.register_fake("fastlaplace::kron_logdet_and_grad")
 def _(A, G, scale, tau, method):
-    return A.new_empty(A.shape[0]), torch.empty_like(A), torch.empty_like(G)
+    _fake_factors(A, G)
+    _fake_scalars(scale, tau, method)
+    return A.new_empty(A.shape[0]), A.new_empty(A.shape), G.new_empty(G.shape)
 
 
 # Autograd of kron_logdet and kfac_logdet is registered in C++ (csrc/autograd.cpp): when a
@@ -245,6 +319,7 @@ def kfac_logdet(
         ``[tasks]``.
     """
     _check_method(method)
+    _check_bias(bias)
     out = _ops.kfac_logdet(a, g, float(scale), float(tau), method, bias)
     if _should_check(check) and not bool(torch.isfinite(out).all()):
         _raise_for_nonfinite("kfac_logdet", a=a, g=g)
@@ -254,9 +329,13 @@ def kfac_logdet(
 
 @torch.library.register_fake("fastlaplace::kfac_logdet")
 def _(a, g, scale, tau, method, bias):
+    _fake_layer(a, g, bias)
+    _fake_scalars(scale, tau, method)
     return a.new_empty(a.shape[0])
 
 
 @torch.library.register_fake("fastlaplace::kfac_logdet_and_grad")
 def _(a, g, scale, tau, method, bias):
-    return a.new_empty(a.shape[0]), torch.empty_like(a), torch.empty_like(g)
+    _fake_layer(a, g, bias)
+    _fake_scalars(scale, tau, method)
+    return a.new_empty(a.shape[0]), a.new_empty(a.shape), g.new_empty(g.shape)

@@ -22,7 +22,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky_cpu(const at::Ten
     auto damped = M.clone(at::MemoryFormat::Contiguous);
     damped.diagonal(0, -2, -1).add_(damping.unsqueeze(-1));
     auto [L, info] = at::linalg_cholesky_ex(damped);
-    auto logdet = L.diagonal(0, -2, -1).log().sum(-1) * 2;
+    auto diagonal = L.diagonal(0, -2, -1);
+    auto logdet = diagonal.log().sum(-1) * 2;
+    // potrf passes Inf and NaN through where the loop below stops: report the first
+    // non-finite pivot as the failing minor, as the loop does.
+    auto nonfinite = at::logical_not(at::isfinite(diagonal));
+    info = at::where(at::logical_and(info == 0, nonfinite.any(-1)), nonfinite.to(at::kInt).argmax(-1) + 1, info)
+               .to(at::kInt);
     if (info.any().item<bool>()) {  // a CPU tensor: no device sync
       const auto nan = std::numeric_limits<double>::quiet_NaN();
       logdet = at::where(info == 0, logdet, at::full_like(logdet, nan));

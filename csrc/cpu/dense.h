@@ -100,7 +100,23 @@ inline void inverse_from_upper(const double* U, int64_t n, double* out, std::vec
 // V holds the symmetric matrix on entry (n×n, row-major) and its eigenvectors as columns
 // on exit (meaningful only when vectors is true); w receives the eigenvalues, unsorted.
 // Returns false if QL did not converge (non-finite input); w is then NaN.
+//
+// Two safeguards beyond JAMA: the matrix is scaled to a largest entry of 1 (eigenvalues
+// scaled back at the end), and a row whose off-diagonal part is below ε² of that is taken
+// as exactly zero. Without them, a matrix of low rank (a constant one, say) reduced its
+// numerically-zero remainder down to denormal numbers, and the Householder vectors built
+// from those were no longer orthogonal (eigenvectors off by O(1) from order 56 on).
 inline bool eigh(double* V, int64_t n, double* w, bool vectors, std::vector<double>& work) {
+  if (n == 0) return true;
+  double anorm = 0;
+  for (int64_t i = 0; i < n * n; ++i) anorm = std::isfinite(V[i]) ? std::max(anorm, std::abs(V[i])) : V[i];
+  if (!std::isfinite(anorm)) {
+    for (int64_t k = 0; k < n; ++k) w[k] = std::numeric_limits<double>::quiet_NaN();
+    return false;
+  }
+  if (anorm > 0)
+    for (int64_t i = 0; i < n * n; ++i) V[i] /= anorm;
+  constexpr double kNegligible = 2.220446049250313e-16 * 2.220446049250313e-16;
   work.assign(n, 0.0);
   double* d = w;
   double* e = work.data();
@@ -109,7 +125,7 @@ inline bool eigh(double* V, int64_t n, double* w, bool vectors, std::vector<doub
   for (int64_t i = n - 1; i > 0; --i) {  // tred2
     double scale = 0, h = 0;
     for (int64_t k = 0; k < i; ++k) scale += std::abs(d[k]);
-    if (scale == 0) {
+    if (scale <= kNegligible) {
       e[i] = d[i - 1];
       for (int64_t j = 0; j < i; ++j) {
         d[j] = at(i - 1, j);
@@ -231,6 +247,8 @@ inline bool eigh(double* V, int64_t n, double* w, bool vectors, std::vector<doub
     d[l] += f;
     e[l] = 0;
   }
+  if (anorm > 0)
+    for (int64_t k = 0; k < n; ++k) d[k] *= anorm;
   return true;
 }
 

@@ -13,13 +13,27 @@ namespace {
 // rows (the sinusoid's first layer, d_A = 2), where BLAS's per-matrix overhead dominates.
 constexpr int64_t kLoopsUpTo = 8;
 constexpr int64_t kLoopsRowsUpTo = 1024;
+// BLAS accumulates in the input's precision: float32 sums of more than ~2^24 terms stop
+// growing. Float32 rows are multiplied in chunks whose partial products are added in double.
+constexpr int64_t kFloatChunkRows = 4096;
+
+at::Tensor gemm_factor(const at::Tensor& xb, int64_t R) {
+  const int64_t B = xb.size(0), D = xb.size(2);
+  if (xb.scalar_type() == at::kDouble || R <= kFloatChunkRows)
+    // One pass: beta = 0 ignores the uninitialised input, alpha folds in the 1/R.
+    return at::baddbmm(at::empty({B, D, D}, xb.options()), xb.mT(), xb, /*beta=*/0, /*alpha=*/1.0 / R);
+  auto sum = at::zeros({B, D, D}, xb.options().dtype(at::kDouble));
+  for (int64_t r0 = 0; r0 < R; r0 += kFloatChunkRows) {
+    auto chunk = xb.narrow(1, r0, std::min(kFloatChunkRows, R - r0));
+    sum.add_(at::bmm(chunk.mT(), chunk));
+  }
+  return sum.div_(static_cast<double>(R)).to(xb.scalar_type());
+}
 
 at::Tensor factor(const at::Tensor& x, bool bias) {
   const int64_t B = x.size(0), R = x.size(1), D = x.size(2) + (bias ? 1 : 0);
   if (D > kLoopsUpTo || R > kLoopsRowsUpTo) {
-    auto xb = bias ? at::cat({x, at::ones({B, R, 1}, x.options())}, 2) : x;
-    // One pass: beta = 0 ignores the uninitialised input, alpha folds in the 1/R.
-    return at::baddbmm(at::empty({B, D, D}, x.options()), xb.mT(), xb, /*beta=*/0, /*alpha=*/1.0 / R);
+    return gemm_factor(bias ? at::cat({x, at::ones({B, R, 1}, x.options())}, 2) : x, R);
   }
   auto out = at::empty({B, D, D}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kron_factors_cpu", [&] {

@@ -334,7 +334,7 @@ std::tuple<Tensor, Tensor, Tensor> kron_logdet_and_grad_cpu(const Tensor& A, con
 
 Tensor kfac_logdet_cpu(const Tensor& a, const Tensor& g, double scale, double tau, const std::string& method,
                        bool bias) {
-  check_rows(a, g);
+  check_layer(a, g, bias);
   check_scale_tau(scale, tau);
   const Side planA = plan_side(a.size(1), a.size(2) + (bias ? 1 : 0)), planG = plan_side(g.size(1), g.size(2));
   if (!fused_fits(planA, planG)) return kfac_logdet_composite(a, g, scale, tau, method, bias);
@@ -343,7 +343,7 @@ Tensor kfac_logdet_cpu(const Tensor& a, const Tensor& g, double scale, double ta
 
 std::tuple<Tensor, Tensor, Tensor> kfac_logdet_and_grad_cpu(const Tensor& a, const Tensor& g, double scale, double tau,
                                                             const std::string& method, bool bias) {
-  check_rows(a, g);
+  check_layer(a, g, bias);
   check_scale_tau(scale, tau);
   const Side planA = plan_side(a.size(1), a.size(2) + (bias ? 1 : 0)), planG = plan_side(g.size(1), g.size(2));
   if (!fused_fits(planA, planG)) return kfac_logdet_and_grad_composite(a, g, scale, tau, method, bias);

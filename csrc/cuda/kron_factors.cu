@@ -60,6 +60,7 @@ __global__ void factor_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_
 
 at::Tensor factor(const at::Tensor& x, bool bias) {
   const int64_t B = x.size(0), R = x.size(1), d = x.size(2), D = d + (bias ? 1 : 0);
+  if (D == 0) return at::zeros({B, 0, 0}, x.options());  // no zero-sized grid
   const int64_t splits = std::min(kMaxSplits, (R + kRowsPerSplit - 1) / kRowsPerSplit);
   const int64_t rows_per_split = (R + splits - 1) / splits;
   TORCH_CHECK_VALUE(B * splits <= 65535, "fastlaplace: too many tasks for one launch (", B, ")");

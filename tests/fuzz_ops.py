@@ -1,0 +1,268 @@
+"""Seeded property test of every op, run by tests/test_fuzz_ops.py in a child process so that
+a hard crash (a segfault) is reported as a failing case instead of killing the test run.
+
+    python tests/fuzz_ops.py --seed 0 --start 0 --cases 2000
+
+Each case draws an op (through its public wrapper, with the default checks), shapes,
+dtype, strides, values and scalars; about a third of the cases carry one defect (a wrong
+dtype, rank or size, a non-finite entry, a bad scalar, a matrix that is not positive
+definite...). The property: a defect raises ValueError or TypeError; a valid case returns
+results (and gradients) that agree with the float64 reference of fastlaplace.reference.
+Prints ``CASE i`` before each case, ``FAIL i: ...`` for each violation and ``DONE n`` at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+
+import torch
+
+import fastlaplace as fl
+from fastlaplace import reference as ref
+
+EXPECTED = (ValueError, TypeError)
+ORDERS = [1, 2, 3, 5, 10, 31, 40, 56, 57, 60, 63, 64, 65, 70]
+ROWS = [1, 2, 3, 5, 10, 33, 70, 130]
+
+
+class Case:
+    """One drawn call: ``run()`` calls the op, ``expect()`` the float64 reference."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.dtype = rng.choice([torch.float32, torch.float64])
+        self.defect: str | None = None
+        self.desc: list[str] = []
+
+    # ------------------------------------------------------------------ drawing inputs
+    def values(self, *shape: int) -> torch.Tensor:
+        """Random values in one of several modes, float64 (cast by ``layout``)."""
+        mode = self.rng.choice(["normal", "scaled", "constant", "low_rank", "zero_rows"])
+        self.desc.append(mode)
+        x = torch.randn(*shape, dtype=torch.float64)
+        if mode == "scaled":
+            x = x * 10 ** self.rng.uniform(-2, 1 if self.dtype == torch.float32 else 2)
+        elif mode == "constant":
+            x = torch.full(shape, self.rng.uniform(-2, 2), dtype=torch.float64)
+        elif mode == "low_rank" and shape[-1] > 1 and shape[-2] > 1:
+            k = self.rng.randint(1, min(shape[-2:]) - 1) if min(shape[-2:]) > 1 else 1
+            x = torch.randn(*shape[:-1], k, dtype=torch.float64) @ torch.randn(*shape[:-2], k, shape[-1],
+                                                                               dtype=torch.float64)
+        elif mode == "zero_rows" and shape[-2] > 1:
+            x[..., : shape[-2] // 2, :] = 0
+        return x
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """The same values in the case's dtype, contiguous or as a strided view."""
+        x = x.to(self.dtype)
+        kind = self.rng.choice(["contiguous", "transposed", "sliced", "expanded"])
+        self.desc.append(kind)
+        if kind == "transposed":  # same values, transposed strides
+            return x.mT.contiguous().mT
+        if kind == "sliced":
+            big = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+            big[..., ::2] = x
+            return big[..., ::2]
+        if kind == "expanded" and x.shape[0] > 1:  # stride 0 over the tasks
+            x.copy_(x[:1].expand_as(x))
+            return x[:1].expand_as(x)
+        return x
+
+    def psd(self, B: int, d: int) -> torch.Tensor:
+        X = self.values(B, d, self.rng.choice([1, d, d + 3]))
+        return X @ X.mT / X.shape[-1]
+
+    def tau(self) -> float:
+        return 10 ** self.rng.uniform(-1, 1)
+
+
+def draw(rng: random.Random) -> tuple[Case, callable, callable]:
+    """A case, a function running the op, and a function running the float64 reference."""
+    case = Case(rng)
+    op = rng.choice(["kron_factors", "damped_cholesky", "kron_logdet", "kfac_logdet"])
+    grad = rng.random() < 0.5
+    defect = rng.choice([None] * 6 + ["dtype", "rank", "size", "nonfinite", "scalar", "method", "bias", "empty",
+                                      "not_pd"])  # not_pd: also "no parameters" for kfac_logdet
+    case.desc += [op, str(case.dtype).split(".")[1], f"grad={grad}"]
+    B = rng.choice([1, 2, 3])
+    kwargs: dict = {}
+    if op in ("kron_factors", "kfac_logdet"):
+        R, d_in, d_out = rng.choice(ROWS), rng.choice([0] + ORDERS), rng.choice(ORDERS)
+        while R * (d_in + d_out) > 6000:
+            R = rng.choice(ROWS[:5])
+        bias = rng.random() < 0.7 or d_in == 0
+        tensors = {"a": case.values(B, R, d_in), "g": case.values(B, R, d_out)}
+        kwargs["bias"] = bias
+        case.desc.append(f"B={B} R={R} d_in={d_in} d_out={d_out} bias={bias}")
+        if op == "kfac_logdet":
+            kwargs.update(scale=float(rng.choice([R, 1.0, 3.5])), tau=case.tau(), method=rng.choice(["exact", "factored"]))
+    elif op == "damped_cholesky":
+        d = rng.choice(ORDERS + [96, 97, 100])
+        tensors = {"M": case.psd(B, d)}
+        kwargs["damping"] = 10 ** rng.uniform(-1 if case.dtype == torch.float32 else -3, 0)
+        case.desc.append(f"B={B} d={d}")
+    else:
+        dA, dG = rng.choice(ORDERS), rng.choice(ORDERS)
+        tensors = {"A": case.psd(B, dA), "G": case.psd(B, dG)}
+        kwargs.update(scale=float(rng.choice([1.0, 10.0, 40.0])), tau=case.tau(), method=rng.choice(["exact", "factored"]))
+        case.desc.append(f"B={B} dA={dA} dG={dG}")
+    case.desc += [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in kwargs.items()]
+
+    name = rng.choice(sorted(tensors))
+    rows_op = op in ("kron_factors", "kfac_logdet")
+    t = tensors[name]
+    if defect == "dtype":
+        tensors[name] = t.to(rng.choice([torch.float16, torch.int64, torch.bool, torch.complex64]))
+    elif defect == "rank":
+        tensors[name] = t[0] if rng.random() < 0.5 else t[None]
+    elif defect == "size":  # one more task or row (rows ops), or an oblong or extra matrix (square ops)
+        dim = rng.choice([0, 1]) if rows_op else rng.choice([1, 2] if op == "damped_cholesky" else [0, 1, 2])
+        tensors[name] = torch.cat([t, t.narrow(dim, 0, 1)], dim)
+    elif defect == "empty":  # no task, no row, no output column, or 0×0 matrices
+        if rows_op:
+            dim = rng.choice([0, 1, 2] if name == "g" else [0, 1])
+            tensors[name] = t.narrow(dim, 0, 0)
+        else:
+            tensors[name] = t.narrow(0, 0, 0) if rng.random() < 0.5 else t[:, :0, :0]
+    elif defect == "nonfinite" and op != "kron_factors" and t.numel():
+        t = t.clone()
+        idx = (0, *(rng.randrange(s) for s in t.shape[1:]))  # task 0 survives an "expanded" layout
+        t[idx] = rng.choice([math.nan, math.inf, -math.inf])
+        if not rows_op:  # keep it symmetric
+            t[idx[0], idx[2], idx[1]] = t[idx]
+        tensors[name] = t
+    elif defect == "scalar" and op != "kron_factors":
+        if op == "damped_cholesky":
+            kwargs["damping"] = rng.choice([math.nan, math.inf, -math.inf, -1e9])
+        else:
+            kwargs[rng.choice(["scale", "tau"])] = rng.choice([0.0, -1.0, math.nan, math.inf])
+    elif defect == "method" and "method" in kwargs:
+        kwargs["method"] = rng.choice(["EXACT", "", "cholesky"])
+    elif defect == "bias" and "bias" in kwargs:
+        kwargs["bias"] = rng.choice([2, 1.5, None, "yes"])
+    elif defect == "not_pd" and op == "damped_cholesky":
+        tensors[name] = -t - 2 * torch.eye(t.shape[-1], dtype=torch.float64)
+    elif defect == "not_pd" and op == "kfac_logdet":  # here: a layer without parameters
+        tensors["a"], kwargs["bias"] = tensors["a"][..., :0], False
+    else:
+        defect = None
+    case.defect = defect
+    case.desc.append(f"defect={defect}")
+
+    inputs = {k: case.layout(v) if v.is_floating_point() and v.dtype == torch.float64 else v
+              for k, v in tensors.items()}
+    if grad and defect is None:
+        inputs = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+
+    def run():
+        out = getattr(fl, op)(*inputs.values(), **kwargs)
+        outs = out if isinstance(out, tuple) else (out,)
+        grads = None
+        if grad and defect is None:
+            weights = [torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+                       for o in outs]
+            loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+            grads = torch.autograd.grad(loss, list(inputs.values()))
+        return outs, grads
+
+    def expect(dtype=torch.float64):
+        x = {k: v.detach().to(dtype).requires_grad_(grad) for k, v in inputs.items()}
+        kw = dict(kwargs)
+        if op == "kron_factors":
+            out = ref.kron_factors(*x.values(), kw["bias"])
+        elif op == "damped_cholesky":
+            out = ref.damped_cholesky(*x.values(), kw["damping"])
+        else:
+            out = getattr(ref, op)(*x.values(), **kw)
+        outs = out if isinstance(out, tuple) else (out,)
+        grads = None
+        if grad:
+            weights = [torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+                       for o in outs]
+            loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+            grads = torch.autograd.grad(loss, list(x.values()))
+        return outs, grads
+
+    return case, run, expect
+
+
+def agree(x: torch.Tensor, y: torch.Tensor, y32: torch.Tensor | None, dtype: torch.dtype, what: str) -> str | None:
+    """None if x (the kernel's) agrees with y (the float64 reference), else a description.
+
+    float64 is held to a relative 1e-7; float32 to 4× the error of the same reference
+    computed in float32 (PyTorch's own float32 error on this input) plus a relative 1e-5."""
+    if tuple(x.shape) != tuple(y.shape):
+        return f"{what}: shape {tuple(x.shape)} vs reference {tuple(y.shape)}"
+    if x.dtype != dtype:
+        return f"{what}: dtype {x.dtype}, expected {dtype}"
+    if not x.numel():
+        return None
+    x, y = x.detach().double(), y.detach().double()
+    if not bool(torch.isfinite(x).all()):
+        return f"{what}: non-finite result without an error"
+    scale = float(y.abs().max()) + 1.0
+    err = float((x - y).abs().max())
+    if dtype == torch.float64:
+        allowed = 1e-7 * scale
+    else:
+        ref_err = float((y32.detach().double() - y).abs().nan_to_num(float("inf")).max()) if y32 is not None else 0.0
+        allowed = 4 * ref_err + 1e-5 * scale if math.isfinite(ref_err) else 2e-3 * scale
+    if err > allowed:
+        return f"{what}: max error {err:.3g} > allowed {allowed:.3g} (reference magnitude {scale:.3g})"
+    return None
+
+
+def check(i: int, rng: random.Random) -> str | None:
+    case, run, expect = draw(rng)
+    desc = " ".join(case.desc)
+    try:
+        outs, grads = run()
+    except EXPECTED as exc:
+        if case.defect is None:
+            return f"{desc}: valid input raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"{desc}: raised {type(exc).__name__} (not ValueError/TypeError): {str(exc).splitlines()[0][:200]}"
+    if case.defect is not None:
+        return f"{desc}: a defective input returned without an error"
+    ref_outs, ref_grads = expect()
+    ref32_outs, ref32_grads = [None] * len(ref_outs), [None] * len(ref_grads or ())
+    if case.dtype == torch.float32:
+        try:
+            ref32_outs, ref32_grads = expect(torch.float32)
+        except Exception:  # noqa: BLE001  (the float32 reference may fail where ours does not)
+            pass
+    for k, (x, y, y32) in enumerate(zip(outs, ref_outs, ref32_outs)):
+        problem = agree(x, y, y32, case.dtype, f"output {k}")
+        if problem:
+            return f"{desc}: {problem}"
+    for k, (x, y, y32) in enumerate(zip(grads or (), ref_grads or (), ref32_grads or [None] * 9)):
+        problem = agree(x, y, y32, case.dtype, f"gradient {k}")
+        if problem:
+            return f"{desc}: {problem}"
+    return None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--cases", type=int, default=2000)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    for i in range(args.start, args.cases):
+        print(f"CASE {i}", flush=True)
+        rng = random.Random(args.seed * 1_000_003 + i)
+        torch.manual_seed(args.seed * 1_000_003 + i)
+        problem = check(i, rng)
+        if problem:
+            print(f"FAIL {i}: {problem}", flush=True)
+    print(f"DONE {args.cases}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
