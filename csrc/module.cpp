@@ -8,7 +8,7 @@
 #include <utility>
 #include <vector>
 
-#include "cpu/dense.h"
+#include "kfac_math.h"
 
 namespace {
 std::map<std::string, std::string> build_info() {
@@ -26,8 +26,8 @@ std::map<std::string, std::string> build_info() {
 // matrix in, its eigenvalues and eigenvectors (columns, row-major) out.
 std::pair<std::vector<double>, std::vector<double>> dense_eigh(std::vector<double> matrix, int64_t n) {
   if (n < 0 || static_cast<int64_t>(matrix.size()) != n * n) throw std::invalid_argument("matrix must have n*n entries");
-  std::vector<double> w(n), work;
-  if (!fastlaplace::dense::eigh(matrix.data(), n, w.data(), true, work)) throw std::runtime_error("QL did not converge");
+  std::vector<double> w(n), work(n);
+  if (!fastlaplace::math::eigh(matrix.data(), n, w.data(), true, work.data())) throw std::runtime_error("QL did not converge");
   return {w, matrix};
 }
 }  // namespace

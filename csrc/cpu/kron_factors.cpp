@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
-#include "cpu/rows.h"
+#include "kfac_math.h"
 
 namespace fastlaplace {
 namespace {
@@ -37,13 +37,17 @@ at::Tensor factor(const at::Tensor& x, bool bias) {
   }
   auto out = at::empty({B, D, D}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kron_factors_cpu", [&] {
-    auto xa = x.accessor<const scalar_t, 3>();
     auto oa = out.accessor<scalar_t, 3>();
+    const auto side = math::plan_side(R, x.size(2), bias);
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<double> rows, K(D * D);
+      std::vector<double> rows(R * D), K(D * D);
       for (int64_t b = b0; b < b1; ++b) {
-        cpu::load_rows(xa, b, bias, rows);
-        dense::syrk_rows(rows.data(), R, D, K.data());
+        const scalar_t* xb = x.const_data_ptr<scalar_t>() + b * x.stride(0);
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t i = 0; i < side.d; ++i) rows[r * D + i] = static_cast<double>(xb[r * x.stride(1) + i * x.stride(2)]);
+          if (bias) rows[r * D + side.d] = 1.0;
+        }
+        math::syrk_rows(rows.data(), R, D, K.data());
         for (int64_t i = 0; i < D; ++i)
           for (int64_t j = 0; j < D; ++j) oa[b][i][j] = static_cast<scalar_t>(K[i * D + j]);
       }
