@@ -77,7 +77,7 @@ def test_miniimagenet_pickle_reader(tmp_path):
                 "class_dict": {"n01": list(range(0, 5)), "n02": list(range(5, 10))}}
         with open(tmp_path / f"mini-imagenet-cache-{name}.pkl", "wb") as f:
             pickle.dump(data, f)
-    splits = read_miniimagenet(tmp_path)
+    splits = read_miniimagenet(tmp_path, allow_pickle=True)
     assert splits["val"].num_classes == 2 and splits["test"].images.shape == (10, 3, 84, 84)
     test = splits["test"]  # the last file written: `data` holds its contents
     torch.testing.assert_close(test.images[test.members[1][0]], torch.from_numpy(data["image_data"][5]).permute(2, 0, 1))
@@ -153,7 +153,7 @@ def test_train_cli_on_miniimagenet_pickles(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "fastlaplace.train", "--dataset", "miniimagenet", "--data-root", str(tmp_path),
          "--method", "llama", "--iterations", "2", "--meta-batch", "2", "--inner-steps", "1", "--test-inner-steps", "1",
-         "--query", "1", "--filters", "4", "--eval-tasks", "4", "--out", str(out), "--no-progress"],
+         "--query", "1", "--filters", "4", "--eval-tasks", "4", "--out", str(out), "--no-progress", "--allow-pickle"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     result = json.loads((out / "results.json").read_text())
