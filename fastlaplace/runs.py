@@ -31,19 +31,24 @@ def previous(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(file)`` to a temporary file, then rename it over ``path``; the temporary file
-    is removed on any failure (a full disk, an interrupt), so nothing half-written remains."""
+def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
+    """``write(file)`` to a temporary file, then rename it over ``path`` (after moving the
+    current ``path`` to ``keep_previous``, if given). The temporary file is removed on any
+    failure (a full disk, an interrupt), so nothing half-written remains; an OSError names
+    the file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as exc:
+        raise OSError(f"could not write {path}: {exc.strerror or exc}") from exc
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -53,15 +58,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     data = buffer.getvalue()
     wrapper = {"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(),
                "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
-    try:
-        tmp = path.with_name(path.name + ".new")
-        atomic_write(tmp, lambda f: torch.save(wrapper, f))
-        if path.exists():
-            os.replace(path, previous(path))
-        os.replace(tmp, path)
-    except OSError as exc:
-        path.with_name(path.name + ".new").unlink(missing_ok=True)
-        raise OSError(f"could not write the checkpoint {path}: {exc.strerror or exc}") from exc
+    atomic_write(Path(path), lambda f: torch.save(wrapper, f), keep_previous=previous(Path(path)))
 
 
 def _load_plain(source, what: str) -> object:
