@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -62,6 +63,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _load_plain(source, what: str) -> object:
+    if not zipfile.is_zipfile(source):  # every file torch.save writes is a zip archive
+        raise CheckpointError(f"{what} is corrupted or not a checkpoint (not a torch.save archive)")
+    if hasattr(source, "seek"):
+        source.seek(0)
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -138,6 +138,8 @@ RESUMABLE_CHANGES = ("meta_lr", "inner_lr", "iterations", "device", "checkpoint_
 USER_ONLY = ("data_root", "allow_pickle")
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null",
+          "list[int]": "a list of integers", "list[float]": "a list of numbers"}
 
 
 def check_types(values: dict, source: str) -> None:
@@ -147,8 +149,8 @@ def check_types(values: dict, source: str) -> None:
     if unknown:
         raise UsageError(f"{source}: unknown settings {unknown}")
     for name, value in values.items():
-        ok = False
-        for option in (t.strip() for t in str(fields[name]).split("|")):
+        ok, options = False, [t.strip() for t in str(fields[name]).split("|")]
+        for option in options:
             if option.startswith("list["):
                 inner = _TYPES[option[5:-1]]
                 ok = isinstance(value, list) and all(isinstance(v, inner) and not isinstance(v, bool) for v in value)
@@ -157,7 +159,7 @@ def check_types(values: dict, source: str) -> None:
             if ok:
                 break
         if not ok:
-            raise UsageError(f"{source}: {name} must be {fields[name]}, got {value!r}")
+            raise UsageError(f"{source}: {name} must be {' or '.join(_NAMES[o] for o in options)}, got {value!r}")
 
 
 def config_from_dict(values, source: str) -> Config:
