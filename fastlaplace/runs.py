@@ -71,9 +71,10 @@ def _load_plain(source, what: str) -> object:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{what} holds objects other than tensors and plain values; it is refused because "
-                              "loading them could run code (checkpoints written by fastlaplace.train never do)") from exc
+                              "loading them could run code (checkpoints of fastlaplace.train never do)") from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
-        raise CheckpointError(f"{what} is corrupted or not a checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{what} is corrupted or not a checkpoint ({reason})") from exc
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

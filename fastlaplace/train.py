@@ -153,7 +153,8 @@ def check_types(values: dict, source: str) -> None:
         for option in options:
             if option.startswith("list["):
                 inner = _TYPES[option[5:-1]]
-                ok = isinstance(value, (list, tuple)) and all(isinstance(v, inner) and not isinstance(v, bool) for v in value)
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(v, inner) and not isinstance(v, bool) for v in value)
             else:
                 ok = isinstance(value, _TYPES[option]) and (option == "bool" or not isinstance(value, bool))
             if ok:

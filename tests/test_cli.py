@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fastlaplace import evaluate, plot, train, uncertainty
 from fastlaplace.data import convert

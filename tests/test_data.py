@@ -153,7 +153,8 @@ def test_train_cli_on_miniimagenet_pickles(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "fastlaplace.train", "--dataset", "miniimagenet", "--data-root", str(tmp_path),
          "--method", "llama", "--iterations", "2", "--meta-batch", "2", "--inner-steps", "1", "--test-inner-steps", "1",
-         "--query", "1", "--filters", "4", "--eval-tasks", "4", "--out", str(out), "--no-progress", "--allow-pickle"],
+         "--query", "1", "--filters", "4", "--eval-tasks", "4", "--out", str(out), "--no-progress",
+         "--allow-pickle"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     result = json.loads((out / "results.json").read_text())
