@@ -95,6 +95,7 @@ def curves_figure(run_dir: str, out: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     from .cli import errors_as_messages, positive_float, positive_int  # noqa: PLC0415
     from .meta import LLAMA  # noqa: PLC0415
+    from .runs import read_checkpoint  # noqa: PLC0415
     from .train import load_for_evaluation  # noqa: PLC0415
     from .uncertainty import calibrate  # noqa: PLC0415
 
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
                 positive_float("--tau", args.tau)
             if args.steps is not None:
                 positive_int("--steps", args.steps, 0)
+            if read_checkpoint(args.checkpoint)["config"].get("dataset") != "sinusoid":
+                raise ValueError(f"{args.checkpoint}: the posterior figure needs a LLAMA sinusoid checkpoint")
             learner, problem, _ = load_for_evaluation(args.checkpoint, device="cpu")
             if not isinstance(learner, LLAMA) or not hasattr(problem, "tasks"):
                 raise ValueError(f"{args.checkpoint}: the posterior figure needs a LLAMA sinusoid checkpoint")

@@ -395,6 +395,11 @@ def load_for_evaluation(checkpoint: str, device: str | None = None, data_root: s
     cfg = config_from_dict(state["config"], f"the configuration in {checkpoint}")
     if device:
         cfg.device = device
+    else:
+        try:
+            check_device(cfg.device)
+        except UsageError as exc:
+            raise UsageError(f"{checkpoint} was trained on {cfg.device!r} ({exc}): pass --device cpu") from exc
     if cfg.dataset in ("omniglot", "miniimagenet"):
         if not data_root:
             raise UsageError(f"{checkpoint} is a {cfg.dataset} run: pass --data-root with the folder of its data "

@@ -234,3 +234,24 @@ def test_image_checkpoint_needs_the_user_to_name_its_data_root(run, tmp_path):
     save_checkpoint(tmp_path / "image.pt", state)
     with pytest.raises(ValueError, match="pass --data-root"):
         load_for_evaluation(str(tmp_path / "image.pt"))
+
+
+def test_checkpoint_of_an_unavailable_device_says_how_to_evaluate_it(run, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    state = read_checkpoint(f"{run.out}/checkpoint.pt")
+    state["config"]["device"] = "cuda"
+    save_checkpoint(tmp_path / "gpu.pt", state)
+    with pytest.raises(ValueError, match="pass --device cpu"):
+        load_for_evaluation(str(tmp_path / "gpu.pt"))
+    assert load_for_evaluation(str(tmp_path / "gpu.pt"), device="cpu")[2].device == "cpu"
+
+
+def test_plot_posterior_of_an_image_checkpoint(run, tmp_path):
+    from fastlaplace import plot
+
+    state = read_checkpoint(f"{run.out}/checkpoint.pt")
+    state["config"].update(dataset="digits", ways=5, shots=1, query=1, filters=8)
+    save_checkpoint(tmp_path / "image.pt", state)
+    with pytest.raises(SystemExit, match="error: .*needs a LLAMA sinusoid checkpoint"):
+        plot.main(["posterior", str(tmp_path / "image.pt"), "--tau", "1"])
