@@ -134,7 +134,8 @@ class Config:
 # Settings a resumed run may change: they do not change the problem being learnt.
 RESUMABLE_CHANGES = ("meta_lr", "inner_lr", "iterations", "device", "checkpoint_every", "log_every", "eval_tasks",
                      "out", "data_root", "allow_pickle")
-# Settings that locate or unlock data: never taken from a saved run, only from the user.
+# Settings that locate or unlock data: never taken from a saved run, only from the user (nor
+# is the output folder: a resumed run writes where its config.json was found).
 USER_ONLY = ("data_root", "allow_pickle")
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
@@ -459,7 +460,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
         if (out / "config.json").exists():
             saved = _read_json(out / "config.json", "settings")
             check_types(saved, str(out / "config.json"))
-            values = {**{k: v for k, v in saved.items() if k not in USER_ONLY}, **values}
+            values = {**{k: v for k, v in saved.items() if k not in USER_ONLY}, **values, "out": str(out)}
     return Config(**values), resume, not no_progress
 
 

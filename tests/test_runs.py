@@ -255,3 +255,16 @@ def test_plot_posterior_of_an_image_checkpoint(run, tmp_path):
     save_checkpoint(tmp_path / "image.pt", state)
     with pytest.raises(SystemExit, match="error: .*needs a LLAMA sinusoid checkpoint"):
         plot.main(["posterior", str(tmp_path / "image.pt"), "--tau", "1"])
+
+
+def test_resume_takes_no_paths_from_the_saved_settings(tmp_path):
+    run_dir = tmp_path / "copied-run"
+    run_dir.mkdir()
+    saved = dict(dataset="omniglot", method="maml", data_root="/somewhere/else", allow_pickle=True,
+                 out="/somewhere/else/run", meta_batch=7)
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    cfg, resume, _ = train_mod.parse_args(["--resume", "--out", str(run_dir)])
+    assert resume and (cfg.dataset, cfg.method, cfg.meta_batch) == ("omniglot", "maml", 7)
+    assert cfg.data_root is None and cfg.allow_pickle is False and cfg.out == str(run_dir)
+    with pytest.raises(ValueError, match="--data-root is required"):
+        cfg.resolved()
