@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 
@@ -45,6 +46,19 @@ def positive_int(name: str, value, minimum: int = 1) -> None:
 def positive_float(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise UsageError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_output(name: str, path: str) -> None:
+    """An output file whose folder exists, checked before the work rather than after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        raise UsageError(f"{name} {path!r}: expected a file in an existing folder")
+
+
+def check_seed(name: str, value) -> None:
+    """A seed that torch's generators take (and ``seed + 1`` too)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**62) <= value < 2**62:
+        raise UsageError(f"{name} must be an integer between -2**62 and 2**62, got {value!r}")
 
 
 def check_device(value: str) -> None:

@@ -56,7 +56,7 @@ def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: i
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .cli import check_device, errors_as_messages, positive_int  # noqa: PLC0415
+    from .cli import check_device, check_seed, errors_as_messages, positive_int  # noqa: PLC0415
     from .train import load_for_evaluation  # noqa: PLC0415 (train imports this module)
 
     p = argparse.ArgumentParser(prog="python -m fastlaplace.evaluate", description=__doc__)
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
             positive_int("--steps", s, 0)
         if args.device is not None:
             check_device(args.device)
+        if args.seed is not None:
+            check_seed("--seed", args.seed)
         learner, problem, cfg = load_for_evaluation(args.checkpoint, device=args.device, data_root=args.data_root,
                                                     allow_pickle=args.allow_pickle)
         steps = args.steps or cfg.test_inner_steps

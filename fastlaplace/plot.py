@@ -78,7 +78,7 @@ def curves_figure(run_dir: str, out: str) -> None:
         raise ValueError(f"{path} has no rows yet")
     plt = _pyplot()
     it = [r["iteration"] for r in rows]
-    has_logdet = "logdet" in rows[0]
+    has_logdet = all(isinstance(r.get("logdet"), (int, float)) for r in rows)
     fig, axes = plt.subplots(1, 2 if has_logdet else 1, figsize=(10 if has_logdet else 5, 3.5), squeeze=False)
     axes[0, 0].plot(it, [r["query_loss"] for r in rows], lw=0.8)
     axes[0, 0].set_xlabel("iteration")
@@ -93,7 +93,7 @@ def curves_figure(run_dir: str, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import errors_as_messages, positive_float, positive_int  # noqa: PLC0415
+    from .cli import check_output, check_seed, errors_as_messages, positive_float, positive_int  # noqa: PLC0415
     from .meta import LLAMA  # noqa: PLC0415
     from .runs import read_checkpoint  # noqa: PLC0415
     from .train import load_for_evaluation  # noqa: PLC0415
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     pc.add_argument("--out", default="curves.png")
     args = p.parse_args(argv)
     with errors_as_messages():
+        check_output("--out", args.out)
         if args.figure == "curves":
             curves_figure(args.run_dir, args.out)
         else:
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                 positive_float("--tau", args.tau)
             if args.steps is not None:
                 positive_int("--steps", args.steps, 0)
+            check_seed("--seed", args.seed)
             if read_checkpoint(args.checkpoint)["config"].get("dataset") != "sinusoid":
                 raise ValueError(f"{args.checkpoint}: the posterior figure needs a LLAMA sinusoid checkpoint")
             learner, problem, _ = load_for_evaluation(args.checkpoint, device="cpu")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import UsageError, check_device, errors_as_messages, positive_float, positive_int
+from .cli import UsageError, check_device, check_seed, errors_as_messages, positive_float, positive_int
 from .data.sinusoid import SinusoidTasks
 from .evaluate import Estimate, evaluate
 from .meta import LLAMA, MAML
@@ -122,6 +122,8 @@ class Config:
         if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or not lo_hi[0] < lo_hi[1]:
             raise UsageError(f"x_range must be two finite numbers LO < HI, got {lo_hi!r}")
         check_device(self.device)
+        check_seed("seed", self.seed)
+        check_seed("eval_seed", self.eval_seed)
         if self.dataset != "sinusoid":
             positive_int("ways", self.ways, 2)
             positive_int("shots", self.shots)

@@ -183,7 +183,7 @@ def report(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: in
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .cli import errors_as_messages, positive_int  # noqa: PLC0415
+    from .cli import check_output, errors_as_messages, positive_int  # noqa: PLC0415
     from .train import load_for_evaluation  # noqa: PLC0415
 
     p = argparse.ArgumentParser(prog="python -m fastlaplace.uncertainty", description=__doc__,
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     with errors_as_messages():
         positive_int("--tasks", args.tasks)
         positive_int("--samples", args.samples, 2)
+        if args.json:
+            check_output("--json", args.json)
         data = dict(device="cpu", data_root=args.data_root, allow_pickle=args.allow_pickle)
         learner, problem, cfg = load_for_evaluation(args.checkpoint, **data)
         if not isinstance(learner, LLAMA):

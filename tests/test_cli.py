@@ -48,7 +48,7 @@ BAD = {
         "--dataset miniimagenet --data-root {d}/mini", "--dataset miniimagenet --data-root {d}/mini --allow-pickle",
         "--config {d}/missing.json", "--config {d}/bad.json", "--config {d}/list.json", "--config {d}/types.json",
         "--config {d}/bool.json", "--config {d}/unknown.json", "--config {d}/binary.json", "--config {d}/empty",
-        "--iterations ten", "--dataset imagenet", "--method reptile", "--bogus", "--out {d}/llama",
+        "--seed 99999999999999999999999", "--iterations ten", "--dataset imagenet", "--method reptile", "--bogus", "--out {d}/llama",
         "--resume --out {d}/llama --tau 0.5", "--resume --out {d}/llama --method fomaml",
     ],
     "evaluate": [
@@ -56,19 +56,21 @@ BAD = {
         "{d}/llama/checkpoint.pt --tasks -5", "{d}/llama/checkpoint.pt --split bogus",
         "{d}/llama/checkpoint.pt --steps -1", "{d}/llama/checkpoint.pt --device banana",
         "{d}/llama/checkpoint.pt --device cuda:3", "", "{d}/llama/checkpoint.pt --tasks x",
+        "{d}/llama/checkpoint.pt --seed 99999999999999999999999",
     ],
     "uncertainty": [
         "{d}/none.pt", "{d}/text.pt", "{d}/maml/checkpoint.pt", "{d}/llama/checkpoint.pt --samples 0",
         "{d}/llama/checkpoint.pt --samples 1", "{d}/llama/checkpoint.pt --tasks 0",
         "{d}/llama/checkpoint.pt --maml {d}/none.pt", "{d}/llama/checkpoint.pt --maml {d}/text.pt",
-        "{d}/llama/checkpoint.pt --method bogus",
+        "{d}/llama/checkpoint.pt --method bogus", "{d}/llama/checkpoint.pt --json {d}/nowhere/report.json",
+        "{d}/llama/checkpoint.pt --json {d}/empty",
     ],
     "plot": [
         "", "bogus", "posterior {d}/none.pt", "posterior {d}/text.pt", "posterior {d}/llama/checkpoint.pt --tau -1",
         "posterior {d}/llama/checkpoint.pt --tau nan", "posterior {d}/llama/checkpoint.pt --tau 0",
-        "posterior {d}/llama/checkpoint.pt --steps -1", "posterior {d}/maml/checkpoint.pt --tau 1",
+        "posterior {d}/llama/checkpoint.pt --steps -1", "posterior {d}/llama/checkpoint.pt --seed -99999999999999999999", "posterior {d}/maml/checkpoint.pt --tau 1",
         "posterior {d}/llama/checkpoint.pt --tau 1 --maml {d}/none.pt", "curves {d}/empty", "curves {d}/nowhere",
-        "curves {d}/partial",
+        "curves {d}/partial", "curves {d}/llama --out {d}/nowhere/curves.png", "curves {d}/llama --out {d}/empty",
     ],
     "convert": ["{d}/nowhere", "{d}/empty", "{d}/mini", ""],
 }
