@@ -211,7 +211,7 @@ def _read_mini_csv(path: Path, image_dir: Path, size: int) -> ImageClasses:
         raise DataLayoutError(f"miniImageNet: no image folder {image_dir}", MINIIMAGENET_LAYOUT)
     base = image_dir.resolve()
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header != ["filename", "label"]:
