@@ -256,7 +256,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
             task_gen.set_state(state["task_generator"])
             fisher_gen.set_state(state["fisher_generator"].to(fisher_gen.get_state().device))
         except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"{used} does not fit this run ({str(exc).splitlines()[0]})") from exc
+            raise CheckpointError(f"{used} does not fit this run ({_brief(exc)})") from exc
         for group in optimizer.param_groups:
             group["lr"] = cfg.meta_lr
         start, good = state["iteration"], (used, state["iteration"])
@@ -341,6 +341,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
     return summary
 
 
+def _brief(exc: BaseException) -> str:
+    """An exception's message on one line (state-dict errors span several)."""
+    text = " ".join(str(exc).split())
+    return text[:300] + ("…" if len(text) > 300 else "")
+
+
 def _tensors(tree) -> list[torch.Tensor]:
     if isinstance(tree, torch.Tensor):
         return [tree]
@@ -413,7 +419,7 @@ def load_for_evaluation(checkpoint: str, device: str | None = None, data_root: s
     try:
         learner.load_state_dict(state["learner"])
     except (RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{checkpoint} does not fit its own configuration ({str(exc).splitlines()[0]})") from exc
+        raise CheckpointError(f"{checkpoint} does not fit its own configuration ({_brief(exc)})") from exc
     return learner.to(cfg.device), problem, cfg
 
 

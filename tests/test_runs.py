@@ -268,3 +268,23 @@ def test_resume_takes_no_paths_from_the_saved_settings(tmp_path):
     assert cfg.data_root is None and cfg.allow_pickle is False and cfg.out == str(run_dir)
     with pytest.raises(ValueError, match="--data-root is required"):
         cfg.resolved()
+
+
+@pytest.mark.parametrize("damage", ["shape", "type", "optimizer", "generator", "config"])
+def test_well_formed_checkpoint_of_another_model_is_a_clear_error(run, tmp_path, damage):
+    state = read_checkpoint(f"{run.out}/checkpoint.pt")
+    key = next(iter(state["learner"]))
+    if damage == "shape":
+        state["learner"][key] = torch.zeros(3)
+    elif damage == "type":
+        state["learner"][key] = 5
+    elif damage == "optimizer":
+        state["optimizer"] = 5
+    elif damage == "generator":
+        state["task_generator"] = torch.zeros(3)
+    else:
+        state["config"]["iterations"] = "x"
+    save_checkpoint(Path(run.out) / "checkpoint.pt", state)
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(["--resume", "--out", run.out, "--no-progress"])
+    assert str(exc.value.code).startswith("error: ") and "\n" not in str(exc.value.code)
