@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastlaplace import evaluate, plot, train, uncertainty
 from fastlaplace.data import convert
@@ -102,11 +103,19 @@ def run_module(module, *args, cwd):
                           timeout=300, cwd=cwd, env=env)
 
 
+class Payload:
+    """Unpickling this creates ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def test_malicious_checkpoint_in_a_real_process(tmp_path):
     marker = tmp_path / "pwned"
-    code = (f"import torch\nclass P:\n    def __reduce__(self):\n        return (open, ({str(marker)!r}, 'w'))\n"
-            f"torch.save({{'config': {{}}, 'iteration': 1, 'learner': P()}}, {str(tmp_path / 'evil.pt')!r})\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    torch.save({"config": {}, "iteration": 1, "learner": Payload(marker)}, tmp_path / "evil.pt")
     run = run_module("fastlaplace.evaluate", tmp_path / "evil.pt", cwd=tmp_path)
     assert run.returncode != 0 and "could run code" in run.stderr
     assert_one_error_line(run.stderr)
