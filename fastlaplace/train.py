@@ -358,9 +358,12 @@ def _tensors(tree) -> list[torch.Tensor]:
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One device synchronisation for all of them."""
-    floats = [t for t in tensors if t.is_floating_point()]
-    return not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
+    """One synchronisation per device (Adam keeps its step counts on the CPU)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 def read_metrics(path: Path) -> list[dict]:
