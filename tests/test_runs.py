@@ -110,7 +110,8 @@ def test_resume_falls_back_to_the_previous_checkpoint(run, capsys):
     train(small_config(Path(run.out).parent, iterations=6), resume=True, progress=False, evaluate_at_end=False)
     err = capsys.readouterr().err
     assert "corrupted" in err and "continuing from" in err and "at iteration 2" in err
-    assert read_checkpoint(path)["iteration"] == 6 and read_checkpoint(previous(Path(path)))
+    assert read_checkpoint(path)["iteration"] == 6 and read_checkpoint(previous(Path(path)))["iteration"] == 4
+    assert Path(f"{path}.corrupt").exists()  # the damaged file is kept aside, out of the rotation
     assert metrics_iterations(run.out) == list(range(1, 7))
 
 
