@@ -56,24 +56,34 @@ def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: i
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from .cli import check_device, check_seed, errors_as_messages, positive_int  # noqa: PLC0415
     from .train import load_for_evaluation  # noqa: PLC0415 (train imports this module)
 
     p = argparse.ArgumentParser(prog="python -m fastlaplace.evaluate", description=__doc__)
     p.add_argument("checkpoint", help="a checkpoint.pt written by fastlaplace.train")
     p.add_argument("--tasks", type=int, default=600)
     p.add_argument("--steps", type=int, nargs="+", default=None, help="inner steps (default: the run's)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--seed", type=int, default=None, help="seed of the evaluation tasks (default: the run's)")
     p.add_argument("--device", default=None)
-    p.add_argument("--data-root", default=None, help="override the run's data folder")
+    p.add_argument("--data-root", default=None, help="the data folder of an image run (never taken from the "
+                                                     "checkpoint)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read miniImageNet's pickle files (loading a pickle can run code: only files you trust)")
     args = p.parse_args(argv)
-    try:
-        learner, problem, cfg = load_for_evaluation(args.checkpoint, device=args.device, data_root=args.data_root)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    steps = args.steps or cfg.test_inner_steps
-    seed = cfg.eval_seed if args.seed is None else args.seed
-    results = evaluate(learner, problem, steps, args.tasks, seed, args.split, device=cfg.device)
+    with errors_as_messages():
+        positive_int("--tasks", args.tasks)
+        for s in args.steps or []:
+            positive_int("--steps", s, 0)
+        if args.device is not None:
+            check_device(args.device)
+        if args.seed is not None:
+            check_seed("--seed", args.seed)
+        learner, problem, cfg = load_for_evaluation(args.checkpoint, device=args.device, data_root=args.data_root,
+                                                    allow_pickle=args.allow_pickle)
+        steps = args.steps or cfg.test_inner_steps
+        seed = cfg.eval_seed if args.seed is None else args.seed
+        results = evaluate(learner, problem, steps, args.tasks, seed, args.split, device=cfg.device)
     for s, est in results.items():
         print(f"{args.split} {problem.metric_name} after {s} step(s): {est}  ({est.n} tasks)")
     summary = {str(s): vars(e) for s, e in results.items()}

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -69,12 +68,17 @@ def posterior_figure(learner, tasks, out: str, tau: float, point_learner=None, s
 
 def curves_figure(run_dir: str, out: str) -> None:
     """Meta-training loss (and LLAMA's mean log det Ĥ) against iterations, from metrics.jsonl."""
-    plt = _pyplot()
-    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl") if line.strip()]
+    from .train import read_metrics  # noqa: PLC0415
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: is {run_dir} the output folder of a run?")
+    rows = [r for r in read_metrics(path) if isinstance(r.get("query_loss"), (int, float))]
     if not rows:
-        raise SystemExit(f"error: {run_dir}/metrics.jsonl has no rows yet")
+        raise ValueError(f"{path} has no rows yet")
+    plt = _pyplot()
     it = [r["iteration"] for r in rows]
-    has_logdet = "logdet" in rows[0]
+    has_logdet = all(isinstance(r.get("logdet"), (int, float)) for r in rows)
     fig, axes = plt.subplots(1, 2 if has_logdet else 1, figsize=(10 if has_logdet else 5, 3.5), squeeze=False)
     axes[0, 0].plot(it, [r["query_loss"] for r in rows], lw=0.8)
     axes[0, 0].set_xlabel("iteration")
@@ -89,7 +93,9 @@ def curves_figure(run_dir: str, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .cli import check_output, check_seed, errors_as_messages, positive_float, positive_int  # noqa: PLC0415
     from .meta import LLAMA  # noqa: PLC0415
+    from .runs import read_checkpoint  # noqa: PLC0415
     from .train import load_for_evaluation  # noqa: PLC0415
     from .uncertainty import calibrate  # noqa: PLC0415
 
@@ -108,21 +114,27 @@ def main(argv: list[str] | None = None) -> None:
     pc.add_argument("run_dir")
     pc.add_argument("--out", default="curves.png")
     args = p.parse_args(argv)
-    if args.figure == "curves":
-        curves_figure(args.run_dir, args.out)
-    else:
-        try:
+    with errors_as_messages():
+        check_output("--out", args.out)
+        if args.figure == "curves":
+            curves_figure(args.run_dir, args.out)
+        else:
+            if args.tau is not None:
+                positive_float("--tau", args.tau)
+            if args.steps is not None:
+                positive_int("--steps", args.steps, 0)
+            check_seed("--seed", args.seed)
+            if read_checkpoint(args.checkpoint)["config"].get("dataset") != "sinusoid":
+                raise ValueError(f"{args.checkpoint}: the posterior figure needs a LLAMA sinusoid checkpoint")
             learner, problem, _ = load_for_evaluation(args.checkpoint, device="cpu")
-        except (ValueError, FileNotFoundError) as exc:
-            raise SystemExit(f"error: {exc}") from exc
-        if not isinstance(learner, LLAMA) or not hasattr(problem, "tasks"):
-            raise SystemExit("error: the posterior figure needs a LLAMA sinusoid checkpoint")
-        point = load_for_evaluation(args.maml, device="cpu")[0] if args.maml else None
-        tau = args.tau
-        if tau is None:
-            tau = calibrate(learner, problem, point, method=args.method, linearized=not args.sampled_networks).tau
-        posterior_figure(learner, problem.tasks, args.out, tau, point, seed=args.seed, method=args.method,
-                         linearized=not args.sampled_networks, steps=args.steps)
+            if not isinstance(learner, LLAMA) or not hasattr(problem, "tasks"):
+                raise ValueError(f"{args.checkpoint}: the posterior figure needs a LLAMA sinusoid checkpoint")
+            point = load_for_evaluation(args.maml, device="cpu")[0] if args.maml else None
+            tau = args.tau
+            if tau is None:
+                tau = calibrate(learner, problem, point, method=args.method, linearized=not args.sampled_networks).tau
+            posterior_figure(learner, problem.tasks, args.out, tau, point, seed=args.seed, method=args.method,
+                             linearized=not args.sampled_networks, steps=args.steps)
     print(f"wrote {args.out}")
 
 

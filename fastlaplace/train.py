@@ -3,9 +3,13 @@
 With no arguments it meta-trains LLAMA on sinusoid regression, then reports the test MSE
 over 600 new tasks after 1 and 10 inner steps. Every run writes to its output folder:
 ``config.json``, ``metrics.jsonl`` (one line per logged iteration), ``checkpoint.pt``
-(written atomically; ``--resume`` continues from it and ends with the same result as an
-uninterrupted run with the same seed) and ``results.json``; and TensorBoard event files
-when ``tensorboard`` is installed.
+(written atomically with a checksum, the previous one kept as ``checkpoint.prev.pt``;
+``--resume`` continues from it and ends with the same result as an uninterrupted run with
+the same seed) and ``results.json``; and TensorBoard event files when ``tensorboard`` is
+installed. A checkpoint is only written when the parameters, gradients and optimiser state
+are all finite. ``--resume`` takes the run's settings from its folder; the learning rates,
+the number of iterations, the device and the logging cadence may be changed (the change is
+logged), anything that would change the problem is refused.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from pathlib import Path
 
 import torch
 
+from .cli import UsageError, check_device, check_seed, errors_as_messages, positive_float, positive_int
 from .data.sinusoid import SinusoidTasks
 from .evaluate import Estimate, evaluate
 from .meta import LLAMA, MAML
 from .problems import SinusoidProblem
 from .progress import Progress
+from .runs import CheckpointError, atomic_write, read_checkpoint, read_latest, save_checkpoint
 
 METHODS = ("maml", "fomaml", "llama")
 DATASETS = ("sinusoid", "digits", "omniglot", "miniimagenet")
@@ -79,12 +85,13 @@ class Config:
     shots: int | None = None
     query: int | None = None
     filters: int | None = None
+    allow_pickle: bool = False  # read pickled data sets (they can run code: only trusted files)
 
     def resolved(self) -> "Config":
         if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+            raise UsageError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise UsageError(f"method must be one of {METHODS}, got {self.method!r}")
         values = dataclasses.asdict(self)
         for key, default in DATASET_DEFAULTS[self.dataset].items():
             if values.get(key) is None:
@@ -96,22 +103,74 @@ class Config:
         return cfg
 
     def validate(self) -> None:
-        for name in ("iterations", "meta_batch", "inner_steps", "checkpoint_every", "log_every", "eval_tasks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_types(dataclasses.asdict(self), "the configuration")
+        for name in ("iterations", "meta_batch", "inner_steps", "checkpoint_every", "log_every", "eval_tasks",
+                     "support", "query_points"):
+            positive_int(name, getattr(self, name))
         for name in ("meta_lr", "inner_lr", "tau"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            positive_float(name, getattr(self, name))
         if not (math.isfinite(self.eta) and self.eta >= 0):
-            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
+            raise UsageError(f"eta must be >= 0, got {self.eta!r}")
         if not self.test_inner_steps or any(s < 0 for s in self.test_inner_steps):
-            raise ValueError(f"test_inner_steps must be integers >= 0, got {self.test_inner_steps!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA device")
+            raise UsageError(f"test_inner_steps must be integers >= 0, got {self.test_inner_steps!r}")
+        choices = {"dataset": DATASETS, "method": METHODS, "logdet_method": ("factored", "exact"),
+                   "fisher": ("auto", "gauss_newton", "sampled", "empirical")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        lo_hi = self.x_range
+        if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or not lo_hi[0] < lo_hi[1]:
+            raise UsageError(f"x_range must be two finite numbers LO < HI, got {lo_hi!r}")
+        check_device(self.device)
+        check_seed("seed", self.seed)
+        check_seed("eval_seed", self.eval_seed)
+        if self.dataset != "sinusoid":
+            positive_int("ways", self.ways, 2)
+            positive_int("shots", self.shots)
+            positive_int("query", self.query)
+            positive_int("filters", self.filters)
         if self.dataset in ("omniglot", "miniimagenet") and not self.data_root:
-            raise ValueError(f"--data-root is required for {self.dataset} (see README: Data)")
+            raise UsageError(f"--data-root is required for {self.dataset} (see README: Data)")
+
+
+# Settings a resumed run may change: they do not change the problem being learnt.
+RESUMABLE_CHANGES = ("meta_lr", "inner_lr", "iterations", "device", "checkpoint_every", "log_every", "eval_tasks",
+                     "out", "data_root", "allow_pickle")
+# Settings that locate or unlock data: never taken from a saved run, only from the user (nor
+# is the output folder: a resumed run writes where its config.json was found).
+USER_ONLY = ("data_root", "allow_pickle")
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null",
+          "list[int]": "a list of integers", "list[float]": "a list of numbers"}
+
+
+def check_types(values: dict, source: str) -> None:
+    """Refuse unknown settings and values of the wrong type (from a file or a checkpoint)."""
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UsageError(f"{source}: unknown settings {unknown}")
+    for name, value in values.items():
+        ok, options = False, [t.strip() for t in str(fields[name]).split("|")]
+        for option in options:
+            if option.startswith("list["):
+                inner = _TYPES[option[5:-1]]
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(v, inner) and not isinstance(v, bool) for v in value)
+            else:
+                ok = isinstance(value, _TYPES[option]) and (option == "bool" or not isinstance(value, bool))
+            if ok:
+                break
+        if not ok:
+            raise UsageError(f"{source}: {name} must be {' or '.join(_NAMES[o] for o in options)}, got {value!r}")
+
+
+def config_from_dict(values, source: str) -> Config:
+    if not isinstance(values, dict):
+        raise UsageError(f"{source} must be a JSON object of settings, got {type(values).__name__}")
+    check_types(values, source)
+    return Config(**values)
 
 
 def make_problem(cfg: Config):
@@ -120,7 +179,8 @@ def make_problem(cfg: Config):
         return SinusoidProblem(tasks)
     from .data.loaders import image_problem  # noqa: PLC0415 (image readers are only needed here)
 
-    return image_problem(cfg.dataset, cfg.data_root, cfg.ways, cfg.shots, cfg.query, cfg.filters, cfg.seed)
+    return image_problem(cfg.dataset, cfg.data_root, cfg.ways, cfg.shots, cfg.query, cfg.filters, cfg.seed,
+                         allow_pickle=cfg.allow_pickle)
 
 
 def make_learner(cfg: Config, model: torch.nn.Module) -> MAML:
@@ -138,15 +198,6 @@ def build(cfg: Config):
         torch.manual_seed(cfg.seed)
         model = problem.build_model()
     return problem, make_learner(cfg, model).to(cfg.device)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _StopFlag:
@@ -178,36 +229,66 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
     cfg = cfg.resolved()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    if not resume and (ckpt_path.exists() or (out / "checkpoint.prev.pt").exists()):
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     problem, learner = build(cfg)
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.meta_lr)
     task_gen = torch.Generator().manual_seed(cfg.seed)
     fisher_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    start = 0
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
-        saved = Config(**state["config"])
-        # A resumed run may train longer, or move to another device; nothing else may change.
-        if dataclasses.replace(saved, out=cfg.out, iterations=cfg.iterations, device=cfg.device) != cfg:
-            raise ValueError(f"{ckpt_path} was written with another configuration; use a new --out "
-                             f"or the same settings (saved: {saved})")
-        learner.load_state_dict(state["learner"])
-        optimizer.load_state_dict(state["optimizer"])
-        task_gen.set_state(state["task_generator"])
-        fisher_gen.set_state(state["fisher_generator"].to(fisher_gen.get_state().device))
-        start = state["iteration"]
-        _truncate_metrics(metrics_path, start)
-        print(f"resumed from {ckpt_path} at iteration {start}", file=sys.stderr)
-    elif not resume and ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    start, good = 0, None  # good: the last checkpoint known to be intact, and its iteration
+    latest = read_latest(ckpt_path, log=lambda m: print(m, file=sys.stderr)) if resume else None
+    if latest is not None:
+        state, used = latest
+        if used != ckpt_path and ckpt_path.exists():  # keep the damaged file aside, out of the rotation
+            os.replace(ckpt_path, ckpt_path.with_name(ckpt_path.name + ".corrupt"))
+        saved = config_from_dict(state["config"], f"the configuration in {used}")
+        changed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE_CHANGES
+                   and getattr(saved, f.name) != getattr(cfg, f.name)]
+        if changed:
+            raise UsageError(f"{used} was written with other settings of {', '.join(changed)} ("
+                             + ", ".join(f"{k}: saved {getattr(saved, k)!r}, now {getattr(cfg, k)!r}" for k in changed)
+                             + f"); a resumed run may only change {', '.join(RESUMABLE_CHANGES[:7])}: "
+                             "use a new --out for a different run")
+        try:
+            learner.load_state_dict(state["learner"])
+            optimizer.load_state_dict(state["optimizer"])
+            task_gen.set_state(state["task_generator"])
+            fisher_gen.set_state(state["fisher_generator"].to(fisher_gen.get_state().device))
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{used} does not fit this run ({_brief(exc)})") from exc
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.meta_lr
+        start, good = state["iteration"], (used, state["iteration"])
+        print(f"resumed from {used} at iteration {start}", file=sys.stderr)
+        for k in ("meta_lr", "inner_lr", "iterations"):
+            if getattr(saved, k) != getattr(cfg, k):
+                print(f"resumed with {k} changed from {getattr(saved, k)} to {getattr(cfg, k)}", file=sys.stderr)
+    elif resume:
+        print(f"no checkpoint in {out} yet: starting from iteration 0", file=sys.stderr)
+    _truncate_metrics(metrics_path, start)  # lines after the checkpoint are logged again
+    atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(cfg), indent=2).encode()))
     writer = _tensorboard(out)
 
+    def diverged(what: str, iteration: int) -> FloatingPointError:
+        if good is None:
+            advice = "no checkpoint was written yet: start again with a smaller --meta-lr or --inner-lr"
+        else:
+            advice = (f"the last good checkpoint is {good[0]} (iteration {good[1]}); continue from it with a "
+                      f"smaller learning rate, e.g. python -m fastlaplace.train --resume --out {cfg.out} "
+                      f"--meta-lr {cfg.meta_lr / 10:g}")
+        return FloatingPointError(f"{what} at iteration {iteration}; {advice}")
+
     def save(iteration: int) -> None:
+        nonlocal good
+        tensors = [*learner.parameters(), *_tensors(optimizer.state_dict()["state"])]
+        if not _all_finite(tensors):
+            raise diverged("the parameters or the optimiser state became non-finite (not saved)", iteration)
         state = dict(config=dataclasses.asdict(cfg), iteration=iteration, learner=learner.state_dict(),
                      optimizer=optimizer.state_dict(), task_generator=task_gen.get_state(),
                      fisher_generator=fisher_gen.get_state().cpu())
-        _atomic_write(ckpt_path, lambda f: torch.save(state, f))
+        save_checkpoint(ckpt_path, state)
+        good = (ckpt_path, iteration)
 
     running, t0 = None, time.perf_counter()
     with _StopFlag() as stop, Progress(cfg.iterations, f"{cfg.method} {cfg.dataset}", start=start,
@@ -216,11 +297,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
             batch = problem.sample("train", cfg.meta_batch, task_gen).to(cfg.device)
             parts = learner.meta_objective(*batch, generator=fisher_gen)
             if not bool(torch.isfinite(parts.loss)):
-                raise FloatingPointError(
-                    f"meta-loss became {float(parts.loss.detach())} at iteration {it + 1}; try a smaller --meta-lr or "
-                    f"--inner-lr (last checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
+                raise diverged(f"the meta-loss became {float(parts.loss.detach())}", it + 1)
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
+            if not _all_finite([p.grad for p in learner.parameters() if p.grad is not None]):
+                raise diverged("the meta-gradient became non-finite (not applied)", it + 1)
             optimizer.step()
             loss = float(parts.loss.detach())
             running = loss if running is None else 0.98 * running + 0.02 * loss
@@ -242,7 +323,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
                 print(f"\nstopped at iteration {it + 1}; checkpoint saved. Continue with --resume "
                       f"--out {cfg.out}", file=sys.stderr)
                 return {"stopped_at": it + 1}
-    if cfg.iterations == start:  # nothing left to train (resumed a finished run)
+    if cfg.iterations <= start:  # nothing left to train (resumed a finished run)
         save(start)
     if not evaluate_at_end:
         return {}
@@ -252,7 +333,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
         "dataset": cfg.dataset, "method": cfg.method, "iterations": cfg.iterations, "metric": problem.metric_name,
         "test": {str(s): vars(e) for s, e in results.items()},
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "results.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
     for s, est in results.items():
         print(f"test {problem.metric_name} after {s} inner step(s): {est}  (mean ± 95% CI, {est.n} tasks)")
     if writer is not None:
@@ -260,12 +341,51 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
     return summary
 
 
+def _brief(exc: BaseException) -> str:
+    """An exception's message on one line (state-dict errors span several)."""
+    text = " ".join(str(exc).split())
+    return text[:300] + ("…" if len(text) > 300 else "")
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One synchronisation per device (Adam keeps its step counts on the CPU)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut short by a crash (or otherwise unreadable) is skipped."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("iteration"), int):
+            rows.append(row)
+    return rows
+
+
 def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop lines logged after the checkpoint that a resumed run will log again."""
+    """Drop lines logged after the checkpoint (all of them when there is none yet), which the
+    run will log again, and any partial line."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
-    _atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
+    keep = [row for row in read_metrics(path) if row["iteration"] <= iteration]
+    atomic_write(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in keep).encode()))
 
 
 def _tensorboard(out: Path):
@@ -276,18 +396,33 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def load_for_evaluation(checkpoint: str, device: str | None = None, data_root: str | None = None):
-    """(learner, problem, config) from a checkpoint written by :func:`train`."""
-    if not Path(checkpoint).exists():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    cfg = Config(**state["config"])
+def load_for_evaluation(checkpoint: str, device: str | None = None, data_root: str | None = None,
+                        allow_pickle: bool = False):
+    """(learner, problem, config) from a checkpoint written by :func:`train`.
+
+    The data folder of an image data set is ``data_root``, never the one the checkpoint
+    names: a checkpoint may come from elsewhere, and reading data can mean reading what an
+    attacker put there."""
+    state = read_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"], f"the configuration in {checkpoint}")
     if device:
         cfg.device = device
-    if data_root:
-        cfg.data_root = data_root
+    else:
+        try:
+            check_device(cfg.device)
+        except UsageError as exc:
+            raise UsageError(f"{checkpoint} was trained on {cfg.device!r} ({exc}): pass --device cpu") from exc
+    if cfg.dataset in ("omniglot", "miniimagenet"):
+        if not data_root:
+            raise UsageError(f"{checkpoint} is a {cfg.dataset} run: pass --data-root with the folder of its data "
+                             f"(the folder the checkpoint names, {cfg.data_root!r}, is only used when you pass it)")
+    cfg.data_root, cfg.allow_pickle = data_root, allow_pickle
+    cfg.validate()
     problem, learner = build(cfg)
-    learner.load_state_dict(state["learner"])
+    try:
+        learner.load_state_dict(state["learner"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{checkpoint} does not fit its own configuration ({_brief(exc)})") from exc
     return learner.to(cfg.device), problem, cfg
 
 
@@ -310,7 +445,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--out", help="output folder (default runs/DATASET-METHOD-seedN)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt with the run's settings (options given override them)")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--log-every", type=int)
     p.add_argument("--eval-tasks", type=int, help="test tasks (default 600)")
@@ -318,30 +454,43 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
     p.add_argument("--support", type=int, help="sinusoid support points")
     p.add_argument("--query-points", type=int, help="sinusoid query points")
     p.add_argument("--data-root", help="folder of the image data set (see README: Data)")
+    p.add_argument("--allow-pickle", action="store_true", default=None,
+                   help="read miniImageNet's pickle files (loading a pickle can run code: only files you trust)")
     p.add_argument("--ways", type=int)
     p.add_argument("--shots", type=int)
     p.add_argument("--query", type=int, help="query images per class")
     p.add_argument("--filters", type=int, help="Conv4 filters (32 or 64)")
     p.add_argument("--no-progress", action="store_true")
     args = vars(p.parse_args(argv))
-    values = {}
-    if args.pop("config"):
-        with open(args_config := p.parse_args(argv).config) as f:
-            values = json.load(f)
-        unknown = set(values) - {f.name for f in dataclasses.fields(Config)}
-        if unknown:
-            raise SystemExit(f"{args_config}: unknown settings {sorted(unknown)}")
-    resume, no_progress = args.pop("resume"), args.pop("no_progress")
+    config_file, resume, no_progress = args.pop("config"), args.pop("resume"), args.pop("no_progress")
+    values = _read_json(Path(config_file), "settings") if config_file else {}
+    check_types(values, str(config_file))
     values.update({k: v for k, v in args.items() if v is not None})
+    if resume:  # the run's own settings, under those given now
+        out = Path(values.get("out") or Config(**values).resolved().out)
+        if (out / "config.json").exists():
+            saved = _read_json(out / "config.json", "settings")
+            check_types(saved, str(out / "config.json"))
+            values = {**{k: v for k, v in saved.items() if k not in USER_ONLY}, **values, "out": str(out)}
     return Config(**values), resume, not no_progress
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg, resume, progress = parse_args(argv)
+def _read_json(path: Path, what: str) -> dict:
     try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise UsageError(f"no file {path}") from exc
+    except ValueError as exc:  # also a file that is not UTF-8
+        raise UsageError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(values, dict):
+        raise UsageError(f"{path} must hold a JSON object of {what}, got {type(values).__name__}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> dict:
+    with errors_as_messages():
+        cfg, resume, progress = parse_args(argv)
         return train(cfg, resume=resume, progress=progress)
-    except (ValueError, FileExistsError, FileNotFoundError, FloatingPointError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
 
 
 if __name__ == "__main__":

@@ -183,6 +183,7 @@ def report(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: in
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from .cli import check_output, errors_as_messages, positive_int  # noqa: PLC0415
     from .train import load_for_evaluation  # noqa: PLC0415
 
     p = argparse.ArgumentParser(prog="python -m fastlaplace.uncertainty", description=__doc__,
@@ -195,22 +196,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--method", choices=("factored", "exact"), default=None)
     p.add_argument("--sampled-networks", action="store_true",
                    help="predict with the sampled networks rather than the network linearised at φ̂")
+    p.add_argument("--data-root", default=None, help="the data folder of an image run (never taken from the "
+                                                     "checkpoint)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read miniImageNet's pickle files (loading a pickle can run code: only files you trust)")
     p.add_argument("--json", help="also write the report to this file")
     args = p.parse_args(argv)
-    try:
-        learner, problem, cfg = load_for_evaluation(args.checkpoint, device="cpu")
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    if not isinstance(learner, LLAMA):
-        raise SystemExit("error: the checkpoint is not a LLAMA run (train with --method llama)")
-    point = load_for_evaluation(args.maml, device="cpu")[0] if args.maml else None
-    result = report(learner, problem, point, args.tasks, cfg.eval_seed, args.samples, args.method,
-                    linearized=not args.sampled_networks)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    with errors_as_messages():
+        positive_int("--tasks", args.tasks)
+        positive_int("--samples", args.samples, 2)
+        if args.json:
+            check_output("--json", args.json)
+        data = dict(device="cpu", data_root=args.data_root, allow_pickle=args.allow_pickle)
+        learner, problem, cfg = load_for_evaluation(args.checkpoint, **data)
+        if not isinstance(learner, LLAMA):
+            raise ValueError(f"{args.checkpoint} is not a LLAMA run (train with --method llama)")
+        point = load_for_evaluation(args.maml, **data)[0] if args.maml else None
+        result = report(learner, problem, point, args.tasks, cfg.eval_seed, args.samples, args.method,
+                        linearized=not args.sampled_networks)
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
     return result
 
 

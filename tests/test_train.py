@@ -9,6 +9,7 @@ import torch
 
 from fastlaplace import train as train_mod
 from fastlaplace.problems import SinusoidProblem
+from fastlaplace.runs import read_checkpoint
 from fastlaplace.train import Config, load_for_evaluation, train
 
 
@@ -20,8 +21,7 @@ def small_config(tmp_path, **overrides):
 
 
 def final_parameters(out):
-    state = torch.load(f"{out}/checkpoint.pt", weights_only=False)
-    return state["learner"]
+    return read_checkpoint(f"{out}/checkpoint.pt")["learner"]
 
 
 class Crash(Exception):
@@ -46,7 +46,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, met
     with pytest.raises(Crash):
         train(cfg, progress=False)
     monkeypatch.setattr(SinusoidProblem, "sample", original)
-    assert torch.load(f"{cfg.out}/checkpoint.pt", weights_only=False)["iteration"] == 4
+    assert read_checkpoint(f"{cfg.out}/checkpoint.pt")["iteration"] == 4
     resumed = train(cfg, resume=True, progress=False)
 
     assert resumed["test"] == straight["test"]
@@ -66,8 +66,8 @@ def test_existing_run_needs_resume_flag(tmp_path):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     train(small_config(tmp_path, iterations=2), progress=False, evaluate_at_end=False)
-    with pytest.raises(ValueError, match="another configuration"):
-        train(small_config(tmp_path, iterations=2, inner_lr=0.5), resume=True, progress=False)
+    with pytest.raises(ValueError, match="other settings of meta_batch"):
+        train(small_config(tmp_path, iterations=2, meta_batch=5), resume=True, progress=False)
 
 
 def test_checkpoint_loads_for_evaluation(tmp_path):
@@ -116,7 +116,7 @@ def test_cli_train_and_evaluate(tmp_path):
 def test_cli_reports_bad_options_without_traceback(tmp_path):
     run = subprocess.run([sys.executable, "-m", "fastlaplace.train", "--inner-lr", "-1", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert run.returncode != 0 and "inner_lr must be a positive number" in run.stderr
+    assert run.returncode != 0 and "error: inner_lr must be a finite number > 0" in run.stderr
     assert "Traceback" not in run.stderr
 
 
