@@ -6,6 +6,9 @@
 #include <limits>
 
 #include "checks.h"
+#ifdef FASTLAPLACE_WITH_CUDA
+#include "cuda/kernels.h"
+#endif
 
 namespace fastlaplace {
 
@@ -25,9 +28,34 @@ std::tuple<Tensor, Tensor, Tensor> call_damped_cholesky(const Tensor& M, const T
   return op.call(M, damping);
 }
 
+std::tuple<Tensor, Tensor, Tensor> damped_cholesky_library(const Tensor& M, const Tensor& damping) {
+  auto damped = M.clone(at::MemoryFormat::Contiguous);  // the library reads the lower triangle
+  damped.diagonal(0, -2, -1).add_(damping.unsqueeze(-1));
+  auto [L, info] = at::linalg_cholesky_ex(damped);
+  auto diagonal = L.diagonal(0, -2, -1);
+  // potrf passes Inf and NaN through where the per-task loops stop: report the first
+  // non-finite pivot as the failing minor, as they do.
+  auto nonfinite = at::logical_not(at::isfinite(diagonal));
+  info = at::where(at::logical_and(info == 0, nonfinite.any(-1)), nonfinite.to(at::kInt).argmax(-1) + 1, info)
+             .to(at::kInt);
+  auto ok = info == 0;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  auto logdet = at::where(ok, diagonal.log().sum(-1) * 2, at::full_like(info, nan, M.options()));
+  L = at::where(ok.view({-1, 1, 1}), L, at::full_like(L, nan));
+  return {L, logdet, info};
+}
+
 namespace {
 
 Tensor batch_trace(const Tensor& M) { return M.diagonal(0, -2, -1).sum(-1); }
+
+// (LLᵀ)⁻¹ = L⁻ᵀL⁻¹ by a triangular solve: unlike cholesky_inverse it checks no info
+// code, so it makes no host synchronisation on CUDA. NaN factors give NaN inverses.
+Tensor inverse_from_cholesky(const Tensor& L) {
+  auto eye = at::eye(L.size(-1), L.options()).expand_as(L);
+  auto X = at::linalg_solve_triangular(L, eye, /*upper=*/false);  // L⁻¹
+  return at::matmul(X.mT(), X);
+}
 
 Tensor add_to_diagonal(const Tensor& M, const Tensor& value) {  // M + value[b]·I, value [B]
   auto out = M.clone();
@@ -53,7 +81,14 @@ struct Spectrum {
 
 Spectrum symmetric_eigh(const Tensor& K, bool vectors) {
   auto bad = at::logical_not(at::isfinite(K).flatten(1).all(1));
-  auto [w, V] = at::_linalg_eigh(at::where(bad.view({-1, 1, 1}), at::zeros_like(K), K), "L", vectors);
+  auto clean = at::where(bad.view({-1, 1, 1}), at::zeros_like(K), K);
+#ifdef FASTLAPLACE_WITH_CUDA
+  if (K.is_cuda()) {  // linalg.eigh would check cuSOLVER's status on the host: two syncs
+    auto [w, V] = symmetric_eigh_cuda(clean, vectors);
+    return {at::where(bad.unsqueeze(1), at::full_like(w, std::numeric_limits<double>::quiet_NaN()), w), V};
+  }
+#endif
+  auto [w, V] = at::_linalg_eigh(clean, "L", vectors);
   return {at::where(bad.unsqueeze(1), at::full_like(w, std::numeric_limits<double>::quiet_NaN()), w), V};
 }
 
@@ -144,8 +179,8 @@ Factored factored_forward(const Tensor& KA, int64_t dA, const Tensor& KG, int64_
 std::tuple<Tensor, Tensor> factored_backward(const Factored& f, int64_t dA, int64_t dG, double c, double tau) {
   const double sc = std::sqrt(c), st = std::sqrt(tau);
   const int64_t nA = f.LA.size(1), nG = f.LG.size(1);
-  auto invA = at::cholesky_inverse(f.LA);  // (K_A + λ_A I)⁻¹
-  auto invG = at::cholesky_inverse(f.LG);
+  auto invA = inverse_from_cholesky(f.LA);  // (K_A + λ_A I)⁻¹
+  auto invG = inverse_from_cholesky(f.LG);
   auto trInvA = batch_trace(invA) + f.lamA.reciprocal() * static_cast<double>(dA - nA);
   auto trInvG = batch_trace(invG) + f.lamG.reciprocal() * static_cast<double>(dG - nG);
   // d logdet / dπ = d_G·√τ·tr(A_d⁻¹) − d_A·(√τ/π²)·tr(G_d⁻¹), with A_d⁻¹ = (A + λ_A I)⁻¹/√c

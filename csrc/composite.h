@@ -12,6 +12,10 @@ namespace fastlaplace {
 std::tuple<at::Tensor, at::Tensor> call_kron_factors(const at::Tensor& a, const at::Tensor& g, bool bias);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_damped_cholesky(const at::Tensor& M, const at::Tensor& damping);
 
+// damped_cholesky by the backend's library (LAPACK's potrf, cuSOLVER), for orders where a
+// blocked factorisation wins; failures as NaN and info, with no host synchronisation.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky_library(const at::Tensor& M, const at::Tensor& damping);
+
 at::Tensor kron_logdet_composite(const at::Tensor& A, const at::Tensor& G, double scale, double tau,
                                  const std::string& method);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_logdet_and_grad_composite(const at::Tensor& A, const at::Tensor& G,

@@ -45,10 +45,13 @@ class MAML(nn.Module):
         inner_steps: K, inner steps during meta-training (``adapt`` takes others).
         first_order: drop the second-order terms of the meta-gradient.
         loss: ``"mse"`` (regression) or ``"cross_entropy"`` (classification).
+        check_finite: raise ``ValueError`` for NaN or Inf inputs. It costs one reduction per
+            batch, a host synchronisation on CUDA: pass ``False`` in loops that must not sync
+            (a non-finite input then shows as a non-finite loss).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
-                 first_order: bool = False, loss: str = "mse"):
+                 first_order: bool = False, loss: str = "mse", check_finite: bool = True):
         super().__init__()
         _check_positive("inner_lr", inner_lr)
         if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -61,6 +64,7 @@ class MAML(nn.Module):
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.loss = loss
+        self.check_finite = check_finite
 
     # ------------------------------------------------------------------ helpers
     def task_losses(self, out: Tensor, y: Tensor) -> Tensor:
@@ -84,7 +88,7 @@ class MAML(nn.Module):
         param = next(iter(self.net.adapted_parameters().values()))
         if x.device != param.device:
             raise ValueError(f"{what}: inputs are on {x.device} but the model is on {param.device}")
-        if not bool(torch.isfinite(x).all()):
+        if self.check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{what}: inputs contain NaN or Inf")
 
     def _check_episode(self, x_support, y_support, x_query, y_query) -> None:
@@ -168,8 +172,8 @@ class LLAMA(MAML):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, loss: str = "mse", eta: float = 1e-6, tau: float = 1e-3,
-                 logdet_method: str = "factored", fisher: str = "auto"):
-        super().__init__(model, inner_lr, inner_steps, first_order, loss)
+                 logdet_method: str = "factored", fisher: str = "auto", check_finite: bool = True):
+        super().__init__(model, inner_lr, inner_steps, first_order, loss, check_finite)
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         _check_positive("tau", tau)

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "checks.h"
+#include "composite.h"
 #include "kfac_math.h"
 
 namespace fastlaplace {
@@ -17,25 +18,7 @@ constexpr int64_t kLapackAbove = 96;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky_cpu(const at::Tensor& M, const at::Tensor& damping) {
   check_damped(M, damping);
   const int64_t B = M.size(0), d = M.size(1);
-  if (d > kLapackAbove) {
-    // potrf reads only the lower triangle, like the loop below.
-    auto damped = M.clone(at::MemoryFormat::Contiguous);
-    damped.diagonal(0, -2, -1).add_(damping.unsqueeze(-1));
-    auto [L, info] = at::linalg_cholesky_ex(damped);
-    auto diagonal = L.diagonal(0, -2, -1);
-    auto logdet = diagonal.log().sum(-1) * 2;
-    // potrf passes Inf and NaN through where the loop below stops: report the first
-    // non-finite pivot as the failing minor, as the loop does.
-    auto nonfinite = at::logical_not(at::isfinite(diagonal));
-    info = at::where(at::logical_and(info == 0, nonfinite.any(-1)), nonfinite.to(at::kInt).argmax(-1) + 1, info)
-               .to(at::kInt);
-    if (info.any().item<bool>()) {  // a CPU tensor: no device sync
-      const auto nan = std::numeric_limits<double>::quiet_NaN();
-      logdet = at::where(info == 0, logdet, at::full_like(logdet, nan));
-      L = at::where((info == 0).view({-1, 1, 1}), L, at::full_like(L, nan));
-    }
-    return {L, logdet, info};
-  }
+  if (d > kLapackAbove) return damped_cholesky_library(M, damping);
   auto L = at::empty({B, d, d}, M.options());
   auto logdet = at::empty({B}, M.options());
   auto info = at::empty({B}, M.options().dtype(at::kInt));
