@@ -258,7 +258,8 @@ def kron_logdet(
         tau: prior precision τ > 0.
         method: ``"exact"``: Σᵢⱼ log(c·aᵢ·gⱼ + τ) over the factors' eigenvalues (the better
             approximation); ``"factored"``: the π-corrected damped factors of K-FAC,
-            d_G·logdet(√c·A + π√τ·I) + d_A·logdet(√c·G + √τ/π·I) (what the paper used).
+            d_G·logdet(√c·A + π√τ·I) + d_A·logdet(√c·G + √τ/π·I) (K-FAC's usual damping; the
+            paper names none). Never below the exact value: its cross terms are PSD.
         check: raise ``ValueError`` if a result is not finite.
 
     Returns:
