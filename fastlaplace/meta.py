@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .batched import TaskBatchedNetwork
 from . import ops
-from .curvature import FISHER_TYPES, layer_rows, rows_logdet, support_rows
+from .curvature import FISHER_TYPES, autograd_enabled, layer_rows, normal_tensor, rows_logdet, support_rows
 from .posterior import LaplacePosterior, LayerPosterior
 
 LOSSES = {"mse": "gaussian", "cross_entropy": "categorical"}
@@ -122,7 +122,8 @@ class MAML(nn.Module):
             create_graph = track and not self.first_order
         T = x_support.shape[0]
         params = {k: p.unsqueeze(0).expand(T, *p.shape) for k, p in self.net.adapted_parameters().items()}
-        with torch.enable_grad():
+        with autograd_enabled():  # also under no_grad and inference_mode: the steps are gradients
+            x_support, y_support = normal_tensor(x_support), normal_tensor(y_support)
             if not track:  # evaluation: a fresh leaf per task, no graph back to θ
                 params = {k: p.detach().requires_grad_() for k, p in params.items()}
             for _ in range(steps):
@@ -196,7 +197,9 @@ class LLAMA(MAML):
             return super().meta_objective(x_support, y_support, x_query, y_query)
         self._check_episode(x_support, y_support, x_query, y_query)
         params = self._adapt(x_support, y_support)
-        if self.net.has_batchnorm:  # batch statistics must not mix support and query examples
+        # Two passes with BatchNorm (batch statistics must not mix support and query examples)
+        # and in evaluation (without a graph from θ to the outputs, the one pass gives no g rows).
+        if self.net.has_batchnorm or not torch.is_grad_enabled():
             query_loss = self.task_losses(self.predict(params, x_query), y_query)
             logdet = self.laplace_logdet(params, x_support, y_support, generator)
         else:  # one pass over support and query examples serves both terms
