@@ -14,6 +14,7 @@ from .batched import TaskBatchedNetwork
 from . import ops
 from .curvature import FISHER_TYPES, autograd_enabled, layer_rows, normal_tensor, rows_logdet, support_rows
 from .posterior import LaplacePosterior, LayerPosterior
+from .prior import PRIORS, direction_precisions, first_order_tau, inner_loss_scale
 
 LOSSES = {"mse": "gaussian", "cross_entropy": "categorical"}
 
@@ -211,23 +212,45 @@ class LLAMA(MAML):
         return MetaLoss((query_loss + self.eta * logdet).mean(), query_loss, logdet)
 
     def posterior(self, x_support: Tensor, y_support: Tensor, tau: float | None = None, method: str | None = None,
-                  generator: torch.Generator | None = None, steps: int | None = None) -> LaplacePosterior:
+                  generator: torch.Generator | None = None, steps: int | None = None,
+                  prior: str | None = None) -> LaplacePosterior:
         """Each task's Laplace posterior N(φ̂, Ĥ⁻¹) over its adapted layers (paper Section 5.1).
+
+        Ĥ = c·A⊗G + prior precision, with c·A⊗G the K-FAC Fisher of the support set's summed
+        negative log likelihood under unit noise (``docs/design.md`` §2).
 
         Args:
             x_support, y_support: the tasks' support sets [tasks, examples, ...].
-            tau: prior precision of the posterior (default: the training τ). Choose it on
-                validation tasks (:func:`fastlaplace.uncertainty.calibrate`).
-            method: ``"factored"`` or ``"exact"`` precision (default: ``logdet_method``).
+            tau: a scalar prior precision (default: the training τ), e.g. chosen on
+                validation tasks (:func:`fastlaplace.uncertainty.calibrate`); or
+            prior: the inner loop's implicit prior (:mod:`fastlaplace.prior`, paper Section
+                3.2): ``"early_stopping"`` (exact per eigen-direction; ``method="exact"``) or
+                ``"early_stopping_first_order"`` (τ = 1/(s·α·K), either method).
+            method: ``"factored"`` or ``"exact"`` precision (default: ``logdet_method``, or
+                ``"exact"`` for ``prior="early_stopping"``).
             generator: for sampled-label Fisher curvature.
-            steps: inner steps to reach φ̂ (default: the training K).
+            steps: inner steps to reach φ̂ (default: the training K); the implicit prior is
+                that of these steps.
         """
         self._check_batch(x_support, y_support, "support set")
-        tau = self.tau if tau is None else tau
-        _check_positive("tau", tau)
+        steps = self.inner_steps if steps is None else steps
+        if prior is not None:
+            if prior not in PRIORS:
+                raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+            if tau is not None:
+                raise ValueError("give either tau or prior, not both")
+            if prior == "early_stopping" and method == "factored":
+                raise ValueError("prior='early_stopping' is per eigen-direction and needs method='exact'; "
+                                 "use prior='early_stopping_first_order' with the factored method")
+            method = method or ("exact" if prior == "early_stopping" else None)
+        tau = self.tau if tau is None and prior is None else tau
+        if tau is not None:
+            _check_positive("tau", tau)
         method = method or self.logdet_method
         if method not in ("exact", "factored"):
             raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
+        if prior == "early_stopping_first_order":
+            tau = first_order_tau(self.loss, y_support, self.inner_lr, steps)
         with torch.no_grad():
             params = self._adapt(x_support, y_support, steps=steps)
         rows = support_rows(self.net, params, x_support, y_support, LOSSES[self.loss], self.fisher,
@@ -235,7 +258,15 @@ class LLAMA(MAML):
         layers = []
         for record, a, g in rows:
             A, G = ops.kron_factors(a.detach(), g.detach(), record.bias)
+            c = float(g.shape[1])
+            if prior == "early_stopping":
+                if steps < 1:
+                    raise ValueError(f"the implicit prior needs at least one inner step, got {steps}")
+                s = inner_loss_scale(self.loss, y_support)
+                layer_tau = lambda ea, eg, c=c, s=s: direction_precisions(ea, eg, c, s, self.inner_lr, steps)  # noqa: E731
+            else:
+                layer_tau = tau
             layers.append(LayerPosterior.build(record.name, params[f"{record.name}.weight"].detach(),
                                                None if not record.bias else params[f"{record.name}.bias"].detach(),
-                                               A, G, float(g.shape[1]), tau, method))
+                                               A, G, c, layer_tau, method))
         return LaplacePosterior(self.net, {k: v.detach() for k, v in params.items()}, layers)
