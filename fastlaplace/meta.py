@@ -160,12 +160,16 @@ class MAML(nn.Module):
 
 class LLAMA(MAML):
     """ML-LAPLACE: the task objective adds η·log det Ĥ(φ̂) (Subroutine 4), with Ĥ the K-FAC
-    Fisher of the support set's summed negative log likelihood plus prior precision τ.
+    Fisher of the support set's summed negative log likelihood under unit noise (c·A⊗G per
+    layer, c = N·T rows; the inner loss is the mean, e.g. (2/N)·that NLL for a one-output
+    MSE) plus prior precision τ.
 
     Args:
         eta: η, weight of the log-det term (the paper: 1e-6).
         tau: τ, prior precision added to the curvature (the paper: 0.001).
-        logdet_method: ``"factored"`` (K-FAC's damping, as in the paper) or ``"exact"``.
+        logdet_method: ``"factored"`` (K-FAC's π-corrected damping; the paper names no
+            damping) or ``"exact"``. The factored log-det is never below the exact one (its
+            cross terms are positive semi-definite).
         fisher: ``"auto"``, ``"gauss_newton"``, ``"sampled"`` or ``"empirical"``
             (see :mod:`fastlaplace.curvature`).
         Other arguments as :class:`MAML`. With ``eta = 0`` the objective and its
