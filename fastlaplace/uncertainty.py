@@ -149,10 +149,10 @@ class Calibration:
 
 def calibrate(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: int = 200, seed: int = 7,
               taus=None, noises: list[NoiseModel] | None = None, samples: int = 50, method: str | None = None,
-              linearized: bool = True, prior: str | None = None) -> Calibration:
+              linearized: bool = True, prior: str | float | None = None) -> Calibration:
     """Choose τ and the noise model on validation tasks by predictive NLL; likewise the
     noise model of the point-prediction baseline. With ``prior`` (an implicit prior of
-    :mod:`fastlaplace.prior`) τ is not chosen: only the noise model is."""
+    :mod:`fastlaplace.prior`, or a fixed τ) τ is not chosen: only the noise model is."""
     taus = [prior] if prior is not None else taus or [10.0 ** (e / 2) for e in range(-2, 13)]  # 0.1 … 1e6
     noises = noises or noise_grid()
     batch = problem.sample("val", tasks, torch.Generator().manual_seed(seed))
@@ -195,7 +195,7 @@ def extrapolation_ratio(learner: LLAMA, tasks, tau: float | str, n_tasks: int = 
 
 def report(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: int = 600, seed: int = 1_000_003,
            samples: int = 100, method: str | None = None, linearized: bool = True,
-           calibration: Calibration | None = None, prior: str | None = None) -> dict:
+           calibration: Calibration | None = None, prior: str | float | None = None) -> dict:
     """The figures of issue #4 on new test tasks, after calibrating on validation tasks (τ and
     the noise model, or the noise model alone under an implicit ``prior``)."""
     cal = calibration or calibrate(learner, problem, point_learner, method=method, linearized=linearized,
@@ -212,7 +212,8 @@ def report(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: in
         "calibration": {"tau": cal.tau, "noise": {"kind": cal.noise.kind, **asdict(cal.noise)},
                         "val_nll": cal.val_nll,
                         "point_noise": {"kind": cal.point_noise.kind, **asdict(cal.point_noise)}},
-        "prior": cal.tau if isinstance(cal.tau, str) else "scalar tau chosen on validation tasks",
+        "prior": (cal.tau if isinstance(cal.tau, str) else "fixed tau" if prior is not None
+                  else "scalar tau chosen on validation tasks"),
         "method": method or ("exact" if cal.tau == "early_stopping" else learner.logdet_method),
         "predictive": "linearized" if linearized else "sampled networks",
         "llama_nll": vars(Estimate.of(mixture_nll(pred, batch.y_query, noise))),
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the posterior's prior: a scalar τ chosen on validation tasks (default), or the inner "
                         "loop's implicit prior, exact per eigen-direction (early_stopping; exact method) or to "
                         "first order, τ = N/(2αK) for a mean squared error (early_stopping_first_order)")
+    p.add_argument("--tau", type=float, help="a fixed prior precision τ instead (only the noise model is chosen "
+                                             "on validation tasks)")
     p.add_argument("--sampled-networks", action="store_true",
                    help="predict with the sampled networks rather than the network linearised at φ̂")
     p.add_argument("--data-root", default=None, help="the data folder of an image run (never taken from the "
@@ -258,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     with errors_as_messages():
         positive_int("--tasks", args.tasks)
         positive_int("--samples", args.samples, 2)
+        if args.tau is not None and (args.prior != "validation" or not (math.isfinite(args.tau) and args.tau > 0)):
+            raise ValueError("--tau must be a positive number, and cannot be combined with --prior")
         if args.json:
             check_output("--json", args.json)
         data = dict(device="cpu", data_root=args.data_root, allow_pickle=args.allow_pickle)
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         point = load_for_evaluation(args.maml, **data)[0] if args.maml else None
         result = report(learner, problem, point, args.tasks, cfg.eval_seed, args.samples, args.method,
                         linearized=not args.sampled_networks,
-                        prior=None if args.prior == "validation" else args.prior)
+                        prior=args.tau if args.tau is not None else None if args.prior == "validation" else args.prior)
         text = json.dumps(result, indent=2)
         print(text)
         if args.json:
