@@ -66,7 +66,6 @@ BAD = {
         "{d}/llama/checkpoint.pt --method bogus", "{d}/llama/checkpoint.pt --json {d}/nowhere/report.json",
         "{d}/llama/checkpoint.pt --json {d}/empty", "{d}/llama/checkpoint.pt --prior bogus",
         "{d}/llama/checkpoint.pt --tau 0", "{d}/llama/checkpoint.pt --tau nan",
-        "{d}/llama/checkpoint.pt --tau 1 --prior early_stopping",
         "{d}/llama/checkpoint.pt --prior early_stopping --method factored",
     ],
     "plot": [
