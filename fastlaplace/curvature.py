@@ -14,6 +14,8 @@ per-row gradients ``g`` of the negative log likelihood with respect to its outpu
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,6 +25,20 @@ from .batched import LayerRecord, TaskBatchedNetwork
 
 FISHER_TYPES = ("auto", "gauss_newton", "sampled", "empirical")
 LIKELIHOODS = ("gaussian", "categorical")
+
+
+@contextlib.contextmanager
+def autograd_enabled():
+    """Gradients on, also under ``torch.no_grad()`` or ``torch.inference_mode()``: the inner
+    loop and K-FAC's g rows are gradients even when the caller only evaluates."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def normal_tensor(t: Tensor) -> Tensor:
+    """``t``, cloned into an ordinary tensor if it was made under inference mode (autograd
+    cannot save inference tensors for backward). Call inside :func:`autograd_enabled`."""
+    return t.clone() if t.is_inference() else t
 
 
 def _fisher_loss(out: Tensor, y: Tensor, likelihood: str, fisher: str, generator: torch.Generator | None) -> Tensor:
@@ -69,7 +85,7 @@ def layer_rows(
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
     examples, total = y.shape[1], out.shape[1]
-    with torch.enable_grad():
+    with autograd_enabled():
         loss = _fisher_loss(out[:, :examples], y, likelihood, fisher, generator)
         grads = torch.autograd.grad(loss, [r.s for r in records], create_graph=create_graph)
     rows = []
@@ -93,9 +109,10 @@ def support_rows(
     generator: torch.Generator | None = None,
 ) -> list[tuple[LayerRecord, Tensor, Tensor]]:
     """:func:`layer_rows` of the support set (x, y) at per-task parameters ``params``."""
-    with torch.enable_grad():
+    with autograd_enabled():
+        x, y = normal_tensor(x), normal_tensor(y)
         if not any(p.requires_grad for p in params.values()):  # g needs a graph from params to outputs
-            params = {k: v.detach().requires_grad_() for k, v in params.items()}
+            params = {k: normal_tensor(v).detach().requires_grad_() for k, v in params.items()}
         out, records = net(params, x, record=True)
     return layer_rows(out, records, y, likelihood, fisher, create_graph, generator)
 

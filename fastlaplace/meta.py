@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from .batched import TaskBatchedNetwork
 from . import ops
-from .curvature import FISHER_TYPES, layer_rows, rows_logdet, support_rows
+from .curvature import FISHER_TYPES, autograd_enabled, layer_rows, normal_tensor, rows_logdet, support_rows
 from .posterior import LaplacePosterior, LayerPosterior
+from .prior import PRIORS, direction_precisions, first_order_tau, inner_loss_scale
 
 LOSSES = {"mse": "gaussian", "cross_entropy": "categorical"}
 
@@ -122,7 +123,8 @@ class MAML(nn.Module):
             create_graph = track and not self.first_order
         T = x_support.shape[0]
         params = {k: p.unsqueeze(0).expand(T, *p.shape) for k, p in self.net.adapted_parameters().items()}
-        with torch.enable_grad():
+        with autograd_enabled():  # also under no_grad and inference_mode: the steps are gradients
+            x_support, y_support = normal_tensor(x_support), normal_tensor(y_support)
             if not track:  # evaluation: a fresh leaf per task, no graph back to θ
                 params = {k: p.detach().requires_grad_() for k, p in params.items()}
             for _ in range(steps):
@@ -158,12 +160,16 @@ class MAML(nn.Module):
 
 class LLAMA(MAML):
     """ML-LAPLACE: the task objective adds η·log det Ĥ(φ̂) (Subroutine 4), with Ĥ the K-FAC
-    Fisher of the support set's summed negative log likelihood plus prior precision τ.
+    Fisher of the support set's summed negative log likelihood under unit noise (c·A⊗G per
+    layer, c = N·T rows; the inner loss is the mean, e.g. (2/N)·that NLL for a one-output
+    MSE) plus prior precision τ.
 
     Args:
         eta: η, weight of the log-det term (the paper: 1e-6).
         tau: τ, prior precision added to the curvature (the paper: 0.001).
-        logdet_method: ``"factored"`` (K-FAC's damping, as in the paper) or ``"exact"``.
+        logdet_method: ``"factored"`` (K-FAC's π-corrected damping; the paper names no
+            damping) or ``"exact"``. The factored log-det is never below the exact one (its
+            cross terms are positive semi-definite).
         fisher: ``"auto"``, ``"gauss_newton"``, ``"sampled"`` or ``"empirical"``
             (see :mod:`fastlaplace.curvature`).
         Other arguments as :class:`MAML`. With ``eta = 0`` the objective and its
@@ -196,7 +202,9 @@ class LLAMA(MAML):
             return super().meta_objective(x_support, y_support, x_query, y_query)
         self._check_episode(x_support, y_support, x_query, y_query)
         params = self._adapt(x_support, y_support)
-        if self.net.has_batchnorm:  # batch statistics must not mix support and query examples
+        # Two passes with BatchNorm (batch statistics must not mix support and query examples)
+        # and in evaluation (without a graph from θ to the outputs, the one pass gives no g rows).
+        if self.net.has_batchnorm or not torch.is_grad_enabled():
             query_loss = self.task_losses(self.predict(params, x_query), y_query)
             logdet = self.laplace_logdet(params, x_support, y_support, generator)
         else:  # one pass over support and query examples serves both terms
@@ -208,23 +216,45 @@ class LLAMA(MAML):
         return MetaLoss((query_loss + self.eta * logdet).mean(), query_loss, logdet)
 
     def posterior(self, x_support: Tensor, y_support: Tensor, tau: float | None = None, method: str | None = None,
-                  generator: torch.Generator | None = None, steps: int | None = None) -> LaplacePosterior:
+                  generator: torch.Generator | None = None, steps: int | None = None,
+                  prior: str | None = None) -> LaplacePosterior:
         """Each task's Laplace posterior N(φ̂, Ĥ⁻¹) over its adapted layers (paper Section 5.1).
+
+        Ĥ = c·A⊗G + prior precision, with c·A⊗G the K-FAC Fisher of the support set's summed
+        negative log likelihood under unit noise (``docs/design.md`` §2).
 
         Args:
             x_support, y_support: the tasks' support sets [tasks, examples, ...].
-            tau: prior precision of the posterior (default: the training τ). Choose it on
-                validation tasks (:func:`fastlaplace.uncertainty.calibrate`).
-            method: ``"factored"`` or ``"exact"`` precision (default: ``logdet_method``).
+            tau: a scalar prior precision (default: the training τ), e.g. chosen on
+                validation tasks (:func:`fastlaplace.uncertainty.calibrate`); or
+            prior: the inner loop's implicit prior (:mod:`fastlaplace.prior`, paper Section
+                3.2): ``"early_stopping"`` (exact per eigen-direction; ``method="exact"``) or
+                ``"early_stopping_first_order"`` (τ = 1/(s·α·K), either method).
+            method: ``"factored"`` or ``"exact"`` precision (default: ``logdet_method``, or
+                ``"exact"`` for ``prior="early_stopping"``).
             generator: for sampled-label Fisher curvature.
-            steps: inner steps to reach φ̂ (default: the training K).
+            steps: inner steps to reach φ̂ (default: the training K); the implicit prior is
+                that of these steps.
         """
         self._check_batch(x_support, y_support, "support set")
-        tau = self.tau if tau is None else tau
-        _check_positive("tau", tau)
+        steps = self.inner_steps if steps is None else steps
+        if prior is not None:
+            if prior not in PRIORS:
+                raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+            if tau is not None:
+                raise ValueError("give either tau or prior, not both")
+            if prior == "early_stopping" and method == "factored":
+                raise ValueError("prior='early_stopping' is per eigen-direction and needs method='exact'; "
+                                 "use prior='early_stopping_first_order' with the factored method")
+            method = method or ("exact" if prior == "early_stopping" else None)
+        tau = self.tau if tau is None and prior is None else tau
+        if tau is not None:
+            _check_positive("tau", tau)
         method = method or self.logdet_method
         if method not in ("exact", "factored"):
             raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
+        if prior == "early_stopping_first_order":
+            tau = first_order_tau(self.loss, y_support, self.inner_lr, steps)
         with torch.no_grad():
             params = self._adapt(x_support, y_support, steps=steps)
         rows = support_rows(self.net, params, x_support, y_support, LOSSES[self.loss], self.fisher,
@@ -232,7 +262,15 @@ class LLAMA(MAML):
         layers = []
         for record, a, g in rows:
             A, G = ops.kron_factors(a.detach(), g.detach(), record.bias)
+            c = float(g.shape[1])
+            if prior == "early_stopping":
+                if steps < 1:
+                    raise ValueError(f"the implicit prior needs at least one inner step, got {steps}")
+                s = inner_loss_scale(self.loss, y_support)
+                layer_tau = lambda ea, eg, c=c, s=s: direction_precisions(ea, eg, c, s, self.inner_lr, steps)  # noqa: E731
+            else:
+                layer_tau = tau
             layers.append(LayerPosterior.build(record.name, params[f"{record.name}.weight"].detach(),
                                                None if not record.bias else params[f"{record.name}.bias"].detach(),
-                                               A, G, float(g.shape[1]), tau, method))
+                                               A, G, c, layer_tau, method))
         return LaplacePosterior(self.net, {k: v.detach() for k, v in params.items()}, layers)

@@ -8,7 +8,13 @@ shape [d_out, d_A] and its column-stacked vec:
   G_d = √c·G + (√τ/π)·I; a sample is W = Ŵ + L_G⁻ᵀ Z L_A⁻¹ (Cholesky factors of
   :func:`fastlaplace.ops.damped_cholesky`).
 - ``"exact"``: precision c·A⊗G + τI; with A = U_A diag(a) U_Aᵀ and G = U_G diag(g) U_Gᵀ a
-  sample is W = Ŵ + U_G (Z ⊙ S) U_Aᵀ, S_ji = (c·a_i·g_j + τ)^(-1/2).
+  sample is W = Ŵ + U_G (Z ⊙ S) U_Aᵀ, S_ji = (c·a_i·g_j + τ_ji)^(-1/2). τ is a scalar or
+  one precision per eigen-direction (the inner loop's implicit prior, :mod:`fastlaplace.prior`).
+
+c·A⊗G is the K-FAC Fisher of the support set only, of its summed negative log likelihood
+under unit noise, with c = N·T rows (``docs/design.md`` §2); a mean-squared-error inner loss
+is (2/N)·that NLL. The factored precision's cross terms are positive semi-definite: it is
+never below the exact one, so its posterior is never wider.
 
 No dense covariance is ever formed (except by :meth:`LayerPosterior.dense_covariance`,
 for tests on small layers).
@@ -37,7 +43,7 @@ class LayerPosterior:
     mean: Tensor  # [tasks, d_out, d_A]
     method: str
     scale: float
-    tau: float
+    tau: float | Tensor  # scalar, or [tasks, d_out, d_A] per eigen-direction of A⊗G (exact only)
     A: Tensor  # [tasks, d_A, d_A]
     G: Tensor  # [tasks, d_out, d_out]
     L_A: Tensor | None = None  # factored: Cholesky factors of the damped factors
@@ -47,9 +53,11 @@ class LayerPosterior:
     std: Tensor | None = None  # [tasks, d_out, d_A]
 
     @classmethod
-    def build(cls, name, weight, bias, A, G, scale: float, tau: float, method: str) -> "LayerPosterior":
+    def build(cls, name, weight, bias, A, G, scale: float, tau, method: str) -> "LayerPosterior":
         """From the layer's adapted weight [tasks, d_out, ...] and bias [tasks, d_out], and its
-        K-FAC factors. The factorisations run in float64 (float32 eigensolvers fail on the
+        K-FAC factors. ``tau`` is a float, or (exact only) a function of the factors'
+        eigenvalues a [tasks, d_A] and g [tasks, d_G] giving a precision per eigen-direction
+        [tasks, d_out, d_A]. The factorisations run in float64 (float32 eigensolvers fail on the
         nearly singular factors of a few support points); samples come back in the
         parameters' dtype."""
         A, G = A.double(), G.double()
@@ -58,6 +66,8 @@ class LayerPosterior:
         if bias is not None:
             mean = torch.cat([mean, bias.unsqueeze(-1)], dim=-1)
         post = cls(name, tuple(weight.shape[1:]), bias is not None, mean, method, scale, tau, A, G)
+        if callable(tau) and method != "exact":
+            raise ValueError("a prior precision per eigen-direction needs method='exact'")
         if method == "factored":
             pi = pi_correction(A, G)
             sc, st = math.sqrt(scale), math.sqrt(tau)
@@ -66,7 +76,9 @@ class LayerPosterior:
         elif method == "exact":
             a, post.U_A = torch.linalg.eigh(A)
             g, post.U_G = torch.linalg.eigh(G)
-            post.std = (scale * g.unsqueeze(-1) * a.unsqueeze(-2) + tau).rsqrt()
+            if callable(tau):
+                post.tau = tau(a, g)
+            post.std = (scale * g.unsqueeze(-1) * a.unsqueeze(-2) + post.tau).rsqrt()
         else:
             raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
         return post
@@ -100,8 +112,12 @@ class LayerPosterior:
                 inv_g = torch.cholesky_inverse(self.L_G[t])
                 out.append(torch.kron(inv_a, inv_g))
             else:
-                precision = self.scale * torch.kron(self.A[t], self.G[t]) + self.tau * torch.kron(eye_a, eye_g)
-                out.append(torch.linalg.inv(precision))
+                if torch.is_tensor(self.tau):  # per eigen-direction: (U_A⊗U_G) diag(vec τ) (U_A⊗U_G)ᵀ
+                    U = torch.kron(self.U_A[t], self.U_G[t])
+                    prior = U @ torch.diag(self.tau[t].mT.reshape(-1)) @ U.T
+                else:
+                    prior = self.tau * torch.kron(eye_a, eye_g)
+                out.append(torch.linalg.inv(self.scale * torch.kron(self.A[t], self.G[t]) + prior))
         return torch.stack(out)
 
 

@@ -64,7 +64,9 @@ BAD = {
         "{d}/llama/checkpoint.pt --samples 1", "{d}/llama/checkpoint.pt --tasks 0",
         "{d}/llama/checkpoint.pt --maml {d}/none.pt", "{d}/llama/checkpoint.pt --maml {d}/text.pt",
         "{d}/llama/checkpoint.pt --method bogus", "{d}/llama/checkpoint.pt --json {d}/nowhere/report.json",
-        "{d}/llama/checkpoint.pt --json {d}/empty",
+        "{d}/llama/checkpoint.pt --json {d}/empty", "{d}/llama/checkpoint.pt --prior bogus",
+        "{d}/llama/checkpoint.pt --tau 0", "{d}/llama/checkpoint.pt --tau nan",
+        "{d}/llama/checkpoint.pt --prior early_stopping --method factored",
     ],
     "plot": [
         "", "bogus", "posterior {d}/none.pt", "posterior {d}/text.pt", "posterior {d}/llama/checkpoint.pt --tau -1",

@@ -150,6 +150,38 @@ def test_conv_learner_batched_equals_one_task_at_a_time(cls):
         torch.testing.assert_close(batched, looped)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("cls", ["maml", "llama-factored", "llama-exact", "llama-conv"])
+def test_meta_loss_in_evaluation_modes(cls, mode):
+    """A validation loop under no_grad or inference_mode: same value, no graph (issue 12:
+    LLAMA's one-pass path raised 'element 0 of tensors does not require grad')."""
+    torch.manual_seed(0)
+    context = getattr(torch, mode)
+    if cls == "llama-conv":
+        learner = LLAMA(tiny_convnet().double(), loss="cross_entropy", inner_lr=0.1, inner_steps=2, eta=0.01,
+                        tau=0.5, fisher="empirical")
+        T = 3
+        make = lambda: (torch.randn(T, 6, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1)),  # noqa: E731
+                        torch.randint(0, 3, (T, 6), generator=torch.Generator().manual_seed(2)),
+                        torch.randn(T, 4, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(3)),
+                        torch.randint(0, 3, (T, 4), generator=torch.Generator().manual_seed(4)))
+    else:
+        model = tiny_mlp().double()
+        learner = (MAML(model, inner_lr=0.02, inner_steps=2) if cls == "maml" else
+                   LLAMA(model, inner_lr=0.02, inner_steps=2, eta=0.05, tau=0.5, logdet_method=cls.split("-")[1]))
+        make = sinusoid_batch
+    expected = learner.meta_objective(*make())
+    with context():
+        got = learner.meta_objective(*make())  # inputs made inside the mode, as a validation loop does
+        phi = learner.adapt(*make()[:2])
+    assert not got.loss.requires_grad
+    torch.testing.assert_close(got.loss, expected.loss.detach())
+    torch.testing.assert_close(got.query_loss, expected.query_loss.detach())
+    if expected.logdet is not None:
+        torch.testing.assert_close(got.logdet, expected.logdet.detach())
+    assert all(not p.requires_grad for p in phi.values())
+
+
 def test_conv4_shapes():
     assert conv4(3, 5, 84)(torch.randn(2, 3, 84, 84)).shape == (2, 5)
     assert conv4(1, 20, 28)(torch.randn(2, 1, 28, 28)).shape == (2, 20)

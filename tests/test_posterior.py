@@ -145,3 +145,102 @@ def test_plot_cli(tmp_path):
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert run.returncode == 0, run.stderr
         assert png.stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------ the inner loop's implicit prior
+def tiny_learner(steps=2):
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+    return LLAMA(net, inner_lr=0.05, inner_steps=steps, tau=1.0)
+
+
+def tiny_batch(tasks=2, support=4):
+    b = SinusoidTasks(support=support, query=3).sample(tasks, torch.Generator().manual_seed(5), dtype=F64)
+    return b
+
+
+def dense_implicit_prior(layer, s, lr, steps):
+    """Per task: the prior precision (s·Q_L)⁻¹ with Q_L from theory.early_stopping_prior of the
+    dense inner-loss curvature s·c·A⊗G, and the posterior precision c·A⊗G + (s·Q_L)⁻¹."""
+    from fastlaplace.theory import early_stopping_prior
+    out = []
+    for t in range(layer.A.shape[0]):
+        fisher = layer.scale * torch.kron(layer.A[t], layer.G[t])
+        fisher = 0.5 * (fisher + fisher.T)
+        Q = early_stopping_prior(s * fisher, steps, lr=lr)
+        prior = torch.linalg.inv(s * Q)
+        out.append((prior, fisher + prior))
+    return out
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_implicit_prior_matches_dense_theory(steps):
+    """Exact per-direction prior against a dense computation on a tiny network (float64): its
+    covariance, and the first-order τ = N/(2αK) as the limit of small steps."""
+    learner, b = tiny_learner(steps), tiny_batch()
+    post = learner.posterior(b.x_support, b.y_support, prior="early_stopping")
+    s = 2.0 / b.y_support.shape[1]
+    for layer in post.layers:
+        assert layer.method == "exact" and layer.tau.shape == layer.mean.shape
+        for t, (prior, precision) in enumerate(dense_implicit_prior(layer, s, learner.inner_lr, steps)):
+            torch.testing.assert_close(layer.dense_covariance()[t], torch.linalg.inv(precision), rtol=1e-8, atol=1e-10)
+    first = learner.posterior(b.x_support, b.y_support, prior="early_stopping_first_order")
+    N = b.y_support.shape[1]
+    assert all(layer.tau == pytest.approx(N / (2 * learner.inner_lr * steps)) for layer in first.layers)
+    # α → 0: the exact prior's precision tends to the first-order one in every direction.
+    learner.inner_lr = 1e-7
+    small = learner.posterior(b.x_support, b.y_support, prior="early_stopping")
+    for layer in small.layers:
+        torch.testing.assert_close(layer.tau, torch.full_like(layer.tau, N / (2e-7 * steps)), rtol=1e-4, atol=0)
+
+
+def test_implicit_prior_scale_for_cross_entropy():
+    from fastlaplace.prior import first_order_tau, inner_loss_scale
+    y = torch.zeros(3, 5, dtype=torch.long)
+    assert first_order_tau("cross_entropy", y, 0.1, 2) == pytest.approx(5 / 0.2)
+    assert inner_loss_scale("mse", torch.zeros(3, 10, 2)) == pytest.approx(2 / 20)
+
+
+def test_marginal_nll_under_implicit_prior_matches_dense():
+    learner, b = tiny_learner(2), tiny_batch()
+    got = laplace_marginal_nll(learner, b.x_support, b.y_support, prior="early_stopping")
+    phi = learner.adapt(b.x_support, b.y_support)
+    with torch.no_grad():
+        f = learner.predict(phi, b.x_support)
+    expected = (0.5 * (f - b.y_support) ** 2 + 0.5 * math.log(2 * math.pi)).sum((1, 2))
+    theta = learner.net.adapted_parameters()
+    post = learner.posterior(b.x_support, b.y_support, prior="early_stopping")
+    for layer in post.layers:
+        W = torch.cat([theta[f"{layer.name}.weight"], theta[f"{layer.name}.bias"].unsqueeze(-1)], -1)
+        delta = (layer.mean - W).mT.reshape(layer.mean.shape[0], -1)  # column-stacked vec
+        for t, (prior, precision) in enumerate(dense_implicit_prior(layer, 2.0 / 4, learner.inner_lr, 2)):
+            expected[t] += (0.5 * delta[t] @ prior @ delta[t] - 0.5 * torch.logdet(prior)
+                            + 0.5 * torch.logdet(precision))
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8)
+    tau = 4 / (2 * learner.inner_lr * 2)
+    torch.testing.assert_close(laplace_marginal_nll(learner, b.x_support, b.y_support, prior="early_stopping_first_order"),
+                               laplace_marginal_nll(learner, b.x_support, b.y_support, tau=tau))
+
+
+def test_implicit_prior_errors_and_report():
+    learner, b = tiny_learner(1), tiny_batch()
+    with pytest.raises(ValueError, match="needs method='exact'"):
+        learner.posterior(b.x_support, b.y_support, prior="early_stopping", method="factored")
+    with pytest.raises(ValueError, match="either tau or prior"):
+        learner.posterior(b.x_support, b.y_support, tau=1.0, prior="early_stopping")
+    with pytest.raises(ValueError, match="prior must be one of"):
+        learner.posterior(b.x_support, b.y_support, prior="flat")
+    learner.inner_lr = 0.5  # the inner step overshoots in some directions: flat prior (precision 0) there
+    post = learner.posterior(b.x_support, b.y_support, prior="early_stopping")
+    taus = torch.cat([layer.tau.flatten() for layer in post.layers])
+    assert bool((taus == 0).any()) and bool((taus > 0).any())
+    assert all(bool(torch.isfinite(layer.std).all()) for layer in post.layers)
+    assert bool(torch.isfinite(laplace_marginal_nll(learner, b.x_support, b.y_support, prior="early_stopping")).all())
+    learner = sinusoid_learner("exact")
+    problem = SinusoidProblem(SinusoidTasks())
+    for prior in ("early_stopping", "early_stopping_first_order"):
+        out = report(learner, problem, tasks=8, samples=5, prior=prior)
+        assert out["calibration"]["tau"] == prior == out["prior"]
+        for key in ("llama_nll", "coverage50", "coverage90", "laplace_marginal_nll_at_prior",
+                    "extrapolation_std_ratio"):
+            assert math.isfinite(out[key]["mean"]), key

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastlaplace.theory import early_stopping_prior, gradient_descent, map_estimate
+from fastlaplace.theory import early_stopping_prior, early_stopping_variance, gradient_descent, map_estimate
 
 F64 = torch.float64
 
@@ -77,10 +77,17 @@ def test_errors():
     lmax = float(torch.linalg.eigvalsh(H).max())
     with pytest.raises(ValueError, match="too large"):
         early_stopping_prior(H, 3, lr=1.0 / lmax)
-    with pytest.raises(ValueError, match="positive definite"):
+    with pytest.raises(ValueError, match="positive semi-definite"):
         early_stopping_prior(-H, 3, lr=0.1 / lmax)
-    with pytest.raises(ValueError, match="positive definite"):
-        early_stopping_prior(torch.ones(3, 3, dtype=F64), 3, lr=0.01)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        early_stopping_prior(H - 2 * torch.linalg.eigvalsh(H).min() * torch.eye(H.shape[0], dtype=F64), 3,
+                             lr=0.1 / lmax)
+    with pytest.raises(ValueError, match="even number of steps"):
+        early_stopping_prior(H, 3, lr=1.5 / lmax)  # 1 < αλ < 2 with odd k
+    with pytest.raises(ValueError, match="too large"):
+        early_stopping_prior(H, 4, lr=2.5 / lmax)  # αλ ≥ 2: diverges
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        early_stopping_variance(torch.tensor([-1.0, 1.0], dtype=F64), 2, lr=0.1)
     with pytest.raises(ValueError, match="square"):
         early_stopping_prior(X, 3, lr=0.1)
     with pytest.raises(ValueError, match="exactly one"):
@@ -91,6 +98,52 @@ def test_errors():
         map_estimate(X, y[:-1], theta, H)
     with pytest.raises(ValueError, match="precond must have"):
         early_stopping_prior(H, 3, precond=torch.eye(2, dtype=F64))
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_positive_semi_definite_curvature(steps):
+    """Fewer examples than parameters (the few-shot case): H has a null space, where the
+    iterates never move and the prior variance is αk; elsewhere GD is still the MAP."""
+    X, y, theta = problem(n=3, d=7, seed=4)
+    H = X.T @ X
+    lr = well_conditioned_rate(steps) / float(torch.linalg.eigvalsh(H).max())
+    Q = early_stopping_prior(H, steps, lr=lr)
+    torch.testing.assert_close(Q, Q.T)
+    null = torch.linalg.svd(X).Vh[3:].T  # [d, d − n], orthonormal basis of H's null space
+    torch.testing.assert_close(null.T @ Q @ null, lr * steps * torch.eye(4, dtype=F64), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gradient_descent(X, y, theta, steps, lr=lr), map_estimate(X, y, theta, Q),
+                               rtol=1e-10, atol=1e-10)
+    # Same with a preconditioner, and the zero-curvature limit of the per-direction variance.
+    B = random_spd(7, 5) * lr
+    Qb = early_stopping_prior(H, steps, precond=B)
+    torch.testing.assert_close(gradient_descent(X, y, theta, steps, precond=B), map_estimate(X, y, theta, Qb),
+                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(early_stopping_variance(torch.zeros(2, dtype=F64), steps, lr=lr),
+                               torch.full((2,), lr * steps, dtype=F64))
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_even_steps_past_the_midpoint(steps):
+    """1 < αλ < 2 with an even number of steps: the iterate oscillates around the minimiser
+    but ends on θ's side, closer, which is still the MAP under a Gaussian prior."""
+    X, y, theta = problem(n=30, d=5, seed=3)
+    H = X.T @ X
+    lam = torch.linalg.eigvalsh(H)
+    lr = 1.3 / float(lam.max())
+    assert float(lr * lam.max()) > 1 and float(lr * lam.min()) < 1
+    Q = early_stopping_prior(H, steps, lr=lr)
+    assert bool((torch.linalg.eigvalsh(Q) > 0).all())
+    torch.testing.assert_close(gradient_descent(X, y, theta, steps, lr=lr), map_estimate(X, y, theta, Q),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_variance_is_continuous_at_small_curvature():
+    h = torch.tensor([0.0, 1e-12, 1e-6, 1e-2, 10.0, 60.0], dtype=F64)
+    q = early_stopping_variance(h, 3, lr=0.01)
+    exact = ((1 - 0.01 * h[3:]) ** -3 - 1) / h[3:]  # the plain formula, where it has no cancellation
+    torch.testing.assert_close(q[3:], exact, rtol=1e-9, atol=0)
+    series = 0.03 * (1 + 2 * 0.01 * h[:3])  # αk(1 + (k+1)/2·αh) for small h
+    torch.testing.assert_close(q[:3], series, rtol=1e-12, atol=0)
 
 
 def test_example_runs(tmp_path):

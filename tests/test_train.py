@@ -132,3 +132,10 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, module):
     run = subprocess.run([sys.executable, "-m", f"fastlaplace.{module}", str(tmp_path / "none.pt")],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode != 0 and "no checkpoint at" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_miniimagenet_defaults_are_the_papers():
+    """Section 5.2: Conv4 with 64 filters, 5 inner steps of α = 0.01, η = 1e-6, τ = 1e-3."""
+    from fastlaplace.train import DATASET_DEFAULTS
+    d = DATASET_DEFAULTS["miniimagenet"]
+    assert (d["filters"], d["inner_steps"], d["inner_lr"], d["eta"], d["tau"]) == (64, 5, 0.01, 1e-6, 1e-3)
