@@ -161,7 +161,8 @@ def task_slice(meta_batch: int, ctx: Context) -> slice:
 def shard(batch, ctx: Context):
     """This rank's share of a global meta-batch (a tuple of tensors [tasks, ...])."""
     s = task_slice(batch[0].shape[0], ctx)
-    return type(batch)(*(t[s] for t in batch))
+    parts = [t[s] for t in batch]
+    return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)  # a NamedTuple or not
 
 
 def rank_seed(seed: int, rank: int, iteration: int = 0, stream: str = "tasks") -> int:
