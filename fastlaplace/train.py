@@ -10,6 +10,10 @@ installed. A checkpoint is only written when the parameters, gradients and optim
 are all finite. ``--resume`` takes the run's settings from its folder; the learning rates,
 the number of iterations, the device and the logging cadence may be changed (the change is
 logged), anything that would change the problem is refused.
+
+``torchrun --nproc_per_node N -m fastlaplace.train ...`` splits each meta-batch over N
+processes (Gloo on the CPU, NCCL on CUDA; see :mod:`fastlaplace.distributed` and the README's
+"Multi-GPU and multi-node"): rank 0 alone writes the files above.
 """
 
 from __future__ import annotations
