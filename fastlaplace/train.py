@@ -240,21 +240,22 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
     """
     cfg = cfg.resolved()
     ctx = distributed.from_env()
-    local_batch = distributed.local_tasks(cfg.meta_batch, ctx.world_size)
+    if not resume:  # before joining the others (a resumed run's settings come from rank 0: checked then)
+        distributed.local_tasks(cfg.meta_batch, ctx.world_size)
     owned = ctx.distributed and not distributed._initialized()
     ctx = distributed.init(cfg.device)
     # On an error the process group is left to the process's end: other ranks may still be
     # in a collective, and torchrun ends them.
-    result = _train(cfg, ctx, local_batch, resume, progress, evaluate_at_end)
+    result = _train(cfg, ctx, resume, progress, evaluate_at_end)
     if owned:
         distributed.shutdown()
     return result
 
 
-def _train(cfg: Config, ctx: distributed.Context, local_batch: int, resume: bool, progress: bool,
-           evaluate_at_end: bool) -> dict:
+def _train(cfg: Config, ctx: distributed.Context, resume: bool, progress: bool, evaluate_at_end: bool) -> dict:
     if ctx.distributed:  # rank 0's settings (its --resume read them from its output folder)
         cfg = distributed.broadcast_object(cfg)
+    local_batch = distributed.local_tasks(cfg.meta_batch, ctx.world_size)
     device = distributed.local_device(cfg.device, ctx)
     out = Path(cfg.out)
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
