@@ -130,10 +130,12 @@ def init(device="cpu", timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Context
 
 
 def shutdown() -> None:
-    """Leave the process group, if any."""
+    """Leave the process group, if any, once every rank has reached this point (a rank that
+    tears down its connections while another still uses them can abort the process)."""
     if _initialized():
         import torch.distributed as dist  # noqa: PLC0415
 
+        barrier()
         dist.destroy_process_group()
 
 
