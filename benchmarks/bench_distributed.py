@@ -140,8 +140,10 @@ def main() -> None:
         print(" | ".join(rows[-1]), flush=True)
     table = markdown_table(["LLAMA meta-iteration", "1 process × 1 thread", "one process", "s / it", f"{n} processes", "s / it",
                             "speed-up", "efficiency", "speed-up over 1 × 1 thread"], rows)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     body = (f"{table}\n\nGlobal meta-batch fixed; each process takes 1/{n} of the tasks (torchrun, "
-            f"{'NCCL' if cuda else 'Gloo'}).")
+            f"{'NCCL' if cuda else 'Gloo'}). Load average at the end: {load} (other programs on the same cores "
+            "make N intra-op threads wait for each other: compare with the 1 × 1 thread column).")
     if not cuda:
         body += (" On a GPU machine with several GPUs: `python benchmarks/bench_distributed.py --device cuda --nproc "
                  "N` (not run here: the GPU machine available to this project has one GPU).")
