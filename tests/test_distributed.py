@@ -4,6 +4,7 @@ parameters, a rank that dies ends the job with an error and an intact checkpoint
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -106,11 +107,12 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_result(runs):
 
 
 def test_one_process_resumes_a_two_rank_run(runs, tmp_path, capsys):
-    cfg = Config(out=str(runs["base"] / "straight"), iterations=10, eval_tasks=10, checkpoint_every=2, log_every=1,
+    shutil.copytree(runs["base"] / "straight", tmp_path / "copy")  # the fixture's runs stay as they are
+    cfg = Config(out=str(tmp_path / "copy"), iterations=10, eval_tasks=10, checkpoint_every=2, log_every=1,
                  meta_batch=4, eta=1e-3, tau=0.1)
     train(cfg, resume=True, progress=False)
     assert "seeded anew from (seed, rank, iteration 8)" in capsys.readouterr().err
-    state = read_checkpoint(runs["base"] / "straight" / "checkpoint.pt")
+    state = read_checkpoint(tmp_path / "copy" / "checkpoint.pt")
     assert state["iteration"] == 10 and "world_size" not in state
 
 
