@@ -36,22 +36,44 @@ class Estimate:
 
 def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: int = 0,
              split: str = "test", chunk: int = 100, device: str | torch.device = "cpu",
-             progress: bool = True) -> dict[int, Estimate]:
-    """Metric of the adapted learner on ``tasks`` new tasks of ``split``, per inner-step count."""
+             progress: bool = True, distributed: bool = False) -> dict[int, Estimate]:
+    """Metric of the adapted learner on ``tasks`` new tasks of ``split``, per inner-step count.
+
+    With ``distributed`` (inside an initialised ``torch.distributed`` process group, see
+    :mod:`fastlaplace.distributed`) the chunks of tasks are dealt out to the ranks in turn and
+    the metrics gathered: every rank returns the same estimates as one process would."""
+    from . import distributed as dist  # noqa: PLC0415
+
     if tasks < 1:
         raise ValueError(f"tasks must be >= 1, got {tasks}")
+    ctx = dist.current() if distributed else dist.Context()
     generator = torch.Generator().manual_seed(seed)
     values: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
+    sizes, mine = [], []
     with Progress(tasks, f"eval {split}", enabled=progress) as bar, torch.no_grad():
         done = 0
         while done < tasks:
             n = min(chunk, tasks - done)
-            batch = problem.sample(split, n, generator).to(device)
-            for s in steps:
-                params = learner.adapt(batch.x_support, batch.y_support, steps=s)
-                values[s].append(problem.metric(learner.predict(params, batch.x_query), batch.y_query))
+            batch = problem.sample(split, n, generator)  # every rank draws every chunk: the same tasks
+            if len(sizes) % ctx.world_size == ctx.rank:
+                batch = batch.to(device)
+                for s in steps:
+                    params = learner.adapt(batch.x_support, batch.y_support, steps=s)
+                    values[s].append(problem.metric(learner.predict(params, batch.x_query), batch.y_query))
+                if ctx.distributed:
+                    mine.append(torch.stack([values[s][-1] for s in steps]).double().cpu().reshape(-1))
+            sizes.append(n)
             done += n
             bar.update(n)
+    if ctx.distributed:
+        parts = dist.gather_varlen(torch.cat(mine) if mine else torch.zeros(0, dtype=torch.float64))
+        chunks: list[torch.Tensor] = []  # [steps, n] per chunk, in order
+        offsets = [0] * ctx.world_size
+        for i, n in enumerate(sizes):
+            r = i % ctx.world_size
+            chunks.append(parts[r][offsets[r]:offsets[r] + len(steps) * n].reshape(len(steps), n))
+            offsets[r] += len(steps) * n
+        values = {s: [c[j] for c in chunks] for j, s in enumerate(steps)}
     return {s: Estimate.of(torch.cat(v)) for s, v in values.items()}
 
 

@@ -10,11 +10,16 @@ installed. A checkpoint is only written when the parameters, gradients and optim
 are all finite. ``--resume`` takes the run's settings from its folder; the learning rates,
 the number of iterations, the device and the logging cadence may be changed (the change is
 logged), anything that would change the problem is refused.
+
+``torchrun --nproc_per_node N -m fastlaplace.train ...`` splits each meta-batch over N
+processes (Gloo on the CPU, NCCL on CUDA; see :mod:`fastlaplace.distributed` and the README's
+"Multi-GPU and multi-node"): rank 0 alone writes the files above.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import UsageError, check_device, check_seed, errors_as_messages, positive_float, positive_int
+from . import distributed
+from .cli import EXPECTED, UsageError, check_device, check_seed, errors_as_messages, positive_float, positive_int
 from .data.sinusoid import SinusoidTasks
 from .evaluate import Estimate, evaluate
 from .meta import LLAMA, MAML
@@ -191,13 +197,14 @@ def make_learner(cfg: Config, model: torch.nn.Module) -> MAML:
     return MAML(model, first_order=cfg.method == "fomaml", **common)
 
 
-def build(cfg: Config):
-    """The problem and a freshly initialised learner (seeded, without touching global RNG)."""
+def build(cfg: Config, device: str | None = None):
+    """The problem and a freshly initialised learner (seeded, without touching global RNG),
+    on ``device`` (default: the configured one)."""
     problem = make_problem(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = problem.build_model()
-    return problem, make_learner(cfg, model).to(cfg.device)
+    return problem, make_learner(cfg, model).to(device or cfg.device)
 
 
 class _StopFlag:
@@ -225,50 +232,107 @@ class _StopFlag:
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_end: bool = True) -> dict:
-    """Meta-train as configured; returns the final results (also written to results.json)."""
+    """Meta-train as configured; returns the final results (also written to results.json).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1, see :mod:`fastlaplace.distributed`) every rank
+    runs this: each samples and differentiates its share of the meta-batch, the meta-gradients
+    are averaged, rank 0 alone writes files, and the evaluation's tasks are split over the ranks.
+    """
     cfg = cfg.resolved()
+    ctx = distributed.from_env()
+    if not resume:  # before joining the others (a resumed run's settings come from rank 0: checked then)
+        distributed.local_tasks(cfg.meta_batch, ctx.world_size)
+    owned = ctx.distributed and not distributed._initialized()
+    ctx = distributed.init(cfg.device)
+    # On an error the process group is left to the process's end: other ranks may still be
+    # in a collective, and torchrun ends them.
+    result = _train(cfg, ctx, resume, progress, evaluate_at_end)
+    if owned:
+        distributed.shutdown()
+    return result
+
+
+def _train(cfg: Config, ctx: distributed.Context, resume: bool, progress: bool, evaluate_at_end: bool) -> dict:
+    if ctx.distributed:  # rank 0's settings (its --resume read them from its output folder)
+        cfg = distributed.broadcast_object(cfg)
+    local_batch = distributed.local_tasks(cfg.meta_batch, ctx.world_size)
+    device = distributed.local_device(cfg.device, ctx)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    if not resume and (ckpt_path.exists() or (out / "checkpoint.prev.pt").exists()):
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    problem, learner = build(cfg)
+
+    def prepare():  # rank 0: the output folder and the checkpoint to continue from
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and (ckpt_path.exists() or (out / "checkpoint.prev.pt").exists()):
+            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+        latest = read_latest(ckpt_path, log=lambda m: print(m, file=sys.stderr)) if resume else None
+        if latest is not None:
+            state, used = latest
+            if used != ckpt_path and ckpt_path.exists():  # keep the damaged file aside, out of the rotation
+                os.replace(ckpt_path, ckpt_path.with_name(ckpt_path.name + ".corrupt"))
+            saved = config_from_dict(state["config"], f"the configuration in {used}")
+            changed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE_CHANGES
+                       and getattr(saved, f.name) != getattr(cfg, f.name)]
+            if changed:
+                raise UsageError(f"{used} was written with other settings of {', '.join(changed)} ("
+                                 + ", ".join(f"{k}: saved {getattr(saved, k)!r}, now {getattr(cfg, k)!r}"
+                                             for k in changed)
+                                 + f"); a resumed run may only change {', '.join(RESUMABLE_CHANGES[:7])}: "
+                                 "use a new --out for a different run")
+            return state, used, saved
+        return None
+
+    if not ctx.distributed:
+        latest = prepare()
+    else:  # rank 0 decides; its outcome (or its error) reaches every rank
+        outcome = None
+        if ctx.is_main:
+            try:
+                outcome = ("ok", prepare())
+            except EXPECTED as exc:
+                outcome = ("error", exc)
+        outcome = distributed.broadcast_object(outcome)
+        if outcome[0] == "error":
+            raise outcome[1]
+        latest = outcome[1]
+    problem, learner = build(cfg, device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.meta_lr)
-    task_gen = torch.Generator().manual_seed(cfg.seed)
-    fisher_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1)
+    task_gen, fisher_gen = _generators(cfg, ctx, device)
     start, good = 0, None  # good: the last checkpoint known to be intact, and its iteration
-    latest = read_latest(ckpt_path, log=lambda m: print(m, file=sys.stderr)) if resume else None
     if latest is not None:
-        state, used = latest
-        if used != ckpt_path and ckpt_path.exists():  # keep the damaged file aside, out of the rotation
-            os.replace(ckpt_path, ckpt_path.with_name(ckpt_path.name + ".corrupt"))
-        saved = config_from_dict(state["config"], f"the configuration in {used}")
-        changed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE_CHANGES
-                   and getattr(saved, f.name) != getattr(cfg, f.name)]
-        if changed:
-            raise UsageError(f"{used} was written with other settings of {', '.join(changed)} ("
-                             + ", ".join(f"{k}: saved {getattr(saved, k)!r}, now {getattr(cfg, k)!r}" for k in changed)
-                             + f"); a resumed run may only change {', '.join(RESUMABLE_CHANGES[:7])}: "
-                             "use a new --out for a different run")
+        state, used, saved = latest
         try:
             learner.load_state_dict(state["learner"])
             optimizer.load_state_dict(state["optimizer"])
-            task_gen.set_state(state["task_generator"])
-            fisher_gen.set_state(state["fisher_generator"].to(fisher_gen.get_state().device))
-        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            saved_world = state.get("world_size", 1)
+            if saved_world == ctx.world_size == 1:
+                task_gen.set_state(state["task_generator"])
+                fisher_gen.set_state(state["fisher_generator"].to(fisher_gen.get_state().device))
+            elif saved_world == ctx.world_size:
+                task_gen.set_state(state["task_generators"][ctx.rank].clone())
+                fisher_gen.set_state(state["fisher_generators"][ctx.rank].clone().to(fisher_gen.get_state().device))
+            else:  # another number of ranks: new task streams, seeded from (seed, rank, iteration)
+                task_gen, fisher_gen = _generators(cfg, ctx, device, iteration=state["iteration"])
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise CheckpointError(f"{used} does not fit this run ({_brief(exc)})") from exc
         for group in optimizer.param_groups:
             group["lr"] = cfg.meta_lr
         start, good = state["iteration"], (used, state["iteration"])
-        print(f"resumed from {used} at iteration {start}", file=sys.stderr)
-        for k in ("meta_lr", "inner_lr", "iterations"):
-            if getattr(saved, k) != getattr(cfg, k):
-                print(f"resumed with {k} changed from {getattr(saved, k)} to {getattr(cfg, k)}", file=sys.stderr)
-    elif resume:
+        if ctx.is_main:
+            print(f"resumed from {used} at iteration {start}", file=sys.stderr)
+            if saved_world != ctx.world_size:
+                print(f"resumed with {ctx.world_size} process(es) a run saved by {saved_world}: each rank's task "
+                      f"and Fisher generators are seeded anew from (seed, rank, iteration {start}), so the rest of "
+                      "the run is statistically, not bitwise, the same as an uninterrupted one", file=sys.stderr)
+            for k in ("meta_lr", "inner_lr", "iterations"):
+                if getattr(saved, k) != getattr(cfg, k):
+                    print(f"resumed with {k} changed from {getattr(saved, k)} to {getattr(cfg, k)}", file=sys.stderr)
+    elif resume and ctx.is_main:
         print(f"no checkpoint in {out} yet: starting from iteration 0", file=sys.stderr)
-    _truncate_metrics(metrics_path, start)  # lines after the checkpoint are logged again
-    atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(cfg), indent=2).encode()))
-    writer = _tensorboard(out)
+    writer = None
+    if ctx.is_main:
+        _truncate_metrics(metrics_path, start)  # lines after the checkpoint are logged again
+        atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(cfg), indent=2).encode()))
+        writer = _tensorboard(out)
 
     def diverged(what: str, iteration: int) -> FloatingPointError:
         if good is None:
@@ -282,63 +346,96 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
     def save(iteration: int) -> None:
         nonlocal good
         tensors = [*learner.parameters(), *_tensors(optimizer.state_dict()["state"])]
-        if not _all_finite(tensors):
+        if not _all_finite(tensors):  # the same on every rank: the parameters are the same
             raise diverged("the parameters or the optimiser state became non-finite (not saved)", iteration)
-        state = dict(config=dataclasses.asdict(cfg), iteration=iteration, learner=learner.state_dict(),
-                     optimizer=optimizer.state_dict(), task_generator=task_gen.get_state(),
-                     fisher_generator=fisher_gen.get_state().cpu())
-        save_checkpoint(ckpt_path, state)
+        if ctx.distributed:
+            task_states = distributed.all_gather_rows(task_gen.get_state())
+            fisher_states = distributed.all_gather_rows(fisher_gen.get_state().cpu())
+        if ctx.is_main:
+            state = dict(config=dataclasses.asdict(cfg), iteration=iteration, learner=learner.state_dict(),
+                         optimizer=optimizer.state_dict(), task_generator=task_gen.get_state(),
+                         fisher_generator=fisher_gen.get_state().cpu())
+            if ctx.distributed:
+                state.update(world_size=ctx.world_size, task_generators=task_states, fisher_generators=fisher_states)
+            save_checkpoint(ckpt_path, state)
         good = (ckpt_path, iteration)
 
     running, t0 = None, time.perf_counter()
+    metrics_file = open(metrics_path, "a") if ctx.is_main else contextlib.nullcontext()
     with _StopFlag() as stop, Progress(cfg.iterations, f"{cfg.method} {cfg.dataset}", start=start,
-                                       enabled=progress) as bar, open(metrics_path, "a") as metrics:
+                                       enabled=progress and ctx.is_main) as bar, metrics_file as metrics:
         for it in range(start, cfg.iterations):
-            batch = problem.sample("train", cfg.meta_batch, task_gen).to(cfg.device)
+            batch = problem.sample("train", local_batch, task_gen).to(device)
             parts = learner.meta_objective(*batch, generator=fisher_gen)
-            if not bool(torch.isfinite(parts.loss)):
-                raise diverged(f"the meta-loss became {float(parts.loss.detach())}", it + 1)
-            optimizer.zero_grad(set_to_none=True)
-            parts.loss.backward()
+            if not ctx.distributed:
+                if not bool(torch.isfinite(parts.loss)):
+                    raise diverged(f"the meta-loss became {float(parts.loss.detach())}", it + 1)
+                optimizer.zero_grad(set_to_none=True)
+                parts.loss.backward()
+                loss, query_loss = float(parts.loss.detach()), float(parts.query_loss.detach().mean())
+                logdet = None if parts.logdet is None else float(parts.logdet.detach().mean())
+                stopping = stop.stop
+            else:  # the losses and the stop flag travel with the meta-gradients: every rank decides alike
+                optimizer.zero_grad(set_to_none=True)
+                parts.loss.backward()
+                zero = torch.zeros((), device=parts.loss.device)
+                extras = torch.stack([parts.loss.detach(), parts.query_loss.detach().mean(),
+                                      zero if parts.logdet is None else parts.logdet.detach().mean(),
+                                      zero + float(stop.stop)]).double()
+                loss, query_loss, logdet, stopped = distributed.average_gradients(learner.parameters(),
+                                                                                  extras).tolist()
+                logdet = None if parts.logdet is None else logdet
+                stopping = stopped > 0
+                if not math.isfinite(loss):
+                    raise diverged(f"the meta-loss became {loss}", it + 1)
             if not _all_finite([p.grad for p in learner.parameters() if p.grad is not None]):
                 raise diverged("the meta-gradient became non-finite (not applied)", it + 1)
             optimizer.step()
-            loss = float(parts.loss.detach())
             running = loss if running is None else 0.98 * running + 0.02 * loss
             bar.update(1, loss=running)
-            if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
-                row = dict(iteration=it + 1, loss=loss, query_loss=float(parts.query_loss.detach().mean()),
-                           seconds=time.perf_counter() - t0)
-                if parts.logdet is not None:
-                    row["logdet"] = float(parts.logdet.detach().mean())
+            if ctx.is_main and ((it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations):
+                row = dict(iteration=it + 1, loss=loss, query_loss=query_loss, seconds=time.perf_counter() - t0)
+                if logdet is not None:
+                    row["logdet"] = logdet
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 if writer is not None:
                     for k, v in row.items():
                         if k != "iteration":
                             writer.add_scalar(f"train/{k}", v, it + 1)
-            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations or stop.stop:
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations or stopping:
                 save(it + 1)
-            if stop.stop:
-                print(f"\nstopped at iteration {it + 1}; checkpoint saved. Continue with --resume "
-                      f"--out {cfg.out}", file=sys.stderr)
+            if stopping:
+                if ctx.is_main:
+                    print(f"\nstopped at iteration {it + 1}; checkpoint saved. Continue with --resume "
+                          f"--out {cfg.out}", file=sys.stderr)
                 return {"stopped_at": it + 1}
     if cfg.iterations <= start:  # nothing left to train (resumed a finished run)
         save(start)
     if not evaluate_at_end:
         return {}
     results = evaluate(learner, problem, cfg.test_inner_steps, cfg.eval_tasks, cfg.eval_seed,
-                       device=cfg.device, progress=progress)
+                       device=device, progress=progress and ctx.is_main, distributed=ctx.distributed)
     summary = {
         "dataset": cfg.dataset, "method": cfg.method, "iterations": cfg.iterations, "metric": problem.metric_name,
         "test": {str(s): vars(e) for s, e in results.items()},
     }
-    atomic_write(out / "results.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
-    for s, est in results.items():
-        print(f"test {problem.metric_name} after {s} inner step(s): {est}  (mean ± 95% CI, {est.n} tasks)")
+    if ctx.is_main:
+        atomic_write(out / "results.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        for s, est in results.items():
+            print(f"test {problem.metric_name} after {s} inner step(s): {est}  (mean ± 95% CI, {est.n} tasks)")
     if writer is not None:
         writer.close()
     return summary
+
+
+def _generators(cfg: Config, ctx: distributed.Context, device: str, iteration: int = 0):
+    """The task and Fisher-label generators of this rank: seeded by ``seed`` and ``seed + 1``
+    in a one-process run (started at iteration 0), else from (seed, rank, iteration)."""
+    if ctx.world_size == 1 and iteration == 0:
+        return torch.Generator().manual_seed(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    return (torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, ctx.rank, iteration, "tasks")),
+            torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed, ctx.rank, iteration, "fisher")))
 
 
 def _brief(exc: BaseException) -> str:
