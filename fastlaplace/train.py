@@ -36,7 +36,7 @@ import torch
 from . import distributed
 from .cli import EXPECTED, UsageError, check_device, check_seed, errors_as_messages, positive_float, positive_int
 from .data.sinusoid import SinusoidTasks
-from .evaluate import Estimate, evaluate
+from .evaluate import evaluate
 from .meta import LLAMA, MAML
 from .problems import SinusoidProblem
 from .progress import Progress
@@ -367,27 +367,25 @@ def _train(cfg: Config, ctx: distributed.Context, resume: bool, progress: bool, 
         for it in range(start, cfg.iterations):
             batch = problem.sample("train", local_batch, task_gen).to(device)
             parts = learner.meta_objective(*batch, generator=fisher_gen)
+            summary = torch.stack([parts.loss.detach(), parts.query_loss.detach().mean(),
+                                   parts.loss.new_zeros(()) if parts.logdet is None else parts.logdet.detach().mean()])
             if not ctx.distributed:
-                if not bool(torch.isfinite(parts.loss)):
-                    raise diverged(f"the meta-loss became {float(parts.loss.detach())}", it + 1)
+                loss, query_loss, logdet = summary.tolist()  # one host sync for the loss check and the log
+                if not math.isfinite(loss):
+                    raise diverged(f"the meta-loss became {loss}", it + 1)
                 optimizer.zero_grad(set_to_none=True)
                 parts.loss.backward()
-                loss, query_loss = float(parts.loss.detach()), float(parts.query_loss.detach().mean())
-                logdet = None if parts.logdet is None else float(parts.logdet.detach().mean())
                 stopping = stop.stop
             else:  # the losses and the stop flag travel with the meta-gradients: every rank decides alike
                 optimizer.zero_grad(set_to_none=True)
                 parts.loss.backward()
-                zero = torch.zeros((), device=parts.loss.device)
-                extras = torch.stack([parts.loss.detach(), parts.query_loss.detach().mean(),
-                                      zero if parts.logdet is None else parts.logdet.detach().mean(),
-                                      zero + float(stop.stop)]).double()
+                extras = torch.cat([summary, summary.new_zeros(1) + float(stop.stop)]).double()
                 loss, query_loss, logdet, stopped = distributed.average_gradients(learner.parameters(),
                                                                                   extras).tolist()
-                logdet = None if parts.logdet is None else logdet
                 stopping = stopped > 0
                 if not math.isfinite(loss):
                     raise diverged(f"the meta-loss became {loss}", it + 1)
+            logdet = None if parts.logdet is None else logdet
             if not _all_finite([p.grad for p in learner.parameters() if p.grad is not None]):
                 raise diverged("the meta-gradient became non-finite (not applied)", it + 1)
             optimizer.step()
