@@ -10,7 +10,9 @@ import torch
 from fastlaplace import train as train_mod
 from fastlaplace.problems import SinusoidProblem
 from fastlaplace.runs import read_checkpoint
-from fastlaplace.train import Config, load_for_evaluation, train
+from fastlaplace.config import Config
+from fastlaplace.runs import load_for_evaluation
+from fastlaplace.train import train
 
 
 def small_config(tmp_path, **overrides):
@@ -136,6 +138,6 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, module):
 
 def test_miniimagenet_defaults_are_the_papers():
     """Section 5.2: Conv4 with 64 filters, 5 inner steps of α = 0.01, η = 1e-6, τ = 1e-3."""
-    from fastlaplace.train import DATASET_DEFAULTS
+    from fastlaplace.config import DATASET_DEFAULTS
     d = DATASET_DEFAULTS["miniimagenet"]
     assert (d["filters"], d["inner_steps"], d["inner_lr"], d["eta"], d["tau"]) == (64, 5, 0.01, 1e-6, 1e-3)
