@@ -51,8 +51,8 @@ def setting(default=None, help: str = "", *, group: str, metavar: str | None = N
     ``help`` (the flag's help text; the default is appended), the flag's ``group`` in
     ``--help``, ``metavar``, ``choices`` and ``nargs`` (for a list), ``flag=False`` for a
     setting that is only read from files, and ``resume`` (SAME, MAY_CHANGE or FROM_USER)."""
-    metadata = dict(help=help, group=group, metavar=metavar, choices=choices, nargs=nargs, flag=flag,
-                    resume=resume)
+    metadata = {"help": help, "group": group, "metavar": metavar, "choices": choices, "nargs": nargs, "flag": flag,
+                "resume": resume}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -107,7 +107,7 @@ class Config:
     allow_pickle: bool = setting(False, "read miniImageNet's pickle files (loading a pickle can run code: only "
                                         "files you trust)", group="images", resume=FROM_USER)
 
-    def resolved(self) -> "Config":
+    def resolved(self) -> Config:
         """The data set's defaults filled in and the output folder named, then checked."""
         if self.dataset not in DATASETS:
             raise UsageError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
@@ -283,8 +283,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse._Argume
             continue
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         (tp,) = [t for t in _options(types[f.name]) if t is not type(None)]
-        kwargs: dict = dict(dest=f.name, default=None,
-                            help=meta["help"] + (_default_text(f) or _dataset_defaults_text(f.name)))
+        kwargs: dict = {"dest": f.name, "default": None,
+                        "help": meta["help"] + (_default_text(f) or _dataset_defaults_text(f.name))}
         if tp is bool:
             kwargs["action"] = "store_true"
         else:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed as dist
-from .progress import progress_bar
 from .cli import check_device, check_seed, errors_as_messages, positive_int
 from .meta import MAML
+from .progress import progress_bar
 from .runs import load_for_evaluation
 
 

@@ -94,7 +94,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------ restore or start
     @classmethod
-    def restore_or_start(cls, cfg: Config, ctx: distributed.Context, resume: bool) -> "Trainer":
+    def restore_or_start(cls, cfg: Config, ctx: distributed.Context, resume: bool) -> Trainer:
         """Rank 0 opens the output folder and reads the checkpoint to continue from (with
         ``resume``); every rank builds the problem and the learner and restores the saved
         state, its own generators included; rank 0 writes config.json and opens the logs."""
@@ -179,7 +179,7 @@ class Trainer:
                   file=sys.stderr)
         return self.iteration
 
-    def step(self, iteration: int, stop: "_StopFlag") -> Step:
+    def step(self, iteration: int, stop: _StopFlag) -> Step:
         """One meta-iteration: this rank's share of a meta-batch, its meta-gradient averaged
         over the ranks (with the losses and the stop flag), checked, and Adam's step."""
         batch = self.problem.sample("train", self.local_batch, self.task_gen).to(self.device)
@@ -274,7 +274,7 @@ class Trainer:
                 print(f"test {problem.metric_name} after {s} inner step(s): {est}  (mean ± 95% CI, {est.n} tasks)")
         return summary
 
-    def __enter__(self) -> "Trainer":
+    def __enter__(self) -> Trainer:
         return self
 
     def __exit__(self, *exc) -> None:

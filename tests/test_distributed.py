@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fastlaplace import distributed
-from fastlaplace.runs import read_checkpoint
 from fastlaplace.config import Config
+from fastlaplace.runs import read_checkpoint
 from fastlaplace.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

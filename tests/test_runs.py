@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from fastlaplace import train as train_mod
+from fastlaplace.config import Config
 from fastlaplace.meta import MAML
 from fastlaplace.problems import SinusoidProblem
-from fastlaplace.runs import CheckpointError, previous, read_checkpoint, save_checkpoint
-from fastlaplace.config import Config
-from fastlaplace.runs import load_for_evaluation
+from fastlaplace.runs import CheckpointError, load_for_evaluation, previous, read_checkpoint, save_checkpoint
 from fastlaplace.train import train
 
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from fastlaplace import train as train_mod
-from fastlaplace.problems import SinusoidProblem
-from fastlaplace.runs import read_checkpoint
 from fastlaplace.config import Config
-from fastlaplace.runs import load_for_evaluation
+from fastlaplace.problems import SinusoidProblem
+from fastlaplace.runs import load_for_evaluation, read_checkpoint
 from fastlaplace.train import train
 
 
