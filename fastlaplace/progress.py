@@ -9,6 +9,7 @@ under ``torchrun``) nothing is written.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from typing import TextIO
 
@@ -33,16 +34,19 @@ def _is_terminal(stream) -> bool:
 
 
 class _Lines:
-    """A stream for tqdm that turns its in-place redraws (``\\r`` + bar) into lines, once each."""
+    """A stream for tqdm that turns its in-place redraws (``\\r`` + bar) into lines, one per
+    count (the final count is drawn twice: by the last update and on closing)."""
 
     def __init__(self, stream: TextIO):
         self.stream, self.last = stream, None
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").rstrip()
-        if line and line != self.last:
+        count = re.search(r"\|\s*(\d+/\d+)\s", line)
+        key = count.group(1) if count else line
+        if line and key != self.last:
             self.stream.write(line + "\n")
-            self.last = line
+            self.last = key
 
     def flush(self) -> None:
         self.stream.flush()

@@ -1,8 +1,10 @@
 """The training loop: resume equivalence, checkpoints, metrics, CLI and configuration errors."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -140,3 +142,23 @@ def test_miniimagenet_defaults_are_the_papers():
     from fastlaplace.config import DATASET_DEFAULTS
     d = DATASET_DEFAULTS["miniimagenet"]
     assert (d["filters"], d["inner_steps"], d["inner_lr"], d["eta"], d["tau"]) == (64, 5, 0.01, 1e-6, 1e-3)
+
+
+def test_ctrl_c_stops_after_an_iteration_with_a_checkpoint(tmp_path):
+    """SIGINT (Ctrl-C) ends the current iteration, saves, says how to continue; --resume does."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastlaplace.train", "--method", "maml", "--iterations", "100000", "--log-every", "5",
+           "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    stopped = read_checkpoint(out / "checkpoint.pt")["iteration"]
+    assert f"stopped at iteration {stopped}; checkpoint saved. Continue with --resume --out {out}" in err
+    resumed = train_mod.main(["--resume", "--out", str(out), "--iterations", str(stopped + 2), "--eval-tasks", "4",
+                              "--no-progress"])
+    assert resumed["iterations"] == stopped + 2 and read_checkpoint(out / "checkpoint.pt")["iteration"] == stopped + 2
