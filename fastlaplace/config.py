@@ -246,7 +246,8 @@ def resumed_changes(saved: Config, now: Config) -> list[tuple[str, object, objec
 
 # ---------------------------------------------------------------------------- command line
 def _default_text(f: dataclasses.Field) -> str:
-    """The default a flag's help names: the field's, or each data set's."""
+    """The field's own default, as its flag's help names it (nothing for ``None``, for a
+    switch, or when the help text names the default itself)."""
     if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
         value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if value is None or isinstance(value, bool) or "default" in f.metadata["help"]:
@@ -256,6 +257,7 @@ def _default_text(f: dataclasses.Field) -> str:
 
 
 def _dataset_defaults_text(name: str) -> str:
+    """Each data set's default of a field whose own default is ``None``."""
     per_set = {d: v[name] for d, v in DATASET_DEFAULTS.items() if name in v}
     if not per_set:
         return ""
@@ -281,7 +283,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse._Argume
         meta = f.metadata
         if not meta["flag"]:
             continue
-        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
         (tp,) = [t for t in _options(types[f.name]) if t is not type(None)]
         kwargs: dict = {"dest": f.name, "default": None,
                         "help": meta["help"] + (_default_text(f) or _dataset_defaults_text(f.name))}
@@ -291,7 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse._Argume
             if typing.get_origin(tp) is list:
                 tp, kwargs["nargs"] = typing.get_args(tp)[0], meta["nargs"] or "+"
             kwargs.update(type=tp, choices=meta["choices"], metavar=None if meta["choices"] else meta["metavar"])
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        groups[meta["group"]].add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return groups
 
 

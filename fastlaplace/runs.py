@@ -38,6 +38,7 @@ from .problems import SinusoidProblem
 
 FORMAT = 1
 CHECKPOINT, SETTINGS, METRICS, RESULTS = "checkpoint.pt", "config.json", "metrics.jsonl", "results.json"
+TENSORBOARD = "tensorboard"  # the folder of TensorBoard's event files
 
 
 class CheckpointError(ValueError):

@@ -37,8 +37,8 @@ from .cli import EXPECTED, errors_as_messages, one_line
 from .config import Config, add_arguments, check_resumable, config_from_dict, given, resumed_changes
 from .evaluate import evaluate
 from .progress import progress_bar
-from .runs import (CHECKPOINT, METRICS, RESULTS, SETTINGS, CheckpointError, build, open_output, save_checkpoint,
-                   settings, truncate_metrics, write_json)
+from .runs import (CHECKPOINT, METRICS, RESULTS, SETTINGS, TENSORBOARD, CheckpointError, build, open_output,
+                   save_checkpoint, settings, truncate_metrics, write_json)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_end: bool = True) -> dict:
@@ -339,7 +339,7 @@ def _tensorboard(out: Path):
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional: tensorboard may be absent)
     except Exception:  # tensorboard is optional
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / TENSORBOARD))
 
 
 # ---------------------------------------------------------------------------- command line
