@@ -162,3 +162,21 @@ def test_ctrl_c_stops_after_an_iteration_with_a_checkpoint(tmp_path):
     resumed = train_mod.main(["--resume", "--out", str(out), "--iterations", str(stopped + 2), "--eval-tasks", "4",
                               "--no-progress"])
     assert resumed["iterations"] == stopped + 2 and read_checkpoint(out / "checkpoint.pt")["iteration"] == stopped + 2
+
+
+def test_tensorboard_gets_the_logged_rows_and_is_closed(tmp_path, monkeypatch):
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (an optional dependency)
+        def __init__(self):
+            self.scalars, self.closed = [], False
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, step))
+
+        def close(self):
+            self.closed = True
+
+    writer = Writer()
+    monkeypatch.setattr(train_mod, "_tensorboard", lambda out: writer)
+    train(small_config(tmp_path, iterations=3, log_every=2), progress=False, evaluate_at_end=False)
+    assert writer.closed and {step for _, step in writer.scalars} == {2, 3}
+    assert {tag for tag, _ in writer.scalars} == {"train/loss", "train/query_loss", "train/seconds", "train/logdet"}
