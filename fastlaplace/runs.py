@@ -246,10 +246,9 @@ def load_for_evaluation(checkpoint: str, device: str | None = None, data_root: s
             check_device(cfg.device)
         except UsageError as exc:
             raise UsageError(f"{checkpoint} was trained on {cfg.device!r} ({exc}): pass --device cpu") from exc
-    if cfg.dataset in IMAGE_DATASETS_ON_DISK:
-        if not data_root:
-            raise UsageError(f"{checkpoint} is a {cfg.dataset} run: pass --data-root with the folder of its data "
-                             f"(the folder the checkpoint names, {cfg.data_root!r}, is only used when you pass it)")
+    if cfg.dataset in IMAGE_DATASETS_ON_DISK and not data_root:
+        raise UsageError(f"{checkpoint} is a {cfg.dataset} run: pass --data-root with the folder of its data "
+                         f"(the folder the checkpoint names, {cfg.data_root!r}, is only used when you pass it)")
     cfg.data_root, cfg.allow_pickle = data_root, allow_pickle
     cfg.validate()
     problem, learner = build(cfg)
