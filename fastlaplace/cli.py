@@ -29,6 +29,12 @@ def error_text(exc: BaseException) -> str:
     return "\n".join([*lines[1:], f"error: {lines[0]}"])
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, shortened (state-dict errors span several)."""
+    text = " ".join(str(exc).split())
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
 @contextlib.contextmanager
 def errors_as_messages():
     """Turn the expected failures inside the block into ``error: ...`` and exit code 1."""

@@ -272,6 +272,24 @@ def gather_varlen(tensor: Tensor) -> list[Tensor]:
     return [row[:n] for row, n in zip(rows, lengths)]
 
 
+def on_main_rank(fn, ctx: Context, errors: tuple[type[BaseException], ...] = (Exception,)):
+    """``fn()`` run by rank 0 alone, its result returned on every rank; an exception of
+    ``errors`` that it raises is raised on every rank (so all stop alike, with rank 0's
+    message). With one process, simply ``fn()``."""
+    if not ctx.distributed:
+        return fn()
+    outcome = None
+    if ctx.is_main:
+        try:
+            outcome = ("ok", fn())
+        except errors as exc:
+            outcome = ("error", exc)
+    outcome = broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` of rank ``src`` on every rank (pickled between the ranks of this job only)."""
     if not _initialized():

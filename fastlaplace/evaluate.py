@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed as dist
+from .cli import check_device, check_seed, errors_as_messages, positive_int
 from .meta import MAML
-from .progress import Progress
+from .progress import progress_bar
+from .runs import load_for_evaluation
 
 
 @dataclass
@@ -42,15 +45,13 @@ def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: i
     With ``distributed`` (inside an initialised ``torch.distributed`` process group, see
     :mod:`fastlaplace.distributed`) the chunks of tasks are dealt out to the ranks in turn and
     the metrics gathered: every rank returns the same estimates as one process would."""
-    from . import distributed as dist  # noqa: PLC0415
-
     if tasks < 1:
         raise ValueError(f"tasks must be >= 1, got {tasks}")
     ctx = dist.current() if distributed else dist.Context()
     generator = torch.Generator().manual_seed(seed)
     values: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
     sizes, mine = [], []
-    with Progress(tasks, f"eval {split}", enabled=progress) as bar, torch.no_grad():
+    with progress_bar(tasks, f"eval {split}", enabled=progress) as bar, torch.no_grad():
         done = 0
         while done < tasks:
             n = min(chunk, tasks - done)
@@ -78,9 +79,6 @@ def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: i
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .cli import check_device, check_seed, errors_as_messages, positive_int  # noqa: PLC0415
-    from .train import load_for_evaluation  # noqa: PLC0415 (train imports this module)
-
     p = argparse.ArgumentParser(prog="python -m fastlaplace.evaluate", description=__doc__)
     p.add_argument("checkpoint", help="a checkpoint.pt written by fastlaplace.train")
     p.add_argument("--tasks", type=int, default=600)

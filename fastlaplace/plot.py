@@ -10,6 +10,12 @@ from pathlib import Path
 
 import torch
 
+from .cli import check_output, check_seed, errors_as_messages, positive_float, positive_int
+from .config import LOGDET_METHODS
+from .meta import LLAMA
+from .runs import METRICS, load_for_evaluation, read_checkpoint, read_metrics
+from .uncertainty import calibrate
+
 
 def _pyplot():
     try:
@@ -68,9 +74,7 @@ def posterior_figure(learner, tasks, out: str, tau: float, point_learner=None, s
 
 def curves_figure(run_dir: str, out: str) -> None:
     """Meta-training loss (and LLAMA's mean log det Ĥ) against iterations, from metrics.jsonl."""
-    from .train import read_metrics  # noqa: PLC0415
-
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: is {run_dir} the output folder of a run?")
     rows = [r for r in read_metrics(path) if isinstance(r.get("query_loss"), (int, float))]
@@ -93,12 +97,6 @@ def curves_figure(run_dir: str, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import check_output, check_seed, errors_as_messages, positive_float, positive_int  # noqa: PLC0415
-    from .meta import LLAMA  # noqa: PLC0415
-    from .runs import read_checkpoint  # noqa: PLC0415
-    from .train import load_for_evaluation  # noqa: PLC0415
-    from .uncertainty import calibrate  # noqa: PLC0415
-
     p = argparse.ArgumentParser(prog="python -m fastlaplace.plot", description=__doc__)
     sub = p.add_subparsers(dest="figure", required=True)
     pp = sub.add_parser("posterior", help="Figure 5: posterior samples on a new sinusoid")
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     pp.add_argument("--out", default="posterior.png")
     pp.add_argument("--maml", help="a MAML checkpoint for the point prediction (default: the LLAMA run's φ̂)")
     pp.add_argument("--tau", type=float, help="prior precision (default: chosen on validation tasks)")
-    pp.add_argument("--method", choices=("factored", "exact"))
+    pp.add_argument("--method", choices=LOGDET_METHODS)
     pp.add_argument("--sampled-networks", action="store_true")
     pp.add_argument("--seed", type=int, default=3)
     pp.add_argument("--steps", type=int, default=None, help="inner steps of the adaptation (default: the run's K)")

@@ -1,72 +1,52 @@
-"""A dependency-free progress bar for long loops (training, evaluation)."""
+"""Progress bars of the long loops (training, evaluation): ``tqdm``, set up alike everywhere.
+
+On a terminal the bar is redrawn in place; in a log (stderr is not a terminal: CI, a batch
+job, ``2> log``) it is written as a line at every tenth of the way, not redrawn, so that logs
+stay short and readable; with ``enabled=False`` (``--no-progress``, every rank but rank 0
+under ``torchrun``) nothing is written.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 import sys
-import time
 from typing import TextIO
 
+from tqdm.auto import tqdm
 
-class Progress:
-    """``with Progress(total, "train") as bar: bar.update(1, loss=0.3)``.
-
-    On a terminal it redraws one line at most 10 times a second; otherwise (logs, CI) it
-    prints a line every 10% so that output stays short.
-    """
-
-    def __init__(self, total: int, desc: str = "", start: int = 0, stream: TextIO | None = None,
-                 enabled: bool = True):
-        self.total, self.desc, self.n = total, desc, start
-        self.stream = stream or sys.stderr
-        self.enabled = enabled and total > 0
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
-        self.start = start
-        self._last_draw = 0.0
-        self._last_decile = start * 10 // max(total, 1)
-        self.fields: dict[str, float] = {}
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def update(self, n: int = 1, **fields: float) -> None:
-        self.n += n
-        self.fields.update(fields)
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self.tty and (now - self._last_draw > 0.1 or self.n >= self.total):
-            self._last_draw = now
-            self.stream.write("\r" + self._line(now))
-            self.stream.flush()
-        elif not self.tty and self.n * 10 // self.total > self._last_decile:
-            self._last_decile = self.n * 10 // self.total
-            self.stream.write(self._line(now) + "\n")
-            self.stream.flush()
-
-    def _line(self, now: float) -> str:
-        done = self.n - self.start
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-        width = 24
-        filled = int(width * self.n / self.total)
-        bar = "#" * filled + "-" * (width - filled)
-        extra = " ".join(f"{k}={v:.4g}" for k, v in self.fields.items())
-        return (f"{self.desc} [{bar}] {self.n}/{self.total} {rate:.1f} it/s "
-                f"eta {_fmt_time(eta)} {extra}").rstrip()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+_NOTEBOOK = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)  # tqdm.auto chose its widget
 
 
-def _fmt_time(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+def progress_bar(total: int, desc: str, initial: int = 0, enabled: bool = True, stream: TextIO | None = None) -> tqdm:
+    """``with progress_bar(total, "train") as b: b.set_postfix(loss=0.3, refresh=False); b.update(1)``."""
+    stream = stream or sys.stderr
+    if not enabled or total <= 0 or _NOTEBOOK or _is_terminal(stream):
+        return tqdm(total=total, desc=desc, initial=initial, file=stream, disable=not enabled or total <= 0,
+                    dynamic_ncols=True)
+    # A log: a new line at each tenth (and none in between, however slow the loop).
+    return tqdm(total=total, desc=desc, initial=initial, file=_Lines(stream), miniters=max(1, math.ceil(total / 10)),
+                mininterval=0, maxinterval=math.inf)
+
+
+def _is_terminal(stream) -> bool:
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+class _Lines:
+    """A stream for tqdm that turns its in-place redraws (``\\r`` + bar) into lines, one per
+    count (the final count is drawn twice: by the last update and on closing)."""
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.last = stream, None
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        count = re.search(r"\|\s*(\d+/\d+)\s", line)
+        key = count.group(1) if count else line
+        if line and key != self.last:
+            self.stream.write(line + "\n")
+            self.last = key
+
+    def flush(self) -> None:
+        self.stream.flush()

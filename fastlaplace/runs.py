@@ -1,5 +1,12 @@
-"""Checkpoint files: written atomically with a checksum, the previous one kept, and read
-back without running code.
+"""A run's folder: its files, its checkpoints, and the learner and problem rebuilt from them.
+
+``python -m fastlaplace.train`` writes to its output folder ``config.json`` (the resolved
+settings), ``metrics.jsonl`` (one JSON line per logged iteration), ``checkpoint.pt`` (the one
+before kept as ``checkpoint.prev.pt``), ``results.json`` and, when ``tensorboard`` is
+installed, ``tensorboard/``. This module reads and writes them for every program:
+:func:`build` makes a run's problem and freshly initialised learner from its :class:`Config`,
+:func:`load_for_evaluation` the trained learner from a checkpoint, :func:`settings` a run's
+settings from the command line, a ``--config`` file and (resuming) the run's own config.json.
 
 A checkpoint is ``torch.save`` of ``{"format": 1, "sha256": hex, "payload": uint8 tensor}``,
 the payload being ``torch.save`` of the run's state (tensors and plain values only). Both
@@ -13,14 +20,25 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 
 import torch
 
+from .cli import UsageError, check_device, one_line
+from .config import IMAGE_DATASETS_ON_DISK, USER_ONLY, Config, config_from_dict, read_settings
+from .data.loaders import image_problem
+from .data.sinusoid import SinusoidTasks
+from .meta import LLAMA, MAML
+from .problems import SinusoidProblem
+
 FORMAT = 1
+CHECKPOINT, SETTINGS, METRICS, RESULTS = "checkpoint.pt", "config.json", "metrics.jsonl", "results.json"
+TENSORBOARD = "tensorboard"  # the folder of TensorBoard's event files
 
 
 class CheckpointError(ValueError):
@@ -122,3 +140,120 @@ def read_latest(path: Path, log=None) -> tuple[dict, Path] | None:
             log(f"warning: {str(exc).split('; the previous')[0]}; continuing from {prev} "
                 f"(iteration {state['iteration']})")
         return state, prev
+
+
+def open_output(out: Path, resume: bool) -> tuple[dict, Path] | None:
+    """Make the output folder and return the checkpoint to continue from, ``(state, path)``,
+    or ``None`` (a new run, or ``resume`` with no checkpoint yet). A new run refuses a folder
+    that holds a checkpoint; a damaged ``checkpoint.pt`` passed over for the previous one is
+    kept aside as ``checkpoint.pt.corrupt``, out of the rotation."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CHECKPOINT
+    if not resume:
+        if path.exists() or previous(path).exists():
+            raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another --out")
+        return None
+    latest = read_latest(path, log=lambda m: print(m, file=sys.stderr))
+    if latest is not None and latest[1] != path and path.exists():
+        os.replace(path, path.with_name(path.name + ".corrupt"))
+    return latest
+
+
+def write_json(path: Path, value) -> None:
+    """``value`` as indented JSON, written atomically."""
+    atomic_write(Path(path), lambda f: f.write(json.dumps(value, indent=2).encode()))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut short by a crash (or otherwise unreadable) is skipped."""
+    rows = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("iteration"), int):
+            rows.append(row)
+    return rows
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop lines logged after ``iteration`` (the checkpoint a run continues from; 0 when there
+    is none yet), which the run will log again, and any partial line."""
+    if not path.exists():
+        return
+    keep = [row for row in read_metrics(path) if row["iteration"] <= iteration]
+    atomic_write(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in keep).encode()))
+
+
+# ---------------------------------------------------------------------------- settings and rebuilding
+def settings(given: dict, config_file: str | None = None, resume: bool = False) -> Config:
+    """A run's settings: those ``given`` on the command line, over those of ``config_file``
+    (``--config``), over, when resuming, those the run saved in its config.json (except the
+    ones only the user gives: USER_ONLY), over the data set's defaults (filled in by
+    :meth:`Config.resolved`)."""
+    values = read_settings(Path(config_file)) if config_file else {}
+    values.update(given)
+    if resume:  # the run's own settings, under those given now
+        out = Path(values.get("out") or Config(**values).resolved().out)
+        if (out / SETTINGS).exists():
+            saved = read_settings(out / SETTINGS)
+            values = {**{k: v for k, v in saved.items() if k not in USER_ONLY}, **values, "out": str(out)}
+    return Config(**values)
+
+
+def make_problem(cfg: Config):
+    """The task distribution, network and metric of a (resolved) configuration."""
+    if cfg.dataset == "sinusoid":
+        tasks = SinusoidTasks(x_range=tuple(cfg.x_range), support=cfg.support, query=cfg.query_points)
+        return SinusoidProblem(tasks)
+    return image_problem(cfg.dataset, cfg.data_root, cfg.ways, cfg.shots, cfg.query, cfg.filters, cfg.seed,
+                         allow_pickle=cfg.allow_pickle)
+
+
+def make_learner(cfg: Config, model: torch.nn.Module) -> MAML:
+    """MAML, first-order MAML or LLAMA around ``model``, as configured."""
+    common = dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
+                  loss="mse" if cfg.dataset == "sinusoid" else "cross_entropy")
+    if cfg.method == "llama":
+        return LLAMA(model, eta=cfg.eta, tau=cfg.tau, logdet_method=cfg.logdet_method, fisher=cfg.fisher, **common)
+    return MAML(model, first_order=cfg.method == "fomaml", **common)
+
+
+def build(cfg: Config, device: str | None = None):
+    """The problem and a freshly initialised learner (seeded, without touching global RNG),
+    on ``device`` (default: the configured one)."""
+    problem = make_problem(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = problem.build_model()
+    return problem, make_learner(cfg, model).to(device or cfg.device)
+
+
+def load_for_evaluation(checkpoint: str, device: str | None = None, data_root: str | None = None,
+                        allow_pickle: bool = False):
+    """(learner, problem, config) from a checkpoint written by ``fastlaplace.train``.
+
+    The data folder of an image data set is ``data_root``, never the one the checkpoint
+    names: a checkpoint may come from elsewhere, and reading data can mean reading what an
+    attacker put there."""
+    state = read_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"], f"the configuration in {checkpoint}")
+    if device:
+        cfg.device = device
+    else:
+        try:
+            check_device(cfg.device)
+        except UsageError as exc:
+            raise UsageError(f"{checkpoint} was trained on {cfg.device!r} ({exc}): pass --device cpu") from exc
+    if cfg.dataset in IMAGE_DATASETS_ON_DISK and not data_root:
+        raise UsageError(f"{checkpoint} is a {cfg.dataset} run: pass --data-root with the folder of its data "
+                         f"(the folder the checkpoint names, {cfg.data_root!r}, is only used when you pass it)")
+    cfg.data_root, cfg.allow_pickle = data_root, allow_pickle
+    cfg.validate()
+    problem, learner = build(cfg)
+    try:
+        learner.load_state_dict(state["learner"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{checkpoint} does not fit its own configuration ({one_line(exc)})") from exc
+    return learner.to(cfg.device), problem, cfg

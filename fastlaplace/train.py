@@ -23,188 +23,263 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from . import distributed
-from .cli import EXPECTED, UsageError, check_device, check_seed, errors_as_messages, positive_float, positive_int
-from .data.sinusoid import SinusoidTasks
+from .cli import EXPECTED, errors_as_messages, one_line
+from .config import Config, add_arguments, check_resumable, config_from_dict, given, resumed_changes
 from .evaluate import evaluate
-from .meta import LLAMA, MAML
-from .problems import SinusoidProblem
-from .progress import Progress
-from .runs import CheckpointError, atomic_write, read_checkpoint, read_latest, save_checkpoint
-
-METHODS = ("maml", "fomaml", "llama")
-DATASETS = ("sinusoid", "digits", "omniglot", "miniimagenet")
-
-# Each data set's defaults: the paper's (miniImageNet), Finn et al.'s (Omniglot), ours (digits).
-DATASET_DEFAULTS: dict[str, dict] = {
-    "sinusoid": dict(iterations=10000, meta_batch=25, meta_lr=1e-3, inner_lr=0.01, inner_steps=1,
-                     test_inner_steps=[1, 10], eta=1e-6, tau=1e-3),
-    "miniimagenet": dict(iterations=60000, meta_batch=4, meta_lr=1e-3, inner_lr=0.01, inner_steps=5,
-                         test_inner_steps=[10], ways=5, shots=1, query=15, eta=1e-6, tau=1e-3, filters=64),
-    "omniglot": dict(iterations=60000, meta_batch=32, meta_lr=1e-3, inner_lr=0.4, inner_steps=1,
-                     test_inner_steps=[3], ways=5, shots=1, query=1, eta=1e-6, tau=1e-3, filters=64),
-    "digits": dict(iterations=1000, meta_batch=4, meta_lr=1e-3, inner_lr=0.1, inner_steps=3,
-                   test_inner_steps=[5], ways=5, shots=1, query=5, eta=1e-6, tau=1e-3, filters=32),
-}
+from .progress import progress_bar
+from .runs import (CHECKPOINT, METRICS, RESULTS, SETTINGS, TENSORBOARD, CheckpointError, build, open_output,
+                   save_checkpoint, settings, truncate_metrics, write_json)
 
 
-@dataclass
-class Config:
-    """Every setting of a run; ``None`` means the data set's default (DATASET_DEFAULTS)."""
+def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_end: bool = True) -> dict:
+    """Meta-train as configured; returns the final results (also written to results.json).
 
-    dataset: str = "sinusoid"
-    method: str = "llama"
-    iterations: int | None = None
-    meta_batch: int | None = None
-    meta_lr: float | None = None
-    inner_lr: float | None = None
-    inner_steps: int | None = None
-    test_inner_steps: list[int] | None = None
-    eta: float | None = None
-    tau: float | None = None
-    logdet_method: str = "factored"
-    fisher: str = "auto"
-    seed: int = 0
-    device: str = "cpu"
-    out: str | None = None
-    checkpoint_every: int = 500
-    log_every: int = 50
-    eval_tasks: int = 600
-    eval_seed: int = 1_000_003
-    # sinusoid
-    x_range: list[float] = field(default_factory=lambda: [-10.0, 10.0])
-    support: int = 10
-    query_points: int = 10
-    # images
-    data_root: str | None = None
-    ways: int | None = None
-    shots: int | None = None
-    query: int | None = None
-    filters: int | None = None
-    allow_pickle: bool = False  # read pickled data sets (they can run code: only trusted files)
-
-    def resolved(self) -> "Config":
-        if self.dataset not in DATASETS:
-            raise UsageError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.method not in METHODS:
-            raise UsageError(f"method must be one of {METHODS}, got {self.method!r}")
-        values = dataclasses.asdict(self)
-        for key, default in DATASET_DEFAULTS[self.dataset].items():
-            if values.get(key) is None:
-                values[key] = default
-        cfg = Config(**values)
-        if cfg.out is None:
-            cfg.out = os.path.join("runs", f"{cfg.dataset}-{cfg.method}-seed{cfg.seed}")
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        check_types(dataclasses.asdict(self), "the configuration")
-        for name in ("iterations", "meta_batch", "inner_steps", "checkpoint_every", "log_every", "eval_tasks",
-                     "support", "query_points"):
-            positive_int(name, getattr(self, name))
-        for name in ("meta_lr", "inner_lr", "tau"):
-            positive_float(name, getattr(self, name))
-        if not (math.isfinite(self.eta) and self.eta >= 0):
-            raise UsageError(f"eta must be >= 0, got {self.eta!r}")
-        if not self.test_inner_steps or any(s < 0 for s in self.test_inner_steps):
-            raise UsageError(f"test_inner_steps must be integers >= 0, got {self.test_inner_steps!r}")
-        choices = {"dataset": DATASETS, "method": METHODS, "logdet_method": ("factored", "exact"),
-                   "fisher": ("auto", "gauss_newton", "sampled", "empirical")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        lo_hi = self.x_range
-        if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or not lo_hi[0] < lo_hi[1]:
-            raise UsageError(f"x_range must be two finite numbers LO < HI, got {lo_hi!r}")
-        check_device(self.device)
-        check_seed("seed", self.seed)
-        check_seed("eval_seed", self.eval_seed)
-        if self.dataset != "sinusoid":
-            positive_int("ways", self.ways, 2)
-            positive_int("shots", self.shots)
-            positive_int("query", self.query)
-            positive_int("filters", self.filters)
-        if self.dataset in ("omniglot", "miniimagenet") and not self.data_root:
-            raise UsageError(f"--data-root is required for {self.dataset} (see README: Data)")
+    Under ``torchrun`` (``WORLD_SIZE`` > 1, see :mod:`fastlaplace.distributed`) every rank
+    runs this: each samples and differentiates its share of the meta-batch, the meta-gradients
+    are averaged, rank 0 alone writes files, and the evaluation's tasks are split over the ranks.
+    """
+    cfg = cfg.resolved()
+    ctx = distributed.from_env()
+    if not resume:  # before joining the others (a resumed run's settings come from rank 0: checked then)
+        distributed.local_tasks(cfg.meta_batch, ctx.world_size)
+    owned = ctx.distributed and not distributed._initialized()
+    ctx = distributed.init(cfg.device)
+    if ctx.distributed:  # rank 0's settings (its --resume read them from its output folder)
+        cfg = distributed.broadcast_object(cfg)
+    # On an error the process group is left to the process's end: other ranks may still be
+    # in a collective, and torchrun ends them.
+    with Trainer.restore_or_start(cfg, ctx, resume) as trainer:
+        stopped_at = trainer.run(progress)
+        result = {"stopped_at": stopped_at} if stopped_at is not None else trainer.finish(evaluate_at_end, progress)
+    if owned:
+        distributed.shutdown()
+    return result
 
 
-# Settings a resumed run may change: they do not change the problem being learnt.
-RESUMABLE_CHANGES = ("meta_lr", "inner_lr", "iterations", "device", "checkpoint_every", "log_every", "eval_tasks",
-                     "out", "data_root", "allow_pickle")
-# Settings that locate or unlock data: never taken from a saved run, only from the user (nor
-# is the output folder: a resumed run writes where its config.json was found).
-USER_ONLY = ("data_root", "allow_pickle")
+class Step(NamedTuple):
+    """One meta-iteration's losses (averaged over the ranks) and whether to stop after it."""
 
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
-_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null",
-          "list[int]": "a list of integers", "list[float]": "a list of numbers"}
+    loss: float
+    query_loss: float
+    logdet: float | None  # LLAMA's mean log det Ĥ
+    stopping: bool
 
 
-def check_types(values: dict, source: str) -> None:
-    """Refuse unknown settings and values of the wrong type (from a file or a checkpoint)."""
-    fields = {f.name: f.type for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise UsageError(f"{source}: unknown settings {unknown}")
-    for name, value in values.items():
-        ok, options = False, [t.strip() for t in str(fields[name]).split("|")]
-        for option in options:
-            if option.startswith("list["):
-                inner = _TYPES[option[5:-1]]
-                ok = isinstance(value, (list, tuple)) and all(
-                    isinstance(v, inner) and not isinstance(v, bool) for v in value)
+class Trainer:
+    """One rank's meta-training: :meth:`restore_or_start`, then :meth:`run` (:meth:`step`,
+    :meth:`log` and :meth:`save` per iteration), then :meth:`finish`."""
+
+    def __init__(self, cfg: Config, ctx: distributed.Context):
+        self.cfg, self.ctx = cfg, ctx
+        self.local_batch = distributed.local_tasks(cfg.meta_batch, ctx.world_size)
+        self.device = distributed.local_device(cfg.device, ctx)
+        self.out = Path(cfg.out)
+        self.problem, self.learner = build(cfg, self.device)
+        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=cfg.meta_lr)
+        self.task_gen, self.fisher_gen = _generators(cfg, ctx, self.device)
+        self.iteration = 0  # meta-iterations done
+        self.good: tuple[Path, int] | None = None  # the last checkpoint known to be intact, and its iteration
+        self.saved_at: int | None = None  # the iteration this process last saved
+        self.writer = None  # TensorBoard's, on rank 0 when tensorboard is installed
+
+    # ------------------------------------------------------------------------ restore or start
+    @classmethod
+    def restore_or_start(cls, cfg: Config, ctx: distributed.Context, resume: bool) -> Trainer:
+        """Rank 0 opens the output folder and reads the checkpoint to continue from (with
+        ``resume``); every rank builds the problem and the learner and restores the saved
+        state, its own generators included; rank 0 writes config.json and opens the logs."""
+        distributed.local_tasks(cfg.meta_batch, ctx.world_size)  # before touching the folder
+
+        def open_run():
+            latest = open_output(Path(cfg.out), resume)
+            if latest is None:
+                return None
+            state, used = latest
+            saved = config_from_dict(state["config"], f"the configuration in {used}")
+            check_resumable(saved, cfg, str(used))
+            return state, used, saved
+
+        latest = distributed.on_main_rank(open_run, ctx, EXPECTED)  # rank 0's outcome (or error) on every rank
+        trainer = cls(cfg, ctx)
+        if latest is not None:
+            trainer._restore(*latest)
+        elif resume and ctx.is_main:
+            print(f"no checkpoint in {trainer.out} yet: starting from iteration 0", file=sys.stderr)
+        if ctx.is_main:
+            truncate_metrics(trainer.out / METRICS, trainer.iteration)  # lines after the checkpoint are logged again
+            write_json(trainer.out / SETTINGS, dataclasses.asdict(cfg))
+            trainer.writer = _tensorboard(trainer.out)
+        return trainer
+
+    def _restore(self, state: dict, used: Path, saved: Config) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        saved_world = state.get("world_size", 1)
+        try:
+            self.learner.load_state_dict(state["learner"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            fisher_device = self.fisher_gen.get_state().device
+            if saved_world == ctx.world_size == 1:
+                self.task_gen.set_state(state["task_generator"])
+                self.fisher_gen.set_state(state["fisher_generator"].to(fisher_device))
+            elif saved_world == ctx.world_size:
+                self.task_gen.set_state(state["task_generators"][ctx.rank].clone())
+                self.fisher_gen.set_state(state["fisher_generators"][ctx.rank].clone().to(fisher_device))
+            else:  # another number of ranks: new task streams, seeded from (seed, rank, iteration)
+                self.task_gen, self.fisher_gen = _generators(cfg, ctx, self.device, iteration=state["iteration"])
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"{used} does not fit this run ({one_line(exc)})") from exc
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.meta_lr
+        self.iteration = state["iteration"]
+        self.good = (used, self.iteration)
+        if ctx.is_main:
+            print(f"resumed from {used} at iteration {self.iteration}", file=sys.stderr)
+            if saved_world != ctx.world_size:
+                print(f"resumed with {ctx.world_size} process(es) a run saved by {saved_world}: each rank's task "
+                      f"and Fisher generators are seeded anew from (seed, rank, iteration {self.iteration}), so the "
+                      "rest of the run is statistically, not bitwise, the same as an uninterrupted one",
+                      file=sys.stderr)
+            for name, before, now in resumed_changes(saved, cfg):
+                print(f"resumed with {name} changed from {before} to {now}", file=sys.stderr)
+
+    # ------------------------------------------------------------------------ iterations
+    def run(self, progress: bool = True) -> int | None:
+        """Meta-train from the restored iteration to the last, saving a checkpoint every
+        ``checkpoint_every`` iterations. Ctrl-C or SIGTERM stops at the end of the current
+        iteration, after a checkpoint: the iteration it stopped at is returned (else None)."""
+        cfg, main = self.cfg, self.ctx.is_main
+        running, t0 = None, time.perf_counter()
+        metrics_file = open(self.out / METRICS, "a") if main else contextlib.nullcontext()
+        with _StopFlag() as stop, metrics_file as metrics, progress_bar(
+                cfg.iterations, f"{cfg.method} {cfg.dataset}", initial=self.iteration, enabled=progress and main) as bar:
+            for iteration in range(self.iteration + 1, cfg.iterations + 1):
+                step = self.step(iteration, stop)
+                running = step.loss if running is None else 0.98 * running + 0.02 * step.loss
+                bar.set_postfix(loss=running, refresh=False)
+                bar.update()
+                self.log(iteration, step, metrics, time.perf_counter() - t0)
+                if iteration % cfg.checkpoint_every == 0 or step.stopping:
+                    self.save(iteration)
+                if step.stopping:
+                    break
             else:
-                ok = isinstance(value, _TYPES[option]) and (option == "bool" or not isinstance(value, bool))
-            if ok:
-                break
-        if not ok:
-            raise UsageError(f"{source}: {name} must be {' or '.join(_NAMES[o] for o in options)}, got {value!r}")
+                return None
+        if main:
+            print(f"stopped at iteration {self.iteration}; checkpoint saved. Continue with --resume --out {cfg.out}",
+                  file=sys.stderr)
+        return self.iteration
 
+    def step(self, iteration: int, stop: _StopFlag) -> Step:
+        """One meta-iteration: this rank's share of a meta-batch, its meta-gradient averaged
+        over the ranks (with the losses and the stop flag), checked, and Adam's step."""
+        batch = self.problem.sample("train", self.local_batch, self.task_gen).to(self.device)
+        parts = self.learner.meta_objective(*batch, generator=self.fisher_gen)
+        logdet = parts.loss.new_zeros(()) if parts.logdet is None else parts.logdet.detach().mean()
+        summary = torch.stack([parts.loss.detach(), parts.query_loss.detach().mean(), logdet])
+        if not self.ctx.distributed:
+            loss, query_loss, mean_logdet = summary.tolist()  # one host sync for the loss check and the log
+            if not math.isfinite(loss):
+                raise self._diverged(f"the meta-loss became {loss}", iteration)
+            self.optimizer.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            stopping = stop.stop
+        else:  # the losses and the stop flag travel with the meta-gradients: every rank decides alike
+            self.optimizer.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            extras = torch.cat([summary, summary.new_zeros(1) + float(stop.stop)]).double()
+            loss, query_loss, mean_logdet, stopped = distributed.average_gradients(self.learner.parameters(),
+                                                                                   extras).tolist()
+            stopping = stopped > 0
+            if not math.isfinite(loss):
+                raise self._diverged(f"the meta-loss became {loss}", iteration)
+        if not _all_finite([p.grad for p in self.learner.parameters() if p.grad is not None]):
+            raise self._diverged("the meta-gradient became non-finite (not applied)", iteration)
+        self.optimizer.step()
+        self.iteration = iteration
+        return Step(loss, query_loss, None if parts.logdet is None else mean_logdet, stopping)
 
-def config_from_dict(values, source: str) -> Config:
-    if not isinstance(values, dict):
-        raise UsageError(f"{source} must be a JSON object of settings, got {type(values).__name__}")
-    check_types(values, source)
-    return Config(**values)
+    def log(self, iteration: int, step: Step, metrics, seconds: float) -> None:
+        """Rank 0, every ``log_every`` iterations and at the last: a line of metrics.jsonl and
+        TensorBoard's scalars."""
+        if not self.ctx.is_main or (iteration % self.cfg.log_every and iteration != self.cfg.iterations):
+            return
+        row = dict(iteration=iteration, loss=step.loss, query_loss=step.query_loss, seconds=seconds)
+        if step.logdet is not None:
+            row["logdet"] = step.logdet
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "iteration":
+                    self.writer.add_scalar(f"train/{k}", v, iteration)
 
+    def save(self, iteration: int) -> None:
+        """A checkpoint (rank 0 writes it; every rank's generators are in it), only when the
+        parameters and the optimiser state are finite."""
+        tensors = [*self.learner.parameters(), *_tensors(self.optimizer.state_dict()["state"])]
+        if not _all_finite(tensors):  # the same on every rank: the parameters are the same
+            raise self._diverged("the parameters or the optimiser state became non-finite (not saved)", iteration)
+        if self.ctx.distributed:
+            task_states = distributed.all_gather_rows(self.task_gen.get_state())
+            fisher_states = distributed.all_gather_rows(self.fisher_gen.get_state().cpu())
+        path = self.out / CHECKPOINT
+        if self.ctx.is_main:
+            state = dict(config=dataclasses.asdict(self.cfg), iteration=iteration, learner=self.learner.state_dict(),
+                         optimizer=self.optimizer.state_dict(), task_generator=self.task_gen.get_state(),
+                         fisher_generator=self.fisher_gen.get_state().cpu())
+            if self.ctx.distributed:
+                state.update(world_size=self.ctx.world_size, task_generators=task_states,
+                             fisher_generators=fisher_states)
+            save_checkpoint(path, state)
+        self.good, self.saved_at = (path, iteration), iteration
 
-def make_problem(cfg: Config):
-    if cfg.dataset == "sinusoid":
-        tasks = SinusoidTasks(x_range=tuple(cfg.x_range), support=cfg.support, query=cfg.query_points)
-        return SinusoidProblem(tasks)
-    from .data.loaders import image_problem  # noqa: PLC0415 (image readers are only needed here)
+    def _diverged(self, what: str, iteration: int) -> FloatingPointError:
+        if self.good is None:
+            advice = "no checkpoint was written yet: start again with a smaller --meta-lr or --inner-lr"
+        else:
+            advice = (f"the last good checkpoint is {self.good[0]} (iteration {self.good[1]}); continue from it "
+                      f"with a smaller learning rate, e.g. python -m fastlaplace.train --resume --out {self.cfg.out} "
+                      f"--meta-lr {self.cfg.meta_lr / 10:g}")
+        return FloatingPointError(f"{what} at iteration {iteration}; {advice}")
 
-    return image_problem(cfg.dataset, cfg.data_root, cfg.ways, cfg.shots, cfg.query, cfg.filters, cfg.seed,
-                         allow_pickle=cfg.allow_pickle)
+    # ------------------------------------------------------------------------ finish
+    def finish(self, evaluate_at_end: bool = True, progress: bool = True) -> dict:
+        """The final checkpoint, then (with ``evaluate_at_end``) the evaluation on new test
+        tasks, split over the ranks; rank 0 writes results.json and reports. Returns the results."""
+        if self.saved_at != self.iteration:
+            self.save(self.iteration)
+        if not evaluate_at_end:
+            return {}
+        cfg, problem = self.cfg, self.problem
+        results = evaluate(self.learner, problem, cfg.test_inner_steps, cfg.eval_tasks, cfg.eval_seed,
+                           device=self.device, progress=progress and self.ctx.is_main,
+                           distributed=self.ctx.distributed)
+        summary = {
+            "dataset": cfg.dataset, "method": cfg.method, "iterations": cfg.iterations, "metric": problem.metric_name,
+            "test": {str(s): vars(e) for s, e in results.items()},
+        }
+        if self.ctx.is_main:
+            write_json(self.out / RESULTS, summary)
+            for s, est in results.items():
+                print(f"test {problem.metric_name} after {s} inner step(s): {est}  (mean ± 95% CI, {est.n} tasks)")
+        return summary
 
+    def __enter__(self) -> Trainer:
+        return self
 
-def make_learner(cfg: Config, model: torch.nn.Module) -> MAML:
-    common = dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
-                  loss="mse" if cfg.dataset == "sinusoid" else "cross_entropy")
-    if cfg.method == "llama":
-        return LLAMA(model, eta=cfg.eta, tau=cfg.tau, logdet_method=cfg.logdet_method, fisher=cfg.fisher, **common)
-    return MAML(model, first_order=cfg.method == "fomaml", **common)
-
-
-def build(cfg: Config, device: str | None = None):
-    """The problem and a freshly initialised learner (seeded, without touching global RNG),
-    on ``device`` (default: the configured one)."""
-    problem = make_problem(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = problem.build_model()
-    return problem, make_learner(cfg, model).to(device or cfg.device)
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 class _StopFlag:
@@ -231,202 +306,6 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_end: bool = True) -> dict:
-    """Meta-train as configured; returns the final results (also written to results.json).
-
-    Under ``torchrun`` (``WORLD_SIZE`` > 1, see :mod:`fastlaplace.distributed`) every rank
-    runs this: each samples and differentiates its share of the meta-batch, the meta-gradients
-    are averaged, rank 0 alone writes files, and the evaluation's tasks are split over the ranks.
-    """
-    cfg = cfg.resolved()
-    ctx = distributed.from_env()
-    if not resume:  # before joining the others (a resumed run's settings come from rank 0: checked then)
-        distributed.local_tasks(cfg.meta_batch, ctx.world_size)
-    owned = ctx.distributed and not distributed._initialized()
-    ctx = distributed.init(cfg.device)
-    # On an error the process group is left to the process's end: other ranks may still be
-    # in a collective, and torchrun ends them.
-    result = _train(cfg, ctx, resume, progress, evaluate_at_end)
-    if owned:
-        distributed.shutdown()
-    return result
-
-
-def _train(cfg: Config, ctx: distributed.Context, resume: bool, progress: bool, evaluate_at_end: bool) -> dict:
-    if ctx.distributed:  # rank 0's settings (its --resume read them from its output folder)
-        cfg = distributed.broadcast_object(cfg)
-    local_batch = distributed.local_tasks(cfg.meta_batch, ctx.world_size)
-    device = distributed.local_device(cfg.device, ctx)
-    out = Path(cfg.out)
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-
-    def prepare():  # rank 0: the output folder and the checkpoint to continue from
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume and (ckpt_path.exists() or (out / "checkpoint.prev.pt").exists()):
-            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-        latest = read_latest(ckpt_path, log=lambda m: print(m, file=sys.stderr)) if resume else None
-        if latest is not None:
-            state, used = latest
-            if used != ckpt_path and ckpt_path.exists():  # keep the damaged file aside, out of the rotation
-                os.replace(ckpt_path, ckpt_path.with_name(ckpt_path.name + ".corrupt"))
-            saved = config_from_dict(state["config"], f"the configuration in {used}")
-            changed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE_CHANGES
-                       and getattr(saved, f.name) != getattr(cfg, f.name)]
-            if changed:
-                raise UsageError(f"{used} was written with other settings of {', '.join(changed)} ("
-                                 + ", ".join(f"{k}: saved {getattr(saved, k)!r}, now {getattr(cfg, k)!r}"
-                                             for k in changed)
-                                 + f"); a resumed run may only change {', '.join(RESUMABLE_CHANGES[:7])}: "
-                                 "use a new --out for a different run")
-            return state, used, saved
-        return None
-
-    if not ctx.distributed:
-        latest = prepare()
-    else:  # rank 0 decides; its outcome (or its error) reaches every rank
-        outcome = None
-        if ctx.is_main:
-            try:
-                outcome = ("ok", prepare())
-            except EXPECTED as exc:
-                outcome = ("error", exc)
-        outcome = distributed.broadcast_object(outcome)
-        if outcome[0] == "error":
-            raise outcome[1]
-        latest = outcome[1]
-    problem, learner = build(cfg, device)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.meta_lr)
-    task_gen, fisher_gen = _generators(cfg, ctx, device)
-    start, good = 0, None  # good: the last checkpoint known to be intact, and its iteration
-    if latest is not None:
-        state, used, saved = latest
-        try:
-            learner.load_state_dict(state["learner"])
-            optimizer.load_state_dict(state["optimizer"])
-            saved_world = state.get("world_size", 1)
-            if saved_world == ctx.world_size == 1:
-                task_gen.set_state(state["task_generator"])
-                fisher_gen.set_state(state["fisher_generator"].to(fisher_gen.get_state().device))
-            elif saved_world == ctx.world_size:
-                task_gen.set_state(state["task_generators"][ctx.rank].clone())
-                fisher_gen.set_state(state["fisher_generators"][ctx.rank].clone().to(fisher_gen.get_state().device))
-            else:  # another number of ranks: new task streams, seeded from (seed, rank, iteration)
-                task_gen, fisher_gen = _generators(cfg, ctx, device, iteration=state["iteration"])
-        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-            raise CheckpointError(f"{used} does not fit this run ({_brief(exc)})") from exc
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.meta_lr
-        start, good = state["iteration"], (used, state["iteration"])
-        if ctx.is_main:
-            print(f"resumed from {used} at iteration {start}", file=sys.stderr)
-            if saved_world != ctx.world_size:
-                print(f"resumed with {ctx.world_size} process(es) a run saved by {saved_world}: each rank's task "
-                      f"and Fisher generators are seeded anew from (seed, rank, iteration {start}), so the rest of "
-                      "the run is statistically, not bitwise, the same as an uninterrupted one", file=sys.stderr)
-            for k in ("meta_lr", "inner_lr", "iterations"):
-                if getattr(saved, k) != getattr(cfg, k):
-                    print(f"resumed with {k} changed from {getattr(saved, k)} to {getattr(cfg, k)}", file=sys.stderr)
-    elif resume and ctx.is_main:
-        print(f"no checkpoint in {out} yet: starting from iteration 0", file=sys.stderr)
-    writer = None
-    if ctx.is_main:
-        _truncate_metrics(metrics_path, start)  # lines after the checkpoint are logged again
-        atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(cfg), indent=2).encode()))
-        writer = _tensorboard(out)
-
-    def diverged(what: str, iteration: int) -> FloatingPointError:
-        if good is None:
-            advice = "no checkpoint was written yet: start again with a smaller --meta-lr or --inner-lr"
-        else:
-            advice = (f"the last good checkpoint is {good[0]} (iteration {good[1]}); continue from it with a "
-                      f"smaller learning rate, e.g. python -m fastlaplace.train --resume --out {cfg.out} "
-                      f"--meta-lr {cfg.meta_lr / 10:g}")
-        return FloatingPointError(f"{what} at iteration {iteration}; {advice}")
-
-    def save(iteration: int) -> None:
-        nonlocal good
-        tensors = [*learner.parameters(), *_tensors(optimizer.state_dict()["state"])]
-        if not _all_finite(tensors):  # the same on every rank: the parameters are the same
-            raise diverged("the parameters or the optimiser state became non-finite (not saved)", iteration)
-        if ctx.distributed:
-            task_states = distributed.all_gather_rows(task_gen.get_state())
-            fisher_states = distributed.all_gather_rows(fisher_gen.get_state().cpu())
-        if ctx.is_main:
-            state = dict(config=dataclasses.asdict(cfg), iteration=iteration, learner=learner.state_dict(),
-                         optimizer=optimizer.state_dict(), task_generator=task_gen.get_state(),
-                         fisher_generator=fisher_gen.get_state().cpu())
-            if ctx.distributed:
-                state.update(world_size=ctx.world_size, task_generators=task_states, fisher_generators=fisher_states)
-            save_checkpoint(ckpt_path, state)
-        good = (ckpt_path, iteration)
-
-    running, t0 = None, time.perf_counter()
-    metrics_file = open(metrics_path, "a") if ctx.is_main else contextlib.nullcontext()
-    with _StopFlag() as stop, Progress(cfg.iterations, f"{cfg.method} {cfg.dataset}", start=start,
-                                       enabled=progress and ctx.is_main) as bar, metrics_file as metrics:
-        for it in range(start, cfg.iterations):
-            batch = problem.sample("train", local_batch, task_gen).to(device)
-            parts = learner.meta_objective(*batch, generator=fisher_gen)
-            summary = torch.stack([parts.loss.detach(), parts.query_loss.detach().mean(),
-                                   parts.loss.new_zeros(()) if parts.logdet is None else parts.logdet.detach().mean()])
-            if not ctx.distributed:
-                loss, query_loss, logdet = summary.tolist()  # one host sync for the loss check and the log
-                if not math.isfinite(loss):
-                    raise diverged(f"the meta-loss became {loss}", it + 1)
-                optimizer.zero_grad(set_to_none=True)
-                parts.loss.backward()
-                stopping = stop.stop
-            else:  # the losses and the stop flag travel with the meta-gradients: every rank decides alike
-                optimizer.zero_grad(set_to_none=True)
-                parts.loss.backward()
-                extras = torch.cat([summary, summary.new_zeros(1) + float(stop.stop)]).double()
-                loss, query_loss, logdet, stopped = distributed.average_gradients(learner.parameters(),
-                                                                                  extras).tolist()
-                stopping = stopped > 0
-                if not math.isfinite(loss):
-                    raise diverged(f"the meta-loss became {loss}", it + 1)
-            logdet = None if parts.logdet is None else logdet
-            if not _all_finite([p.grad for p in learner.parameters() if p.grad is not None]):
-                raise diverged("the meta-gradient became non-finite (not applied)", it + 1)
-            optimizer.step()
-            running = loss if running is None else 0.98 * running + 0.02 * loss
-            bar.update(1, loss=running)
-            if ctx.is_main and ((it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations):
-                row = dict(iteration=it + 1, loss=loss, query_loss=query_loss, seconds=time.perf_counter() - t0)
-                if logdet is not None:
-                    row["logdet"] = logdet
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                if writer is not None:
-                    for k, v in row.items():
-                        if k != "iteration":
-                            writer.add_scalar(f"train/{k}", v, it + 1)
-            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations or stopping:
-                save(it + 1)
-            if stopping:
-                if ctx.is_main:
-                    print(f"\nstopped at iteration {it + 1}; checkpoint saved. Continue with --resume "
-                          f"--out {cfg.out}", file=sys.stderr)
-                return {"stopped_at": it + 1}
-    if cfg.iterations <= start:  # nothing left to train (resumed a finished run)
-        save(start)
-    if not evaluate_at_end:
-        return {}
-    results = evaluate(learner, problem, cfg.test_inner_steps, cfg.eval_tasks, cfg.eval_seed,
-                       device=device, progress=progress and ctx.is_main, distributed=ctx.distributed)
-    summary = {
-        "dataset": cfg.dataset, "method": cfg.method, "iterations": cfg.iterations, "metric": problem.metric_name,
-        "test": {str(s): vars(e) for s, e in results.items()},
-    }
-    if ctx.is_main:
-        atomic_write(out / "results.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
-        for s, est in results.items():
-            print(f"test {problem.metric_name} after {s} inner step(s): {est}  (mean ± 95% CI, {est.n} tasks)")
-    if writer is not None:
-        writer.close()
-    return summary
-
-
 def _generators(cfg: Config, ctx: distributed.Context, device: str, iteration: int = 0):
     """The task and Fisher-label generators of this rank: seeded by ``seed`` and ``seed + 1``
     in a one-process run (started at iteration 0), else from (seed, rank, iteration)."""
@@ -434,12 +313,6 @@ def _generators(cfg: Config, ctx: distributed.Context, device: str, iteration: i
         return torch.Generator().manual_seed(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed + 1)
     return (torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, ctx.rank, iteration, "tasks")),
             torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed, ctx.rank, iteration, "fisher")))
-
-
-def _brief(exc: BaseException) -> str:
-    """An exception's message on one line (state-dict errors span several)."""
-    text = " ".join(str(exc).split())
-    return text[:300] + ("…" if len(text) > 300 else "")
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -461,125 +334,28 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl; a line cut short by a crash (or otherwise unreadable) is skipped."""
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("iteration"), int):
-            rows.append(row)
-    return rows
-
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop lines logged after the checkpoint (all of them when there is none yet), which the
-    run will log again, and any partial line."""
-    if not path.exists():
-        return
-    keep = [row for row in read_metrics(path) if row["iteration"] <= iteration]
-    atomic_write(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in keep).encode()))
-
-
 def _tensorboard(out: Path):
     try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional: tensorboard may be absent)
     except Exception:  # tensorboard is optional
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / TENSORBOARD))
 
 
-def load_for_evaluation(checkpoint: str, device: str | None = None, data_root: str | None = None,
-                        allow_pickle: bool = False):
-    """(learner, problem, config) from a checkpoint written by :func:`train`.
-
-    The data folder of an image data set is ``data_root``, never the one the checkpoint
-    names: a checkpoint may come from elsewhere, and reading data can mean reading what an
-    attacker put there."""
-    state = read_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"], f"the configuration in {checkpoint}")
-    if device:
-        cfg.device = device
-    else:
-        try:
-            check_device(cfg.device)
-        except UsageError as exc:
-            raise UsageError(f"{checkpoint} was trained on {cfg.device!r} ({exc}): pass --device cpu") from exc
-    if cfg.dataset in ("omniglot", "miniimagenet"):
-        if not data_root:
-            raise UsageError(f"{checkpoint} is a {cfg.dataset} run: pass --data-root with the folder of its data "
-                             f"(the folder the checkpoint names, {cfg.data_root!r}, is only used when you pass it)")
-    cfg.data_root, cfg.allow_pickle = data_root, allow_pickle
-    cfg.validate()
-    problem, learner = build(cfg)
-    try:
-        learner.load_state_dict(state["learner"])
-    except (RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{checkpoint} does not fit its own configuration ({_brief(exc)})") from exc
-    return learner.to(cfg.device), problem, cfg
-
-
+# ---------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
+    """(the run's settings, ``--resume``, whether to show progress bars) from the command line:
+    one flag per setting of :class:`~fastlaplace.config.Config`, and the program's own."""
     p = argparse.ArgumentParser(prog="python -m fastlaplace.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a JSON file of settings (command-line options override it)")
-    p.add_argument("--dataset", choices=DATASETS)
-    p.add_argument("--method", choices=METHODS, help="maml, fomaml (first-order MAML) or llama")
-    p.add_argument("--iterations", type=int)
-    p.add_argument("--meta-batch", type=int, help="tasks per meta-batch")
-    p.add_argument("--meta-lr", type=float, help="β, Adam's step size")
-    p.add_argument("--inner-lr", type=float, help="α")
-    p.add_argument("--inner-steps", type=int, help="K during meta-training")
-    p.add_argument("--test-inner-steps", type=int, nargs="+", help="inner steps at evaluation")
-    p.add_argument("--eta", type=float, help="LLAMA's weight of log det Ĥ")
-    p.add_argument("--tau", type=float, help="LLAMA's prior precision")
-    p.add_argument("--logdet-method", choices=("factored", "exact"))
-    p.add_argument("--fisher", choices=("auto", "gauss_newton", "sampled", "empirical"))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda or cuda:N")
-    p.add_argument("--out", help="output folder (default runs/DATASET-METHOD-seedN)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt with the run's settings (options given override them)")
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--eval-tasks", type=int, help="test tasks (default 600)")
-    p.add_argument("--x-range", type=float, nargs=2, help="sinusoid input range (default -10 10)")
-    p.add_argument("--support", type=int, help="sinusoid support points")
-    p.add_argument("--query-points", type=int, help="sinusoid query points")
-    p.add_argument("--data-root", help="folder of the image data set (see README: Data)")
-    p.add_argument("--allow-pickle", action="store_true", default=None,
-                   help="read miniImageNet's pickle files (loading a pickle can run code: only files you trust)")
-    p.add_argument("--ways", type=int)
-    p.add_argument("--shots", type=int)
-    p.add_argument("--query", type=int, help="query images per class")
-    p.add_argument("--filters", type=int, help="Conv4 filters (32 or 64)")
-    p.add_argument("--no-progress", action="store_true")
-    args = vars(p.parse_args(argv))
-    config_file, resume, no_progress = args.pop("config"), args.pop("resume"), args.pop("no_progress")
-    values = _read_json(Path(config_file), "settings") if config_file else {}
-    check_types(values, str(config_file))
-    values.update({k: v for k, v in args.items() if v is not None})
-    if resume:  # the run's own settings, under those given now
-        out = Path(values.get("out") or Config(**values).resolved().out)
-        if (out / "config.json").exists():
-            saved = _read_json(out / "config.json", "settings")
-            check_types(saved, str(out / "config.json"))
-            values = {**{k: v for k, v in saved.items() if k not in USER_ONLY}, **values, "out": str(out)}
-    return Config(**values), resume, not no_progress
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise UsageError(f"no file {path}") from exc
-    except ValueError as exc:  # also a file that is not UTF-8
-        raise UsageError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(values, dict):
-        raise UsageError(f"{path} must hold a JSON object of {what}, got {type(values).__name__}")
-    return values
+    p.add_argument("--config", metavar="FILE.json", help="a JSON file of settings (command-line options override it)")
+    groups = add_arguments(p)
+    groups["run"].add_argument("--resume", action="store_true",
+                               help="continue from DIR/checkpoint.pt with the run's settings (options given "
+                                    "override them)")
+    groups["run"].add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    return settings(given(args), args.config, args.resume), args.resume, not args.no_progress
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -26,11 +26,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .evaluate import Estimate
+from .cli import check_output, errors_as_messages, positive_int
+from .config import LOGDET_METHODS
 from .curvature import rows_logdet, support_rows
+from .evaluate import Estimate
 from .meta import LLAMA, LOSSES, MAML
 from .posterior import LaplacePosterior, Predictive
 from .prior import PRIORS, first_order_tau
+from .runs import load_for_evaluation
 
 Z50, Z90 = 0.6744897501960817, 1.6448536269514722
 
@@ -234,9 +237,6 @@ def report(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: in
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .cli import check_output, errors_as_messages, positive_int  # noqa: PLC0415
-    from .train import load_for_evaluation  # noqa: PLC0415
-
     p = argparse.ArgumentParser(prog="python -m fastlaplace.uncertainty", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a LLAMA checkpoint.pt written by fastlaplace.train")
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   "checkpoint's own adapted parameters φ̂)")
     p.add_argument("--tasks", type=int, default=600)
     p.add_argument("--samples", type=int, default=100)
-    p.add_argument("--method", choices=("factored", "exact"), default=None)
+    p.add_argument("--method", choices=LOGDET_METHODS, default=None)
     p.add_argument("--prior", choices=("validation",) + PRIORS, default="early_stopping_first_order",
                    help="the posterior's prior: the inner loop's implicit prior to first order, τ = N/(2αK) for "
                         "a mean squared error (early_stopping_first_order, the default: the best calibrated on "

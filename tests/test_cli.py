@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastlaplace import evaluate, plot, train, uncertainty
+from fastlaplace.config import Config
 from fastlaplace.data import convert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ def files(tmp_path_factory):
     """A LLAMA and a MAML sinusoid run, and assorted bad inputs."""
     d = tmp_path_factory.mktemp("cli")
     for method in ("llama", "maml"):
-        train.train(train.Config(method=method, iterations=2, meta_batch=2, eval_tasks=4, out=str(d / method)),
+        train.train(Config(method=method, iterations=2, meta_batch=2, eval_tasks=4, out=str(d / method)),
                     progress=False, evaluate_at_end=False)
     (d / "bad.json").write_text("{not json")
     (d / "list.json").write_text("[1, 2]")

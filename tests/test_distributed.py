@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from fastlaplace import distributed
+from fastlaplace.config import Config
 from fastlaplace.runs import read_checkpoint
-from fastlaplace.train import Config, train
+from fastlaplace.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")

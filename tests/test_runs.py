@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from fastlaplace import train as train_mod
+from fastlaplace.config import Config
+from fastlaplace.meta import MAML
 from fastlaplace.problems import SinusoidProblem
-from fastlaplace.runs import CheckpointError, previous, read_checkpoint, save_checkpoint
-from fastlaplace.train import Config, load_for_evaluation, train
+from fastlaplace.runs import CheckpointError, load_for_evaluation, previous, read_checkpoint, save_checkpoint
+from fastlaplace.train import train
 
 
 def small_config(tmp_path, **overrides):
@@ -117,7 +119,7 @@ def test_resume_falls_back_to_the_previous_checkpoint(run, capsys):
 
 def nan_gradient_at(monkeypatch, iteration):
     """The meta-loss stays finite but its gradient is NaN at ``iteration``."""
-    original = train_mod.MAML.meta_objective
+    original = MAML.meta_objective
     calls = {"n": 0}
 
     def meta_objective(self, *args, **kwargs):
@@ -128,7 +130,7 @@ def nan_gradient_at(monkeypatch, iteration):
             parts.loss = parts.loss + 0.0 * torch.sqrt(zero)  # value + 0, gradient 0·∞ = NaN
         return parts
 
-    monkeypatch.setattr(train_mod.MAML, "meta_objective", meta_objective)
+    monkeypatch.setattr(MAML, "meta_objective", meta_objective)
 
 
 def test_non_finite_gradient_keeps_the_good_checkpoint_and_resume_with_smaller_lr(tmp_path, monkeypatch, capsys):

@@ -1,16 +1,19 @@
 """The training loop: resume equivalence, checkpoints, metrics, CLI and configuration errors."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from fastlaplace import train as train_mod
+from fastlaplace.config import Config
 from fastlaplace.problems import SinusoidProblem
-from fastlaplace.runs import read_checkpoint
-from fastlaplace.train import Config, load_for_evaluation, train
+from fastlaplace.runs import load_for_evaluation, read_checkpoint
+from fastlaplace.train import train
 
 
 def small_config(tmp_path, **overrides):
@@ -136,6 +139,44 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, module):
 
 def test_miniimagenet_defaults_are_the_papers():
     """Section 5.2: Conv4 with 64 filters, 5 inner steps of α = 0.01, η = 1e-6, τ = 1e-3."""
-    from fastlaplace.train import DATASET_DEFAULTS
+    from fastlaplace.config import DATASET_DEFAULTS
     d = DATASET_DEFAULTS["miniimagenet"]
     assert (d["filters"], d["inner_steps"], d["inner_lr"], d["eta"], d["tau"]) == (64, 5, 0.01, 1e-6, 1e-3)
+
+
+def test_ctrl_c_stops_after_an_iteration_with_a_checkpoint(tmp_path):
+    """SIGINT (Ctrl-C) ends the current iteration, saves, says how to continue; --resume does."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastlaplace.train", "--method", "maml", "--iterations", "100000", "--log-every", "5",
+           "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    stopped = read_checkpoint(out / "checkpoint.pt")["iteration"]
+    assert f"stopped at iteration {stopped}; checkpoint saved. Continue with --resume --out {out}" in err
+    resumed = train_mod.main(["--resume", "--out", str(out), "--iterations", str(stopped + 2), "--eval-tasks", "4",
+                              "--no-progress"])
+    assert resumed["iterations"] == stopped + 2 and read_checkpoint(out / "checkpoint.pt")["iteration"] == stopped + 2
+
+
+def test_tensorboard_gets_the_logged_rows_and_is_closed(tmp_path, monkeypatch):
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (an optional dependency)
+        def __init__(self):
+            self.scalars, self.closed = [], False
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, step))
+
+        def close(self):
+            self.closed = True
+
+    writer = Writer()
+    monkeypatch.setattr(train_mod, "_tensorboard", lambda out: writer)
+    train(small_config(tmp_path, iterations=3, log_every=2), progress=False, evaluate_at_end=False)
+    assert writer.closed and {step for _, step in writer.scalars} == {2, 3}
+    assert {tag for tag, _ in writer.scalars} == {"train/loss", "train/query_loss", "train/seconds", "train/logdet"}

@@ -1,0 +1,304 @@
+"""Every setting of a training run, defined once: the :class:`Config` dataclass, each data
+set's defaults, the checks, and the command-line flags of ``python -m fastlaplace.train``.
+
+Each field of :class:`Config` carries its flag's help text (and choices, metavar, nargs) in
+its metadata, and what a resumed run may do with it; :func:`add_arguments` builds the flags
+from the fields and :func:`check_types` checks a JSON file or a checkpoint against the
+fields' types. A new setting is one new field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from types import UnionType
+
+from .cli import UsageError, check_device, check_seed, positive_float, positive_int
+from .curvature import FISHER_TYPES
+
+METHODS = ("maml", "fomaml", "llama")
+DATASETS = ("sinusoid", "digits", "omniglot", "miniimagenet")
+LOGDET_METHODS = ("factored", "exact")
+IMAGE_DATASETS_ON_DISK = ("omniglot", "miniimagenet")  # the ones read from --data-root
+
+# Each data set's defaults: the paper's (miniImageNet), Finn et al.'s (Omniglot), ours (digits).
+DATASET_DEFAULTS: dict[str, dict] = {
+    "sinusoid": dict(iterations=10000, meta_batch=25, meta_lr=1e-3, inner_lr=0.01, inner_steps=1,
+                     test_inner_steps=[1, 10], eta=1e-6, tau=1e-3),
+    "miniimagenet": dict(iterations=60000, meta_batch=4, meta_lr=1e-3, inner_lr=0.01, inner_steps=5,
+                         test_inner_steps=[10], ways=5, shots=1, query=15, eta=1e-6, tau=1e-3, filters=64),
+    "omniglot": dict(iterations=60000, meta_batch=32, meta_lr=1e-3, inner_lr=0.4, inner_steps=1,
+                     test_inner_steps=[3], ways=5, shots=1, query=1, eta=1e-6, tau=1e-3, filters=64),
+    "digits": dict(iterations=1000, meta_batch=4, meta_lr=1e-3, inner_lr=0.1, inner_steps=3,
+                   test_inner_steps=[5], ways=5, shots=1, query=5, eta=1e-6, tau=1e-3, filters=32),
+}
+
+# What ``--resume`` does with a setting (the field's ``resume`` metadata):
+SAME = "same"  # the default: it defines the problem, so it must equal the saved run's
+MAY_CHANGE = "may change"  # may differ from the saved run's (the change is logged)
+FROM_USER = "from the user"  # locates or unlocks files: never taken from a saved run, only from the user
+
+
+def setting(default=None, help: str = "", *, group: str, metavar: str | None = None, choices=None,
+            nargs: int | str | None = None, flag: bool = True, resume: str = SAME, default_factory=None):
+    """A field of :class:`Config` with what its command-line flag and ``--resume`` need:
+    ``help`` (the flag's help text; the default is appended), the flag's ``group`` in
+    ``--help``, ``metavar``, ``choices`` and ``nargs`` (for a list), ``flag=False`` for a
+    setting that is only read from files, and ``resume`` (SAME, MAY_CHANGE or FROM_USER)."""
+    metadata = {"help": help, "group": group, "metavar": metavar, "choices": choices, "nargs": nargs, "flag": flag,
+                "resume": resume}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass
+class Config:
+    """Every setting of a run; ``None`` means the data set's default (DATASET_DEFAULTS)."""
+
+    dataset: str = setting("sinusoid", "the task distribution", group="problem", choices=DATASETS)
+    method: str = setting("llama", "maml, fomaml (first-order MAML) or llama", group="problem", choices=METHODS)
+    iterations: int | None = setting(None, "meta-training iterations", group="meta-training", metavar="N",
+                                     resume=MAY_CHANGE)
+    meta_batch: int | None = setting(None, "tasks per meta-batch, all processes together", group="meta-training",
+                                     metavar="N")
+    meta_lr: float | None = setting(None, "β, Adam's step size", group="meta-training", metavar="β",
+                                    resume=MAY_CHANGE)
+    inner_lr: float | None = setting(None, "α, the inner loop's step size", group="meta-training", metavar="α",
+                                     resume=MAY_CHANGE)
+    inner_steps: int | None = setting(None, "K during meta-training", group="meta-training", metavar="K")
+    test_inner_steps: list[int] | None = setting(None, "inner steps at evaluation", group="meta-training",
+                                                 metavar="K", nargs="+")
+    eta: float | None = setting(None, "LLAMA's weight of log det Ĥ", group="LLAMA", metavar="η")
+    tau: float | None = setting(None, "LLAMA's prior precision", group="LLAMA", metavar="τ")
+    logdet_method: str = setting("factored", "how LLAMA takes log det Ĥ, see docs/design.md §2", group="LLAMA",
+                                 choices=LOGDET_METHODS)
+    fisher: str = setting("auto", "which Fisher LLAMA's curvature uses, see fastlaplace.curvature", group="LLAMA",
+                          choices=FISHER_TYPES)
+    seed: int = setting(0, "seed of the initialisation and the training tasks", group="problem", metavar="S")
+    device: str = setting("cpu", "cpu, cuda or cuda:N", group="run", metavar="DEVICE", resume=MAY_CHANGE)
+    out: str | None = setting(None, "output folder (default runs/DATASET-METHOD-seedS)", group="run",
+                              metavar="DIR", resume=FROM_USER)
+    checkpoint_every: int = setting(500, "iterations between checkpoints", group="run", metavar="N",
+                                    resume=MAY_CHANGE)
+    log_every: int = setting(50, "iterations between lines of metrics.jsonl", group="run", metavar="N",
+                             resume=MAY_CHANGE)
+    eval_tasks: int = setting(600, "test tasks of the final evaluation", group="run", metavar="N",
+                              resume=MAY_CHANGE)
+    eval_seed: int = setting(1_000_003, "seed of the test tasks", group="run", flag=False)
+    # sinusoid
+    x_range: list[float] = setting(help="sinusoid input range", group="sinusoid", metavar=("LO", "HI"), nargs=2,
+                                   default_factory=lambda: [-10.0, 10.0])
+    support: int = setting(10, "sinusoid support points", group="sinusoid", metavar="N")
+    query_points: int = setting(10, "sinusoid query points", group="sinusoid", metavar="N")
+    # images
+    data_root: str | None = setting(None, "folder of the image data set (see README: Data)", group="images",
+                                    metavar="PATH", resume=FROM_USER)
+    ways: int | None = setting(None, "classes per episode", group="images", metavar="N")
+    shots: int | None = setting(None, "support images per class", group="images", metavar="K")
+    query: int | None = setting(None, "query images per class", group="images", metavar="Q")
+    filters: int | None = setting(None, "Conv4 filters (32 or 64)", group="images", metavar="N")
+    allow_pickle: bool = setting(False, "read miniImageNet's pickle files (loading a pickle can run code: only "
+                                        "files you trust)", group="images", resume=FROM_USER)
+
+    def resolved(self) -> Config:
+        """The data set's defaults filled in and the output folder named, then checked."""
+        if self.dataset not in DATASETS:
+            raise UsageError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.method not in METHODS:
+            raise UsageError(f"method must be one of {METHODS}, got {self.method!r}")
+        values = dataclasses.asdict(self)
+        for key, default in DATASET_DEFAULTS[self.dataset].items():
+            if values.get(key) is None:
+                values[key] = default
+        cfg = Config(**values)
+        if cfg.out is None:
+            cfg.out = os.path.join("runs", f"{cfg.dataset}-{cfg.method}-seed{cfg.seed}")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        check_types(dataclasses.asdict(self), "the configuration")
+        for name in ("iterations", "meta_batch", "inner_steps", "checkpoint_every", "log_every", "eval_tasks",
+                     "support", "query_points"):
+            positive_int(name, getattr(self, name))
+        for name in ("meta_lr", "inner_lr", "tau"):
+            positive_float(name, getattr(self, name))
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise UsageError(f"eta must be >= 0, got {self.eta!r}")
+        if not self.test_inner_steps or any(s < 0 for s in self.test_inner_steps):
+            raise UsageError(f"test_inner_steps must be integers >= 0, got {self.test_inner_steps!r}")
+        for f in dataclasses.fields(self):
+            allowed = f.metadata["choices"]
+            if allowed is not None and getattr(self, f.name) not in allowed:
+                raise UsageError(f"{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
+        lo_hi = self.x_range
+        if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or not lo_hi[0] < lo_hi[1]:
+            raise UsageError(f"x_range must be two finite numbers LO < HI, got {lo_hi!r}")
+        check_device(self.device)
+        check_seed("seed", self.seed)
+        check_seed("eval_seed", self.eval_seed)
+        if self.dataset != "sinusoid":
+            positive_int("ways", self.ways, 2)
+            positive_int("shots", self.shots)
+            positive_int("query", self.query)
+            positive_int("filters", self.filters)
+        if self.dataset in IMAGE_DATASETS_ON_DISK and not self.data_root:
+            raise UsageError(f"--data-root is required for {self.dataset} (see README: Data)")
+
+
+def _resume_rule(name: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"] == name)
+
+
+RESUMABLE_CHANGES = _resume_rule(MAY_CHANGE)  # a resumed run may change these (they do not change the problem)
+USER_ONLY = _resume_rule(FROM_USER)  # never taken from a saved run (a resumed run writes where it was found)
+
+
+# ---------------------------------------------------------------------------- types
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _options(tp) -> list:
+    """The alternatives of a field's type: ``int | None`` -> [int, NoneType]."""
+    return list(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, UnionType) else [tp]
+
+
+def _matches(value, tp) -> bool:
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        return isinstance(value, (list, tuple)) and all(_matches(v, inner) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # JSON's true is not a number
+        return False
+    return isinstance(value, (int, float) if tp is float else tp)
+
+
+def _name(tp) -> str:
+    if typing.get_origin(tp) is list:
+        return {int: "a list of integers", float: "a list of numbers"}[typing.get_args(tp)[0]]
+    return _NAMES[tp]
+
+
+def field_types() -> dict[str, object]:
+    """Each field's type, e.g. ``{"iterations": int | None, ...}``."""
+    return typing.get_type_hints(Config)
+
+
+def check_types(values: dict, source: str) -> None:
+    """Refuse unknown settings and values of the wrong type (from a file or a checkpoint)."""
+    types = field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise UsageError(f"{source}: unknown settings {unknown}")
+    for name, value in values.items():
+        options = _options(types[name])
+        if not any(_matches(value, tp) for tp in options):
+            raise UsageError(f"{source}: {name} must be {' or '.join(_name(tp) for tp in options)}, got {value!r}")
+
+
+def config_from_dict(values, source: str) -> Config:
+    """A :class:`Config` from the settings of a file or a checkpoint (checked against the fields)."""
+    if not isinstance(values, dict):
+        raise UsageError(f"{source} must be a JSON object of settings, got {type(values).__name__}")
+    check_types(values, source)
+    return Config(**values)
+
+
+def read_settings(path: Path) -> dict:
+    """The settings in a JSON file (``--config``, a run's config.json), checked against the fields."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise UsageError(f"no file {path}") from exc
+    except ValueError as exc:  # also a file that is not UTF-8
+        raise UsageError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(values, dict):
+        raise UsageError(f"{path} must hold a JSON object of settings, got {type(values).__name__}")
+    check_types(values, str(path))
+    return values
+
+
+# ---------------------------------------------------------------------------- resuming
+def check_resumable(saved: Config, now: Config, source: str) -> None:
+    """Refuse to continue ``saved`` (a run's settings) with settings that change its problem."""
+    rules = {f.name: f.metadata["resume"] for f in dataclasses.fields(Config)}
+    changed = [k for k, rule in rules.items() if rule == SAME and getattr(saved, k) != getattr(now, k)]
+    if changed:
+        raise UsageError(f"{source} was written with other settings of {', '.join(changed)} ("
+                         + ", ".join(f"{k}: saved {getattr(saved, k)!r}, now {getattr(now, k)!r}" for k in changed)
+                         + f"); a resumed run may only change {', '.join(RESUMABLE_CHANGES)}: "
+                         "use a new --out for a different run")
+
+
+def resumed_changes(saved: Config, now: Config) -> list[tuple[str, object, object]]:
+    """(name, saved, now) of each setting a resumed run changed."""
+    return [(k, getattr(saved, k), getattr(now, k)) for k in RESUMABLE_CHANGES if getattr(saved, k) != getattr(now, k)]
+
+
+# ---------------------------------------------------------------------------- command line
+def _default_text(f: dataclasses.Field) -> str:
+    """The field's own default, as its flag's help names it (nothing for ``None``, for a
+    switch, or when the help text names the default itself)."""
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if value is None or isinstance(value, bool) or "default" in f.metadata["help"]:
+            return ""
+        return f" (default: {_show(value)})"
+    return ""
+
+
+def _dataset_defaults_text(name: str) -> str:
+    """Each data set's default of a field whose own default is ``None``."""
+    per_set = {d: v[name] for d, v in DATASET_DEFAULTS.items() if name in v}
+    if not per_set:
+        return ""
+    shown = {d: _show(v) for d, v in per_set.items()}
+    if len(set(shown.values())) == 1:  # the same for every data set that has it
+        return f" (default: {next(iter(shown.values()))})"
+    return " (default: " + ", ".join(f"{d} {v}" for d, v in shown.items()) + ")"
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(_show(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """One flag per field of :class:`Config` (``--meta-batch`` for ``meta_batch``), in groups,
+    each defaulting to ``None`` (not given; see :func:`given`). Returns the groups by name,
+    for a program's own flags."""
+    types = field_types()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        if not meta["flag"]:
+            continue
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        (tp,) = [t for t in _options(types[f.name]) if t is not type(None)]
+        kwargs: dict = {"dest": f.name, "default": None,
+                        "help": meta["help"] + (_default_text(f) or _dataset_defaults_text(f.name))}
+        if tp is bool:
+            kwargs["action"] = "store_true"
+        else:
+            if typing.get_origin(tp) is list:
+                tp, kwargs["nargs"] = typing.get_args(tp)[0], meta["nargs"] or "+"
+            kwargs.update(type=tp, choices=meta["choices"], metavar=None if meta["choices"] else meta["metavar"])
+        groups[meta["group"]].add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    return groups
+
+
+def given(args: argparse.Namespace) -> dict:
+    """The settings given on the command line (the flags of :func:`add_arguments` that were used)."""
+    names = {f.name for f in dataclasses.fields(Config) if f.metadata["flag"]}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
