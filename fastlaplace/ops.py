@@ -11,14 +11,13 @@ op are in :mod:`fastlaplace.reference`.
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from . import _extension
+from .options import LogdetMethod, LogdetMethodLike, parse
 
-Method = Literal["exact", "factored"]
+Method = LogdetMethodLike  # "exact" or "factored" (or the LogdetMethod member)
 _ops = torch.ops.fastlaplace
 
 
@@ -54,9 +53,9 @@ def _as_damping(damping: float | Tensor, M: Tensor) -> Tensor:
     return torch.full((M.shape[0],), float(damping), dtype=M.dtype, device=M.device)
 
 
-def _check_method(method: str) -> None:
-    if method not in ("exact", "factored"):
-        raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
+def _method(method: LogdetMethodLike) -> str:
+    """The op schema's string for a method (a ``ValueError`` listing the choices otherwise)."""
+    return parse(LogdetMethod, method, "method").value
 
 
 def _check_bias(bias: bool) -> None:
@@ -119,7 +118,7 @@ def _fake_factors(A: Tensor, G: Tensor) -> None:
 def _fake_scalars(scale: float, tau: float, method: str) -> None:
     torch._check_value(scale > 0 and math.isfinite(scale), lambda: "fastlaplace: scale must be positive and finite")
     torch._check_value(tau > 0 and math.isfinite(tau), lambda: "fastlaplace: tau must be positive and finite")
-    torch._check_value(method in ("exact", "factored"), lambda: "fastlaplace: method must be 'exact' or 'factored'")
+    parse(LogdetMethod, method, "fastlaplace: method")
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,8 +264,7 @@ def kron_logdet(
     Returns:
         ``[tasks]``.
     """
-    _check_method(method)
-    out = _ops.kron_logdet(A, G, float(scale), float(tau), method)
+    out = _ops.kron_logdet(A, G, float(scale), float(tau), _method(method))
     if _should_check(check) and not bool(torch.isfinite(out).all()):
         _raise_for_nonfinite("kron_logdet", A=A, G=G)
         raise ValueError("fastlaplace.kron_logdet: a damped factor is not positive definite (are A and G PSD?)")
@@ -319,7 +317,7 @@ def kfac_logdet(
     Returns:
         ``[tasks]``.
     """
-    _check_method(method)
+    method = _method(method)
     _check_bias(bias)
     out = _ops.kfac_logdet(a, g, float(scale), float(tau), method, bias)
     if _should_check(check) and not bool(torch.isfinite(out).all()):

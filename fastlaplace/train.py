@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, options
 from .cli import EXPECTED, UsageError, check_device, check_seed, errors_as_messages, positive_float, positive_int
 from .data.sinusoid import SinusoidTasks
 from .evaluate import evaluate
@@ -119,8 +119,8 @@ class Config:
             raise UsageError(f"eta must be >= 0, got {self.eta!r}")
         if not self.test_inner_steps or any(s < 0 for s in self.test_inner_steps):
             raise UsageError(f"test_inner_steps must be integers >= 0, got {self.test_inner_steps!r}")
-        choices = {"dataset": DATASETS, "method": METHODS, "logdet_method": ("factored", "exact"),
-                   "fisher": ("auto", "gauss_newton", "sampled", "empirical")}
+        choices = {"dataset": DATASETS, "method": METHODS, "logdet_method": options.choices(options.LogdetMethod),
+                   "fisher": options.choices(options.FisherType)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -535,8 +535,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
     p.add_argument("--test-inner-steps", type=int, nargs="+", help="inner steps at evaluation")
     p.add_argument("--eta", type=float, help="LLAMA's weight of log det Ĥ")
     p.add_argument("--tau", type=float, help="LLAMA's prior precision")
-    p.add_argument("--logdet-method", choices=("factored", "exact"))
-    p.add_argument("--fisher", choices=("auto", "gauss_newton", "sampled", "empirical"))
+    p.add_argument("--logdet-method", choices=options.choices(options.LogdetMethod))
+    p.add_argument("--fisher", choices=options.choices(options.FisherType))
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--out", help="output folder (default runs/DATASET-METHOD-seedN)")
