@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import ops
 from .batched import TaskBatchedNetwork
-from .reference import pi_correction
+from .kfac_math import pi_correction
 
 
 @dataclass

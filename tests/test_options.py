@@ -44,6 +44,7 @@ def test_every_entry_point_uses_the_one_check():
     calls = [
         ("method", lambda: ops.kfac_logdet(a, g, 3, 1.0, "diagonal")),
         ("method", lambda: ops.kron_logdet(A, G, 3, 1.0, "diagonal")),
+        ("method", lambda: reference.kron_logdet(A, G, 3, 1.0, "diagonal")),
         ("logdet_method", lambda: LLAMA(net, logdet_method="diagonal")),
         ("fisher", lambda: LLAMA(net, fisher="hessian")),
         ("loss", lambda: MAML(net, loss="hinge")),
