@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastlaplace import kfac_math as km
+from helpers import dense_kfac_precision
 
 F64 = torch.float64
 
@@ -30,15 +31,7 @@ def dense_exact(A, G, c, tau):
 
 
 def dense_factored(A, G, c, tau):
-    """The factored precision (√c·A + π√τ·I) ⊗ (√c·G + (√τ/π)·I), π from the traces, as dense matrices."""
-    out = []
-    for Ab, Gb in zip(A, G):
-        dA, dG = Ab.shape[0], Gb.shape[0]
-        pi = math.sqrt((float(torch.trace(Ab)) / dA) / (float(torch.trace(Gb)) / dG))
-        Ad = math.sqrt(c) * Ab + pi * math.sqrt(tau) * torch.eye(dA, dtype=F64)
-        Gd = math.sqrt(c) * Gb + math.sqrt(tau) / pi * torch.eye(dG, dtype=F64)
-        out.append(torch.kron(Ad, Gd))
-    return torch.stack(out)
+    return dense_kfac_precision(A, G, c, tau, "factored")
 
 
 # (tasks, rows, d_in, d_out): full-rank factors, and fewer rows than columns on either side.
