@@ -35,7 +35,11 @@ def autograd_enabled():
 
 def normal_tensor(t: Tensor) -> Tensor:
     """``t``, cloned into an ordinary tensor if it was made under inference mode (autograd
-    cannot save inference tensors for backward). Call inside :func:`autograd_enabled`."""
+    cannot save inference tensors for backward). Call inside :func:`autograd_enabled`.
+    Under ``torch.compile`` it is always cloned: Dynamo cannot trace ``is_inference()`` (a
+    graph break), and a clone is what an inference tensor needs (a support set: cheap)."""
+    if torch.compiler.is_compiling():
+        return t.clone()
     return t.clone() if t.is_inference() else t
 
 

@@ -52,7 +52,8 @@ class MAML(nn.Module):
         loss: ``"mse"`` (regression) or ``"cross_entropy"`` (classification).
         check_finite: raise ``ValueError`` for NaN or Inf inputs. It costs one reduction per
             batch, a host synchronisation on CUDA: pass ``False`` in loops that must not sync
-            (a non-finite input then shows as a non-finite loss).
+            (a non-finite input then shows as a non-finite loss). Skipped under
+            ``torch.compile``, where the data-dependent branch would break the graph.
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
@@ -92,7 +93,7 @@ class MAML(nn.Module):
         param = next(iter(self.net.adapted_parameters().values()))
         if x.device != param.device:
             raise ValueError(f"{what}: inputs are on {x.device} but the model is on {param.device}")
-        if self.check_finite and not bool(torch.isfinite(x).all()):
+        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{what}: inputs contain NaN or Inf")
 
     def _check_episode(self, x_support, y_support, x_query, y_query) -> None:
