@@ -132,8 +132,10 @@ def kron_factors(a: Tensor, g: Tensor, bias: bool = True) -> tuple[Tensor, Tenso
         a: layer inputs, ``[tasks, rows, d_in]`` (rows: examples, or example-location pairs
             of unfolded conv patches).
         g: gradients of the loss with respect to the layer's outputs, ``[tasks, rows, d_out]``.
-        bias: append a constant 1 to each input row (the layer has a bias); the kernels
-            build the extended rows only where a BLAS call needs them.
+        bias: append a constant 1 to each input row (the layer has a bias). The CPU kernel
+            forms the extended rows [a, 1]: in a per-task double buffer for small factors, as
+            a concatenated copy before its BLAS call for larger ones; the CUDA kernel makes the
+            1s as it loads each tile.
 
     Returns:
         ``A = āᵀā / R`` of shape ``[tasks, d_in + bias, d_in + bias]`` and
@@ -306,8 +308,8 @@ def kfac_logdet(
     """``log det(scale·A⊗G + tau·I)`` straight from a layer's rows (LLAMA's hot path).
 
     Same as ``kron_logdet(*kron_factors(a, g, bias), scale, tau, method)``, fused. With
-    fewer rows R than columns, the exact method takes the nonzero eigenvalues from the
-    R×R Gram matrices instead of the d×d factors.
+    fewer rows R than columns, both methods work on the R×R Gram matrix of that side instead
+    of its d×d factor (same nonzero eigenvalues and trace; ``docs/design.md`` §5).
 
     Args:
         a: ``[tasks, rows, d_in]``; g: ``[tasks, rows, d_out]``; see :func:`kron_factors`.

@@ -1,4 +1,5 @@
-"""The compiled ops against their pure-PyTorch references: values, gradients, opcheck, errors."""
+"""The compiled ops against their pure-PyTorch references and against dense Kronecker
+matrices: values, gradients, opcheck, errors."""
 
 import subprocess
 import sys
