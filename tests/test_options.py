@@ -13,7 +13,8 @@ from fastlaplace.options import FisherType, Likelihood, LogdetMethod, Loss, Prio
 def test_strings_and_members_parse_to_members():
     assert parse(LogdetMethod, "exact", "method") is LogdetMethod.EXACT
     assert parse(LogdetMethod, LogdetMethod.FACTORED, "method") is LogdetMethod.FACTORED
-    assert LogdetMethod.EXACT == "exact" and f"{LogdetMethod.EXACT}" == "exact" and str(Prior.EARLY_STOPPING) == "early_stopping"
+    assert LogdetMethod.EXACT == "exact" and f"{LogdetMethod.EXACT}" == "exact"
+    assert str(Prior.EARLY_STOPPING) == "early_stopping"
     assert choices(LogdetMethod) == ("factored", "exact")
     assert choices(FisherType) == ("auto", "gauss_newton", "sampled", "empirical")
     assert Loss.MSE.likelihood is Likelihood.GAUSSIAN and Loss.CROSS_ENTROPY.likelihood is Likelihood.CATEGORICAL
@@ -32,7 +33,8 @@ def test_literal_hints_name_the_same_strings():
 def test_posterior_method():
     assert posterior_method(None, None, LogdetMethod.FACTORED) is LogdetMethod.FACTORED
     assert posterior_method(Prior.EARLY_STOPPING, None, LogdetMethod.FACTORED) is LogdetMethod.EXACT
-    assert posterior_method(Prior.EARLY_STOPPING_FIRST_ORDER, LogdetMethod.EXACT, LogdetMethod.FACTORED) is LogdetMethod.EXACT
+    first_order, exact, factored = Prior.EARLY_STOPPING_FIRST_ORDER, LogdetMethod.EXACT, LogdetMethod.FACTORED
+    assert posterior_method(first_order, exact, factored) is exact
     with pytest.raises(ValueError, match="needs method='exact'"):
         posterior_method(Prior.EARLY_STOPPING, LogdetMethod.FACTORED, LogdetMethod.EXACT)
 
@@ -55,4 +57,5 @@ def test_every_entry_point_uses_the_one_check():
     # the members work wherever the strings do
     learner = LLAMA(net, logdet_method=LogdetMethod.EXACT, fisher=FisherType.EMPIRICAL, loss=Loss.MSE)
     assert learner.logdet_method == "exact" and type(learner.logdet_method) is str
-    torch.testing.assert_close(ops.kron_logdet(A, G, 3, 1.0, LogdetMethod.EXACT), ops.kron_logdet(A, G, 3, 1.0, "exact"))
+    torch.testing.assert_close(ops.kron_logdet(A, G, 3, 1.0, LogdetMethod.EXACT),
+                               ops.kron_logdet(A, G, 3, 1.0, "exact"))
