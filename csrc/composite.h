@@ -2,6 +2,8 @@
 // fastlaplace primitives (kron_factors, damped_cholesky) called through the dispatcher,
 // so that each backend's own primitive kernels run underneath. CUDA registers these
 // directly; the CPU uses them above the sizes its fused small-matrix path serves.
+// The formulas (π-corrected damping, exact eigenvalue sum, Gram or factor) are those of
+// csrc/kfac_math.h and fastlaplace/kfac_math.py, written here with ATen on whole batches.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <string>

@@ -3,6 +3,9 @@
 // allocation, no std:: containers). The CPU kernels call it from one thread per task
 // (csrc/cpu/logdet.cpp), the CUDA kernels likewise (csrc/cuda/logdet.cu), so the CPU
 // tests exercise the arithmetic that the GPU runs. Row-major n×n buffers throughout.
+// The same formulas in PyTorch, for the reference the tests compare against and for the
+// posterior: fastlaplace/kfac_math.py. The composite path (csrc/composite.cpp, orders
+// above 64) still writes them a third time, with ATen.
 #pragma once
 #include <math.h>
 

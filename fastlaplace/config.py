@@ -20,11 +20,11 @@ from pathlib import Path
 from types import UnionType
 
 from .cli import UsageError, check_device, check_seed, positive_float, positive_int
-from .curvature import FISHER_TYPES
+from .options import FisherType, LogdetMethod, choices
 
 METHODS = ("maml", "fomaml", "llama")
 DATASETS = ("sinusoid", "digits", "omniglot", "miniimagenet")
-LOGDET_METHODS = ("factored", "exact")
+LOGDET_METHODS = choices(LogdetMethod)
 IMAGE_DATASETS_ON_DISK = ("omniglot", "miniimagenet")  # the ones read from --data-root
 
 # Each data set's defaults: the paper's (miniImageNet), Finn et al.'s (Omniglot), ours (digits).
@@ -80,7 +80,7 @@ class Config:
     logdet_method: str = setting("factored", "how LLAMA takes log det Ĥ, see docs/design.md §2", group="LLAMA",
                                  choices=LOGDET_METHODS)
     fisher: str = setting("auto", "which Fisher LLAMA's curvature uses, see fastlaplace.curvature", group="LLAMA",
-                          choices=FISHER_TYPES)
+                          choices=choices(FisherType))
     seed: int = setting(0, "seed of the initialisation and the training tasks", group="problem", metavar="S")
     device: str = setting("cpu", "cpu, cuda or cuda:N", group="run", metavar="DEVICE", resume=MAY_CHANGE)
     out: str | None = setting(None, "output folder (default runs/DATASET-METHOD-seedS)", group="run",

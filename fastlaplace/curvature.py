@@ -22,9 +22,7 @@ from torch import Tensor
 
 from . import ops
 from .batched import LayerRecord, TaskBatchedNetwork
-
-FISHER_TYPES = ("auto", "gauss_newton", "sampled", "empirical")
-LIKELIHOODS = ("gaussian", "categorical")
+from .options import FisherType, Likelihood, LogdetMethodLike, parse
 
 
 @contextlib.contextmanager
@@ -37,29 +35,34 @@ def autograd_enabled():
 
 def normal_tensor(t: Tensor) -> Tensor:
     """``t``, cloned into an ordinary tensor if it was made under inference mode (autograd
-    cannot save inference tensors for backward). Call inside :func:`autograd_enabled`."""
+    cannot save inference tensors for backward). Call inside :func:`autograd_enabled`.
+    Under ``torch.compile`` it is always cloned: Dynamo cannot trace ``is_inference()`` (a
+    graph break), and a clone is what an inference tensor needs (a support set: cheap)."""
+    if torch.compiler.is_compiling():
+        return t.clone()
     return t.clone() if t.is_inference() else t
 
 
-def _fisher_loss(out: Tensor, y: Tensor, likelihood: str, fisher: str, generator: torch.Generator | None) -> Tensor:
+def _fisher_loss(out: Tensor, y: Tensor, likelihood: Likelihood, fisher: FisherType,
+                 generator: torch.Generator | None) -> Tensor:
     """A scalar whose gradient with respect to each layer's outputs gives K-FAC's g rows."""
-    if likelihood == "gaussian":
-        if fisher in ("auto", "gauss_newton"):
+    if likelihood is Likelihood.GAUSSIAN:
+        if fisher in (FisherType.AUTO, FisherType.GAUSS_NEWTON):
             if out.shape[-1] != 1:
-                if fisher == "gauss_newton":
+                if fisher is FisherType.GAUSS_NEWTON:
                     raise ValueError("fisher='gauss_newton' needs a single output; use 'sampled'")
-                fisher = "sampled"
+                fisher = FisherType.SAMPLED
             else:
                 return out.sum()
-        if fisher == "sampled":
+        if fisher is FisherType.SAMPLED:
             eps = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
             return (out * eps).sum()
         return 0.5 * (out - y).pow(2).sum()
     # categorical
-    if fisher == "gauss_newton":
+    if fisher is FisherType.GAUSS_NEWTON:
         raise ValueError("fisher='gauss_newton' is for one-output regression; use 'sampled' or 'empirical'")
     logits = out.flatten(0, -2)
-    if fisher == "empirical":
+    if fisher is FisherType.EMPIRICAL:
         labels = y.flatten()
     else:
         probs = torch.softmax(logits.detach(), dim=-1)
@@ -82,8 +85,8 @@ def layer_rows(
     examples than ``y`` (LLAMA runs support and query sets through one pass when the
     network has no BatchNorm); rows of the others are dropped.
     """
-    if fisher not in FISHER_TYPES:
-        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    likelihood = parse(Likelihood, likelihood, "likelihood")
+    fisher = parse(FisherType, fisher, "fisher")
     examples, total = y.shape[1], out.shape[1]
     with autograd_enabled():
         loss = _fisher_loss(out[:, :examples], y, likelihood, fisher, generator)
@@ -117,7 +120,8 @@ def support_rows(
     return layer_rows(out, records, y, likelihood, fisher, create_graph, generator)
 
 
-def rows_logdet(rows: list[tuple[LayerRecord, Tensor, Tensor]], tau: float, method: str = "factored") -> Tensor:
+def rows_logdet(rows: list[tuple[LayerRecord, Tensor, Tensor]], tau: float,
+                method: LogdetMethodLike = "factored") -> Tensor:
     """log det Ĥ per task [tasks]: Σ over layers of log det(c·A⊗G + τI), with c the layer's
     number of rows (examples × locations)."""
     total = None

@@ -3,6 +3,7 @@ Subroutines 3 and 4, batched over the tasks of a meta-batch."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -12,11 +13,14 @@ from torch import Tensor, nn
 
 from .batched import TaskBatchedNetwork
 from . import ops
-from .curvature import FISHER_TYPES, autograd_enabled, layer_rows, normal_tensor, rows_logdet, support_rows
+from .curvature import autograd_enabled, layer_rows, normal_tensor, rows_logdet, support_rows
+from .options import FisherType, LogdetMethod, Loss, Prior, parse, posterior_method
 from .posterior import LaplacePosterior, LayerPosterior
-from .prior import PRIORS, direction_precisions, first_order_tau, inner_loss_scale
+from .prior import direction_precisions, first_order_tau, inner_loss_scale
 
-LOSSES = {"mse": "gaussian", "cross_entropy": "categorical"}
+# Each loss's likelihood, by name (the options module's Loss.likelihood, for callers that
+# hold the name).
+LOSSES = {loss.value: loss.likelihood.value for loss in Loss}
 
 
 @dataclass
@@ -48,7 +52,8 @@ class MAML(nn.Module):
         loss: ``"mse"`` (regression) or ``"cross_entropy"`` (classification).
         check_finite: raise ``ValueError`` for NaN or Inf inputs. It costs one reduction per
             batch, a host synchronisation on CUDA: pass ``False`` in loops that must not sync
-            (a non-finite input then shows as a non-finite loss).
+            (a non-finite input then shows as a non-finite loss). Skipped under
+            ``torch.compile``, where the data-dependent branch would break the graph.
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
@@ -57,8 +62,7 @@ class MAML(nn.Module):
         _check_positive("inner_lr", inner_lr)
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
+        loss = parse(Loss, loss, "loss").value
         self.model = model
         self.net = TaskBatchedNetwork(model)
         self.inner_lr = float(inner_lr)
@@ -71,7 +75,7 @@ class MAML(nn.Module):
     def task_losses(self, out: Tensor, y: Tensor) -> Tensor:
         """Mean loss of each task [tasks] for outputs [tasks, examples, ...]."""
         T = out.shape[0]
-        if self.loss == "mse":
+        if self.loss == Loss.MSE:
             return (out - y).pow(2).reshape(T, -1).mean(1)
         return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").reshape(T, -1).mean(1)
 
@@ -80,16 +84,16 @@ class MAML(nn.Module):
             raise ValueError(f"{what}: inputs must be [tasks, examples, features...], got shape {tuple(x.shape)}")
         if x.shape[0] < 1 or x.shape[1] < 1:
             raise ValueError(f"{what}: need at least one task and one example, got shape {tuple(x.shape)}")
-        if self.loss == "cross_entropy" and (y.shape != x.shape[:2] or y.is_floating_point()):
+        if self.loss == Loss.CROSS_ENTROPY and (y.shape != x.shape[:2] or y.is_floating_point()):
             raise ValueError(f"{what}: labels must be integers of shape {tuple(x.shape[:2])}, got "
                              f"{tuple(y.shape)} {y.dtype}")
-        if self.loss == "mse" and (y.dim() != 3 or y.shape[:2] != x.shape[:2]):
+        if self.loss == Loss.MSE and (y.dim() != 3 or y.shape[:2] != x.shape[:2]):
             raise ValueError(f"{what}: targets must be [tasks, examples, outputs] matching inputs "
                              f"{tuple(x.shape[:2])}, got {tuple(y.shape)}")
         param = next(iter(self.net.adapted_parameters().values()))
         if x.device != param.device:
             raise ValueError(f"{what}: inputs are on {x.device} but the model is on {param.device}")
-        if self.check_finite and not bool(torch.isfinite(x).all()):
+        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{what}: inputs contain NaN or Inf")
 
     def _check_episode(self, x_support, y_support, x_query, y_query) -> None:
@@ -183,10 +187,8 @@ class LLAMA(MAML):
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         _check_positive("tau", tau)
-        if logdet_method not in ("exact", "factored"):
-            raise ValueError(f"logdet_method must be 'exact' or 'factored', got {logdet_method!r}")
-        if fisher not in FISHER_TYPES:
-            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+        logdet_method = parse(LogdetMethod, logdet_method, "logdet_method").value
+        fisher = parse(FisherType, fisher, "fisher").value
         self.eta, self.tau = float(eta), float(tau)
         self.logdet_method, self.fisher = logdet_method, fisher
 
@@ -238,23 +240,18 @@ class LLAMA(MAML):
         """
         self._check_batch(x_support, y_support, "support set")
         steps = self.inner_steps if steps is None else steps
-        if prior is not None:
-            if prior not in PRIORS:
-                raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-            if tau is not None:
-                raise ValueError("give either tau or prior, not both")
-            if prior == "early_stopping" and method == "factored":
-                raise ValueError("prior='early_stopping' is per eigen-direction and needs method='exact'; "
-                                 "use prior='early_stopping_first_order' with the factored method")
-            method = method or ("exact" if prior == "early_stopping" else None)
-        tau = self.tau if tau is None and prior is None else tau
-        if tau is not None:
+        prior = None if prior is None else parse(Prior, prior, "prior")
+        method = None if method is None else parse(LogdetMethod, method, "method")
+        if prior is not None and tau is not None:
+            raise ValueError("give either tau or prior, not both")
+        method = posterior_method(prior, method, LogdetMethod(self.logdet_method))
+        if prior is None:
+            tau = self.tau if tau is None else tau
             _check_positive("tau", tau)
-        method = method or self.logdet_method
-        if method not in ("exact", "factored"):
-            raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
-        if prior == "early_stopping_first_order":
+        elif prior is Prior.EARLY_STOPPING_FIRST_ORDER:
             tau = first_order_tau(self.loss, y_support, self.inner_lr, steps)
+        elif not isinstance(steps, int) or steps < 1:  # Prior.EARLY_STOPPING
+            raise ValueError(f"the implicit prior needs at least one inner step, got {steps!r}")
         with torch.no_grad():
             params = self._adapt(x_support, y_support, steps=steps)
         rows = support_rows(self.net, params, x_support, y_support, LOSSES[self.loss], self.fisher,
@@ -263,11 +260,9 @@ class LLAMA(MAML):
         for record, a, g in rows:
             A, G = ops.kron_factors(a.detach(), g.detach(), record.bias)
             c = float(g.shape[1])
-            if prior == "early_stopping":
-                if steps < 1:
-                    raise ValueError(f"the implicit prior needs at least one inner step, got {steps}")
-                s = inner_loss_scale(self.loss, y_support)
-                layer_tau = lambda ea, eg, c=c, s=s: direction_precisions(ea, eg, c, s, self.inner_lr, steps)  # noqa: E731
+            if prior is Prior.EARLY_STOPPING:  # a precision per eigen-direction of the layer's A⊗G
+                layer_tau = functools.partial(direction_precisions, scale=c, s=inner_loss_scale(self.loss, y_support),
+                                              lr=self.inner_lr, steps=steps)
             else:
                 layer_tau = tau
             layers.append(LayerPosterior.build(record.name, params[f"{record.name}.weight"].detach(),

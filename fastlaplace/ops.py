@@ -11,14 +11,13 @@ op are in :mod:`fastlaplace.reference`.
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from . import _extension
+from .options import LogdetMethod, LogdetMethodLike, parse
 
-Method = Literal["exact", "factored"]
+Method = LogdetMethodLike  # "exact" or "factored" (or the LogdetMethod member)
 _ops = torch.ops.fastlaplace
 
 
@@ -54,9 +53,9 @@ def _as_damping(damping: float | Tensor, M: Tensor) -> Tensor:
     return torch.full((M.shape[0],), float(damping), dtype=M.dtype, device=M.device)
 
 
-def _check_method(method: str) -> None:
-    if method not in ("exact", "factored"):
-        raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
+def _method(method: LogdetMethodLike) -> str:
+    """The op schema's string for a method (a ``ValueError`` listing the choices otherwise)."""
+    return parse(LogdetMethod, method, "method").value
 
 
 def _check_bias(bias: bool) -> None:
@@ -119,7 +118,7 @@ def _fake_factors(A: Tensor, G: Tensor) -> None:
 def _fake_scalars(scale: float, tau: float, method: str) -> None:
     torch._check_value(scale > 0 and math.isfinite(scale), lambda: "fastlaplace: scale must be positive and finite")
     torch._check_value(tau > 0 and math.isfinite(tau), lambda: "fastlaplace: tau must be positive and finite")
-    torch._check_value(method in ("exact", "factored"), lambda: "fastlaplace: method must be 'exact' or 'factored'")
+    parse(LogdetMethod, method, "fastlaplace: method")
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,8 +132,10 @@ def kron_factors(a: Tensor, g: Tensor, bias: bool = True) -> tuple[Tensor, Tenso
         a: layer inputs, ``[tasks, rows, d_in]`` (rows: examples, or example-location pairs
             of unfolded conv patches).
         g: gradients of the loss with respect to the layer's outputs, ``[tasks, rows, d_out]``.
-        bias: append a constant 1 to each input row (the layer has a bias); the kernels
-            build the extended rows only where a BLAS call needs them.
+        bias: append a constant 1 to each input row (the layer has a bias). The CPU kernel
+            forms the extended rows [a, 1]: in a per-task double buffer for small factors, as
+            a concatenated copy before its BLAS call for larger ones; the CUDA kernel makes the
+            1s as it loads each tile.
 
     Returns:
         ``A = āᵀā / R`` of shape ``[tasks, d_in + bias, d_in + bias]`` and
@@ -265,8 +266,7 @@ def kron_logdet(
     Returns:
         ``[tasks]``.
     """
-    _check_method(method)
-    out = _ops.kron_logdet(A, G, float(scale), float(tau), method)
+    out = _ops.kron_logdet(A, G, float(scale), float(tau), _method(method))
     if _should_check(check) and not bool(torch.isfinite(out).all()):
         _raise_for_nonfinite("kron_logdet", A=A, G=G)
         raise ValueError("fastlaplace.kron_logdet: a damped factor is not positive definite (are A and G PSD?)")
@@ -308,8 +308,8 @@ def kfac_logdet(
     """``log det(scale·A⊗G + tau·I)`` straight from a layer's rows (LLAMA's hot path).
 
     Same as ``kron_logdet(*kron_factors(a, g, bias), scale, tau, method)``, fused. With
-    fewer rows R than columns, the exact method takes the nonzero eigenvalues from the
-    R×R Gram matrices instead of the d×d factors.
+    fewer rows R than columns, both methods work on the R×R Gram matrix of that side instead
+    of its d×d factor (same nonzero eigenvalues and trace; ``docs/design.md`` §5).
 
     Args:
         a: ``[tasks, rows, d_in]``; g: ``[tasks, rows, d_out]``; see :func:`kron_factors`.
@@ -319,7 +319,7 @@ def kfac_logdet(
     Returns:
         ``[tasks]``.
     """
-    _check_method(method)
+    method = _method(method)
     _check_bias(bias)
     out = _ops.kfac_logdet(a, g, float(scale), float(tau), method, bias)
     if _should_check(check) and not bool(torch.isfinite(out).all()):

@@ -25,21 +25,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .options import Loss, LossLike, Prior, choices, parse
 from .theory import step_variances
 
-PRIORS = ("early_stopping", "early_stopping_first_order")
+PRIORS = choices(Prior)  # the names of options.Prior, for callers that list them
 
 
-def inner_loss_scale(loss: str, y_support: Tensor) -> float:
+def inner_loss_scale(loss: LossLike, y_support: Tensor) -> float:
     """s with inner loss L = s·NLL₁ per task: 2/(N·outputs) (``"mse"``) or 1/N (``"cross_entropy"``)."""
-    if loss == "mse":
+    if parse(Loss, loss, "loss") is Loss.MSE:
         return 2.0 / (y_support.shape[1] * y_support[0, 0].numel())
-    if loss == "cross_entropy":
-        return 1.0 / y_support.shape[1]
-    raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {loss!r}")
+    return 1.0 / y_support.shape[1]
 
 
-def first_order_tau(loss: str, y_support: Tensor, lr: float, steps: int) -> float:
+def first_order_tau(loss: LossLike, y_support: Tensor, lr: float, steps: int) -> float:
     """τ = 1/(s·α·K): the implicit prior's precision to first order in α, on NLL₁'s scale."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"the implicit prior needs at least one inner step, got {steps!r}")

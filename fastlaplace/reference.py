@@ -1,20 +1,21 @@
 """Pure-PyTorch twins of every op in :mod:`fastlaplace.ops`, written for clarity.
 
 They are the test oracle and the benchmark baseline: same signatures, same conventions
-(``docs/design.md`` §2), gradients by plain autograd.
+(``docs/design.md`` §2), gradients by plain autograd. The formulas (π-corrected damping,
+the exact eigenvalue sum) come from :mod:`fastlaplace.kfac_math`; everything else is the
+plainest route: the factors are always the d×d matrices, never the Gram matrices that the
+kernels use when a layer has fewer rows than columns, so comparing the two checks that
+path too. :func:`dense_kron_logdet` is the ground truth on small layers.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-
-def with_bias_column(a: Tensor) -> Tensor:
-    """ā = [a, 1]: ``[..., d] -> [..., d + 1]``."""
-    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+from . import kfac_math
+from .kfac_math import with_bias_column
+from .options import LogdetMethod, LogdetMethodLike, parse
 
 
 def kron_factors(a: Tensor, g: Tensor, bias: bool = True) -> tuple[Tensor, Tensor]:
@@ -33,32 +34,18 @@ def damped_cholesky(M: Tensor, damping: float | Tensor = 0.0) -> tuple[Tensor, T
     return L, 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
 
-def pi_correction(A: Tensor, G: Tensor) -> Tensor:
-    """π = sqrt((tr A / d_A) / (tr G / d_G)), or 1 where a trace is zero."""
-    trA = A.diagonal(dim1=-2, dim2=-1).sum(-1)
-    trG = G.diagonal(dim1=-2, dim2=-1).sum(-1)
-    valid = (trA > 0) & (trG > 0)
-    pi = torch.sqrt((trA / A.shape[-1]) / torch.where(valid, trG / G.shape[-1], torch.ones_like(trG)))
-    return torch.where(valid, pi, torch.ones_like(pi))
-
-
-def kron_logdet(A: Tensor, G: Tensor, scale: float, tau: float, method: str = "factored") -> Tensor:
+def kron_logdet(A: Tensor, G: Tensor, scale: float, tau: float, method: LogdetMethodLike = "factored") -> Tensor:
     """log det(scale·A⊗G + tau·I), exactly or by K-FAC's factored damping."""
-    dA, dG = A.shape[-1], G.shape[-1]
-    if method == "exact":
-        a = torch.linalg.eigvalsh(A)
-        g = torch.linalg.eigvalsh(G)
-        return torch.log(scale * a[:, :, None] * g[:, None, :] + tau).sum((1, 2))
-    if method != "factored":
-        raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
-    pi = pi_correction(A, G)
-    c, t = math.sqrt(scale), math.sqrt(tau)
-    _, ldA = damped_cholesky(c * A, pi * t)
-    _, ldG = damped_cholesky(c * G, t / pi)
-    return dG * ldA + dA * ldG
+    if parse(LogdetMethod, method, "method") is LogdetMethod.EXACT:
+        return kfac_math.exact_logdet(torch.linalg.eigvalsh(A), torch.linalg.eigvalsh(G), scale, tau)
+    lam_A, lam_G = kfac_math.factored_damping(A, G, scale, tau)
+    _, ldA = damped_cholesky(A, lam_A)
+    _, ldG = damped_cholesky(G, lam_G)
+    return kfac_math.factored_logdet(ldA, A.shape[-1], ldG, G.shape[-1], scale)
 
 
-def kfac_logdet(a: Tensor, g: Tensor, scale: float, tau: float, method: str = "factored", bias: bool = True) -> Tensor:
+def kfac_logdet(a: Tensor, g: Tensor, scale: float, tau: float, method: LogdetMethodLike = "factored",
+                bias: bool = True) -> Tensor:
     """kron_logdet of the factors of a layer's rows."""
     A, G = kron_factors(a, g, bias)
     return kron_logdet(A, G, scale, tau, method)

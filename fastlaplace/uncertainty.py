@@ -31,6 +31,7 @@ from .config import LOGDET_METHODS
 from .curvature import rows_logdet, support_rows
 from .evaluate import Estimate
 from .meta import LLAMA, LOSSES, MAML
+from .options import Prior, parse
 from .posterior import LaplacePosterior, Predictive
 from .prior import PRIORS, first_order_tau
 from .runs import load_for_evaluation
@@ -93,8 +94,8 @@ def laplace_marginal_nll(learner: LLAMA, x_support: Tensor, y_support: Tensor, t
     exact one per eigen-direction of each layer's A⊗G (exact log-det):
     Σ_ij [½·τ_ij·δ_ij² − ½·log τ_ij + ½·log(c·a_i·g_j + τ_ij)] with δ = U_Gᵀ(Φ̂ − Θ)U_A.
     """
-    if prior is not None and prior not in PRIORS:
-        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+    if prior is not None:
+        prior = parse(Prior, prior, "prior")
     if prior == "early_stopping_first_order":
         tau = first_order_tau(learner.loss, y_support, learner.inner_lr, learner.inner_steps)
     tau = learner.tau if tau is None else tau

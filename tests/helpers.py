@@ -54,3 +54,22 @@ def tiny_convnet(classes=3):
         nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(3 * 2 * 2, classes),
     )
+
+
+def dense_kfac_precision(A, G, scale: float, tau: float, method: str):
+    """The precision of a layer's K-FAC block as the dense d_A·d_G matrix per task, built with
+    torch.kron (column-stacked vec of [W | b]): c·A⊗G + τI (``"exact"``), or the damped
+    (√c·A + π√τ·I) ⊗ (√c·G + (√τ/π)·I) with π from the traces (``"factored"``). The
+    independent oracle of the log-det ops and the posterior on small layers."""
+    out = []
+    for Ab, Gb in zip(A, G):
+        dA, dG = Ab.shape[-1], Gb.shape[-1]
+        eye_A, eye_G = torch.eye(dA, dtype=Ab.dtype), torch.eye(dG, dtype=Gb.dtype)
+        if method == "exact":
+            out.append(scale * torch.kron(Ab, Gb) + tau * torch.kron(eye_A, eye_G))
+            continue
+        trA, trG = torch.trace(Ab), torch.trace(Gb)
+        pi = torch.sqrt((trA / dA) / (trG / dG)) if trA > 0 and trG > 0 else torch.ones((), dtype=Ab.dtype)
+        s, t = scale**0.5, tau**0.5
+        out.append(torch.kron(s * Ab + pi * t * eye_A, s * Gb + t / pi * eye_G))
+    return torch.stack(out)

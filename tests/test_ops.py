@@ -1,4 +1,5 @@
-"""The compiled ops against their pure-PyTorch references: values, gradients, opcheck, errors."""
+"""The compiled ops against their pure-PyTorch references and against dense Kronecker
+matrices: values, gradients, opcheck, errors."""
 
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 import fastlaplace
 from fastlaplace import ops
 from fastlaplace import reference as ref
+from helpers import dense_kfac_precision
 
 F64 = torch.float64
 
@@ -150,18 +152,54 @@ def test_kron_logdet_gradcheck(device, d, method):
     assert torch.autograd.gradcheck(fn, (A, G), fast_mode=d[0] > 20)
 
 
-@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
+def dense_kfac_logdet(a, g, scale, tau, method, bias=True):
+    """log det of the dense d_A·d_G precision (tests/helpers.py), with the factors summed row
+    by row as outer products: an oracle that shares no code with the kernels, the reference
+    or fastlaplace.kfac_math, differentiable by plain autograd."""
+    if bias:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+    R = a.shape[1]
+    A = torch.einsum("tri,trj->tij", a, a) / R
+    G = torch.einsum("tri,trj->tij", g, g) / R
+    return torch.linalg.slogdet(dense_kfac_precision(A.cpu(), G.cpu(), scale, tau, method)).logabsdet.to(a.device)
+
+
+# Dense matrices of order d_A·d_G ≤ 213; fewer rows than columns on either side or both
+# (the kernels' Gram path), the fused (order ≤ 64) and the composite path (order 70).
+DENSE_SHAPES = [(2, 10, 3, 4), (2, 4, 6, 5), (2, 3, 9, 7), (3, 10, 1, 40), (2, 5, 40, 1), (1, 70, 70, 2)]
+
+
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=str)
 @pytest.mark.parametrize("method", ["exact", "factored"])
-def test_raw_op_gradients_match_wrapper(device, shape, method):
-    """torch.ops.fastlaplace.kfac_logdet (recomputes in backward) and the wrapper (one pass)."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_kfac_logdet_value_and_gradient_match_dense_kronecker(device, shape, method, bias):
     a, g = rows(*shape, device)
     w = torch.randn(shape[0], dtype=F64, device=device)
-    grads = []
-    for fn in (ops.kfac_logdet, torch.ops.fastlaplace.kfac_logdet):
+    values, grads = [], []
+    for fn in (ops.kfac_logdet, dense_kfac_logdet):
         a_, g_ = a.clone().requires_grad_(), g.clone().requires_grad_()
-        (fn(a_, g_, float(shape[1]), 0.3, method, True) * w).sum().backward()
+        out = fn(a_, g_, float(shape[1]), 0.3, method, bias=bias)
+        (out * w).sum().backward()
+        values.append(out.detach())
         grads.append((a_.grad, g_.grad))
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(values[0], values[1], rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("d", [(3, 4), (7, 2), (66, 3)], ids=str)
+@pytest.mark.parametrize("method", ["exact", "factored"])
+def test_kron_logdet_value_and_gradient_match_dense_kronecker(device, d, method):
+    A0, G0 = spd(2, d[0], device), spd(2, d[1], device)
+    values, grads = [], []
+    for fn in (ops.kron_logdet, lambda A, G, *args: torch.linalg.slogdet(
+            dense_kfac_precision(A.cpu(), G.cpu(), *args)).logabsdet.to(device)):
+        A, G = A0.clone().requires_grad_(), G0.clone().requires_grad_()
+        out = fn(A, G, 5.0, 0.3, method)
+        out.sum().backward()
+        values.append(out.detach())
+        grads.append(((A.grad + A.grad.mT) / 2, (G.grad + G.grad.mT) / 2))  # the op's gradient is symmetric
+    torch.testing.assert_close(values[0], values[1], rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)

@@ -7,12 +7,16 @@ import sys
 import pytest
 import torch
 
-from fastlaplace import LLAMA, sinusoid_mlp
+from torch.func import functional_call, jacrev, vmap
+
+from fastlaplace import LLAMA, ops, sinusoid_mlp
+from fastlaplace.curvature import rows_logdet, support_rows
 from fastlaplace.data import SinusoidTasks
-from fastlaplace.posterior import LayerPosterior, Predictive
+from fastlaplace.posterior import EigenLayerPosterior, FactoredLayerPosterior, LayerPosterior, Predictive
 from fastlaplace.problems import SinusoidProblem
 from fastlaplace.uncertainty import (Z50, Z90, NoiseModel, calibrate, coverage, laplace_marginal_nll, mixture_nll,
                                      point_nll, report)
+from helpers import dense_kfac_precision
 
 F64 = torch.float64
 
@@ -34,11 +38,39 @@ def test_sample_moments_match_analytic_covariance(method):
     n = 200_000
     W = post.sample(n, torch.Generator().manual_seed(1))  # [n, tasks, d_out, d_A]
     vec = W.mT.reshape(n, W.shape[1], -1)  # column-stacked vec([W | b])
-    analytic = post.dense_covariance()
+    analytic = torch.linalg.inv(dense_kfac_precision(post.A, post.G, post.scale, 0.7, method))
     for t in range(W.shape[1]):
         torch.testing.assert_close(vec[:, t].mean(0), post.mean[t].mT.reshape(-1), atol=0.02 * analytic[t].diagonal().max().sqrt(), rtol=0)
         empirical = torch.cov(vec[:, t].T)
         assert (empirical - analytic[t]).abs().max() <= 0.03 * analytic[t].abs().max()
+
+
+@pytest.mark.parametrize("method", ["factored", "exact"])
+@pytest.mark.parametrize("shape", [(2, 2, 3), (3, 1, 4), (2, 4, 1)], ids=str)  # d_in, d_out, rows
+def test_layer_posterior_interface_matches_dense(method, shape):
+    """Both kinds against the dense precision built with torch.kron (tests/helpers.py): the
+    precision, the covariance, the marginal variances, the log-det, and the log-det of the
+    compiled kron_logdet op on the same factors."""
+    post = small_layer(method, *shape)
+    assert isinstance(post, {"factored": FactoredLayerPosterior, "exact": EigenLayerPosterior}[method])
+    assert post.method == method
+    dense = dense_kfac_precision(post.A, post.G, post.scale, 0.7, method)
+    T, d_out, d_A = post.mean.shape
+    torch.testing.assert_close(post.dense_precision(), dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(post.dense_covariance(), torch.linalg.inv(dense), rtol=1e-8, atol=1e-10)
+    diag = torch.linalg.inv(dense).diagonal(dim1=-2, dim2=-1).reshape(T, d_A, d_out).mT  # vec is column-stacked
+    torch.testing.assert_close(post.variance(), diag, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(post.logdet(), torch.linalg.slogdet(dense).logabsdet, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(post.logdet(), ops.kron_logdet(post.A, post.G, post.scale, 0.7, method),
+                               rtol=1e-10, atol=1e-9)
+
+
+def test_layer_posterior_errors():
+    with pytest.raises(ValueError, match=r"method must be one of \('factored', 'exact'\)"):
+        small_layer("diagonal")
+    A = torch.eye(2, dtype=F64)[None]
+    with pytest.raises(ValueError, match="needs method='exact'"):
+        LayerPosterior.build("x", torch.zeros(1, 2, 2), None, A, A, 1.0, lambda a, g: a, "factored")
 
 
 def test_exact_sampler_covariance_is_inverse_dense_precision():
@@ -104,12 +136,44 @@ def test_metrics():
     torch.testing.assert_close(noise.variance(ys), torch.full((3, 1, 1), 2.1))
 
 
-def test_laplace_marginal_nll_is_finite_and_per_task():
-    learner = sinusoid_learner()
-    b = SinusoidTasks().sample(4, torch.Generator().manual_seed(0))
+def jacobian_kfac_precisions(model, phi, x, tau, method):
+    """Per task, the dense precision of each Linear layer's K-FAC block under the Gauss-Newton
+    Fisher of a one-output MLP, from per-example Jacobians alone: g_n = ∂f_n/∂b (the
+    Jacobian with respect to the layer's bias) and ā_n the layer's input (a forward hook on
+    the plain module), checked against the weight's Jacobian, which is g_n ā_nᵀ. Shares no
+    code with fastlaplace's row capture (batched.py, curvature.py) or its log-dets."""
+    linears = [name for name, m in model.named_children() if isinstance(m, torch.nn.Linear)]
+    out = []
+    for t in range(x.shape[0]):
+        p = {k: v[t] for k, v in phi.items()}
+        inputs = {}
+        hooks = [getattr(model, name).register_forward_hook(
+            lambda m, args, _, name=name: inputs.__setitem__(name, args[0])) for name in linears]
+        functional_call(model, p, (x[t],))
+        for h in hooks:
+            h.remove()
+        J = vmap(jacrev(lambda p, xn: functional_call(model, p, (xn[None],))[0, 0]), in_dims=(None, 0))(p, x[t])
+        N = x.shape[1]
+        blocks = []
+        for name in linears:
+            g = J[f"{name}.bias"]  # [N, d_out]
+            a = torch.cat([inputs[name], torch.ones(N, 1, dtype=x.dtype)], -1)  # [N, d_in + 1]
+            torch.testing.assert_close(J[f"{name}.weight"], g[:, :, None] * a[:, None, :-1])
+            A, G = (a.T @ a / N)[None], (g.T @ g / N)[None]
+            blocks.append(dense_kfac_precision(A, G, float(N), tau, method)[0])
+        out.append(blocks)
+    return out
+
+
+@pytest.mark.parametrize("method", ["factored", "exact"])
+def test_laplace_marginal_nll_matches_dense_jacobian_computation(method):
+    """−log p(X|θ) from its parts, each computed independently: data NLL at φ̂, the prior's
+    quadratic and normaliser, ½ log det Ĥ of dense K-FAC blocks built from per-example
+    Jacobians; and the posterior's log det Ĥ against the same blocks and the compiled op."""
+    learner, b = tiny_learner(2), tiny_batch(tasks=3)
+    learner.logdet_method = method
     out = laplace_marginal_nll(learner, b.x_support, b.y_support)
-    assert out.shape == (4,) and bool(torch.isfinite(out).all())
-    # −log p(X|θ) from its parts: data NLL at φ̂, the prior's quadratic and normaliser, ½ log det Ĥ
+    assert out.shape == (3,) and bool(torch.isfinite(out).all())
     tau = 3.0
     phi = learner.adapt(b.x_support, b.y_support)
     with torch.no_grad():
@@ -118,10 +182,14 @@ def test_laplace_marginal_nll_is_finite_and_per_task():
     theta = learner.net.adapted_parameters()
     sq = sum((phi[k] - theta[k]).pow(2).flatten(1).sum(1) for k in phi)
     D = sum(p.numel() for p in theta.values())
-    import fastlaplace.curvature as curv
-    rows = curv.support_rows(learner.net, phi, b.x_support, b.y_support, "gaussian", create_graph=False)
-    expected = nll + 0.5 * tau * sq - 0.5 * D * math.log(tau) + 0.5 * curv.rows_logdet(rows, tau, "factored")
+    blocks = jacobian_kfac_precisions(learner.model, phi, b.x_support, tau, method)
+    logdet = torch.stack([sum(torch.linalg.slogdet(H).logabsdet for H in task) for task in blocks])
+    expected = nll + 0.5 * tau * sq - 0.5 * D * math.log(tau) + 0.5 * logdet
     torch.testing.assert_close(laplace_marginal_nll(learner, b.x_support, b.y_support, tau=tau), expected.detach())
+    post = learner.posterior(b.x_support, b.y_support, tau=tau)
+    torch.testing.assert_close(post.logdet(), logdet, rtol=1e-9, atol=1e-9)
+    rows = support_rows(learner.net, phi, b.x_support, b.y_support, "gaussian", create_graph=False)
+    torch.testing.assert_close(rows_logdet(rows, tau, method), logdet, rtol=1e-9, atol=1e-9)
 
 
 def test_report_runs_on_few_tasks():

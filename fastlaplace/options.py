@@ -1,0 +1,102 @@
+"""Every named option of the library, once: enums whose values are the strings users pass.
+
+Each option is a ``str`` enum, so ``LogdetMethod.EXACT == "exact"`` and either spelling is
+accepted wherever an option is taken. :func:`parse` is the one check: it turns a string or
+a member into the member, or raises a ``ValueError`` that names the option and lists its
+choices. :func:`choices` gives the strings for argparse and configuration checks.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal, TypeVar
+
+
+class Option(str, Enum):
+    """A named choice; ``str(member)`` and f-strings give its value (as ``enum.StrEnum``, 3.11+)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class LogdetMethod(Option):
+    """How log det(c·A⊗G + τI) is taken, and which posterior precision goes with it
+    (``docs/design.md`` §2-3)."""
+
+    FACTORED = "factored"  # (√c·A + π√τ·I) ⊗ (√c·G + (√τ/π)·I), Martens & Grosse's damping (default)
+    EXACT = "exact"  # Σᵢⱼ log(c·aᵢ·gⱼ + τ) over the factors' eigenvalues
+
+
+class FisherType(Option):
+    """Which likelihood gradient makes K-FAC's g rows (:mod:`fastlaplace.curvature`)."""
+
+    AUTO = "auto"  # Gauss-Newton for one-output regression, sampled otherwise
+    GAUSS_NEWTON = "gauss_newton"
+    SAMPLED = "sampled"
+    EMPIRICAL = "empirical"
+
+
+class Likelihood(Option):
+    """The likelihood whose negative log is the curvature's loss."""
+
+    GAUSSIAN = "gaussian"  # unit noise: ½Σ(f − y)²
+    CATEGORICAL = "categorical"
+
+
+class Loss(Option):
+    """The inner and query loss of a meta-learner: the mean negative log likelihood."""
+
+    MSE = "mse"
+    CROSS_ENTROPY = "cross_entropy"
+
+    @property
+    def likelihood(self) -> Likelihood:
+        return Likelihood.GAUSSIAN if self is Loss.MSE else Likelihood.CATEGORICAL
+
+
+class Prior(Option):
+    """The inner loop's implicit prior as the posterior's prior (:mod:`fastlaplace.prior`)."""
+
+    EARLY_STOPPING = "early_stopping"  # exact per eigen-direction (exact method only)
+    EARLY_STOPPING_FIRST_ORDER = "early_stopping_first_order"  # τ = 1/(s·α·K)
+
+
+# For type hints: what a caller may pass (the member or its string).
+LogdetMethodLike = LogdetMethod | Literal["factored", "exact"]
+FisherTypeLike = FisherType | Literal["auto", "gauss_newton", "sampled", "empirical"]
+LossLike = Loss | Literal["mse", "cross_entropy"]
+PriorLike = Prior | Literal["early_stopping", "early_stopping_first_order"]
+
+E = TypeVar("E", bound=Option)
+
+
+def choices(kind: type[Option]) -> tuple[str, ...]:
+    """The accepted strings of an option, in declaration order."""
+    return tuple(member.value for member in kind)
+
+
+def parse(kind: type[E], value: object, name: str) -> E:
+    """``value`` (a member of ``kind`` or its string) as the member; otherwise a ``ValueError``
+    naming the option ``name`` and listing its choices."""
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        for member in kind:
+            if member.value == value:
+                return member
+    raise ValueError(f"{name} must be one of {choices(kind)}, got {value!r}")
+
+
+def posterior_method(prior: Prior | None, method: LogdetMethod | None, default: LogdetMethod) -> LogdetMethod:
+    """The posterior's precision for an (already parsed) prior and method: the method given,
+    else ``"exact"`` under the per-direction implicit prior, else ``default``. The
+    per-direction prior has no factored form, so that pair is refused."""
+    if prior is Prior.EARLY_STOPPING:
+        if method is LogdetMethod.FACTORED:
+            raise ValueError("prior='early_stopping' is per eigen-direction and needs method='exact'; "
+                             "use prior='early_stopping_first_order' with the factored method")
+        return LogdetMethod.EXACT
+    return method or default
