@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .batched import TaskBatchedNetwork
+from .batched import TaskBatchedNetwork, param_key
 from .reference import pi_correction
 
 
@@ -96,9 +96,9 @@ class LayerPosterior:
     def split(self, W: Tensor) -> dict[str, Tensor]:
         """[..., d_out, d_A] -> {name.weight: [..., *weight_shape], name.bias: [..., d_out]}."""
         lead = W.shape[:-2]
-        out = {f"{self.name}.weight": (W[..., :-1] if self.bias else W).reshape(*lead, *self.weight_shape)}
+        out = {param_key(self.name, "weight"): (W[..., :-1] if self.bias else W).reshape(*lead, *self.weight_shape)}
         if self.bias:
-            out[f"{self.name}.bias"] = W[..., -1]
+            out[param_key(self.name, "bias")] = W[..., -1]
         return out
 
     def dense_covariance(self) -> Tensor:
