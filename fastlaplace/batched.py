@@ -117,33 +117,33 @@ def _describe(name: str, module: nn.Module) -> str:
     return f"layer {name or '<the model itself>'!r} ({type(module).__name__})"
 
 
-def _check_rows(call: _Call, name: str, module: nn.Module, x: Tensor, dims: tuple[int, ...]) -> None:
-    if x.dim() not in dims:
-        raise ValueError(f"fastlaplace: {_describe(name, module)} received an input of shape {tuple(x.shape)}; "
-                         f"it needs a batched input ({' or '.join(str(d) for d in dims)} dimensions)")
-    if x.shape[0] != call.tasks * call.examples:
-        raise ValueError(
-            f"fastlaplace: {_describe(name, module)} received {x.shape[0]} rows in dimension 0, expected tasks × "
-            f"examples = {call.tasks} × {call.examples}: the model's forward must pass each example through its "
-            "adapted layers in dimension 0 (exclude the layer with adapt= to run it with shared weights)")
+def _bad_input(call: _Call, name: str, module: nn.Module, x: Tensor, dims: str) -> ValueError:
+    if x.dim() < 2:
+        return ValueError(f"fastlaplace: {_describe(name, module)} received an input of shape {tuple(x.shape)}; it "
+                          f"needs a batched input of {dims} dimensions")
+    return ValueError(
+        f"fastlaplace: {_describe(name, module)} received {x.shape[0]} rows in dimension 0, expected tasks × "
+        f"examples = {call.tasks} × {call.examples}: the model's forward must pass each example through its "
+        "adapted layers in dimension 0 (exclude the layer with adapt= to run it with shared weights)")
 
 
 def _linear(call: _Call, name: str, module: nn.Linear, x: Tensor) -> Tensor:
-    _check_rows(call, name, module, x, tuple(range(2, 9)))
-    call.called.add(name)
     T, N = call.tasks, call.examples
+    if x.dim() < 2 or x.shape[0] != T * N:
+        raise _bad_input(call, name, module, x, "2 or more")
+    call.called.add(name)
     w, b = call.params[param_key(name, "weight")], call.params.get(param_key(name, "bias"))
     d_in = x.shape[-1]
     if call.example_major:  # rows n·T + t -> [T, N·P, d_in] (a view when there is one row per example)
         xt = x.reshape(N, T, -1, d_in).transpose(0, 1).flatten(1, 2)
-    else:
-        xt = x.reshape(T, -1, d_in)
+    else:  # rows t·N + n -> [T, N·P, d_in], a view
+        xt = x.view(T, -1, d_in) if x.is_contiguous() else x.reshape(T, -1, d_in)
     s = xt @ w.mT if b is None else torch.baddbmm(b.unsqueeze(1), xt, w.mT)
     if call.record:
         call.records.append(LayerRecord(name, xt, s, b is not None, "linear", T))
     if call.example_major:
         return s.reshape(T, N, -1, s.shape[-1]).transpose(0, 1).reshape(*x.shape[:-1], s.shape[-1])
-    return s.reshape(*x.shape[:-1], s.shape[-1])
+    return s.view(-1, s.shape[-1]) if x.dim() == 2 else s.view(*x.shape[:-1], s.shape[-1])
 
 
 def _same_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -156,9 +156,10 @@ def _same_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
 
 
 def _conv2d(call: _Call, name: str, module: nn.Conv2d, x: Tensor) -> Tensor:
-    _check_rows(call, name, module, x, (4,))
-    call.called.add(name)
     T, N = call.tasks, call.examples
+    if x.dim() != 4 or x.shape[0] != T * N:
+        raise _bad_input(call, name, module, x, "4")
+    call.called.add(name)
     w, b = call.params[param_key(name, "weight")], call.params.get(param_key(name, "bias"))
     C = x.shape[1]
     padding = module.padding
@@ -179,8 +180,9 @@ def _conv2d(call: _Call, name: str, module: nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def _batch_norm(call: _Call, name: str, module: _BatchNorm, x: Tensor) -> Tensor:
-    _check_rows(call, name, module, x, (2, 3, 4, 5))
     T, N = call.tasks, call.examples
+    if x.dim() < 2 or x.shape[0] != T * N:
+        raise _bad_input(call, name, module, x, "2 to 5")
     C = x.shape[1]
     w = None if module.weight is None else module.weight.repeat(T)
     b = None if module.bias is None else module.bias.repeat(T)
