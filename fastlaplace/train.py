@@ -44,17 +44,21 @@ from .runs import CheckpointError, atomic_write, read_checkpoint, read_latest, s
 
 METHODS = ("maml", "fomaml", "llama")
 DATASETS = ("sinusoid", "digits", "omniglot", "miniimagenet")
+MODELS = ("mlp", "conv4", "resnet12")  # mlp: sinusoid only; conv4, resnet12: image data sets
 
 # Each data set's defaults: the paper's (miniImageNet), Finn et al.'s (Omniglot), ours (digits).
 DATASET_DEFAULTS: dict[str, dict] = {
     "sinusoid": dict(iterations=10000, meta_batch=25, meta_lr=1e-3, inner_lr=0.01, inner_steps=1,
-                     test_inner_steps=[1, 10], eta=1e-6, tau=1e-3),
+                     test_inner_steps=[1, 10], eta=1e-6, tau=1e-3, model="mlp"),
     "miniimagenet": dict(iterations=60000, meta_batch=4, meta_lr=1e-3, inner_lr=0.01, inner_steps=5,
-                         test_inner_steps=[10], ways=5, shots=1, query=15, eta=1e-6, tau=1e-3, filters=64),
+                         test_inner_steps=[10], ways=5, shots=1, query=15, eta=1e-6, tau=1e-3, filters=64,
+                         model="conv4"),
     "omniglot": dict(iterations=60000, meta_batch=32, meta_lr=1e-3, inner_lr=0.4, inner_steps=1,
-                     test_inner_steps=[3], ways=5, shots=1, query=1, eta=1e-6, tau=1e-3, filters=64),
+                     test_inner_steps=[3], ways=5, shots=1, query=1, eta=1e-6, tau=1e-3, filters=64,
+                     model="conv4"),
     "digits": dict(iterations=1000, meta_batch=4, meta_lr=1e-3, inner_lr=0.1, inner_steps=3,
-                   test_inner_steps=[5], ways=5, shots=1, query=5, eta=1e-6, tau=1e-3, filters=32),
+                   test_inner_steps=[5], ways=5, shots=1, query=5, eta=1e-6, tau=1e-3, filters=32,
+                   model="conv4"),
 }
 
 
@@ -91,6 +95,7 @@ class Config:
     shots: int | None = None
     query: int | None = None
     filters: int | None = None
+    model: str | None = None  # conv4 or resnet12 (images); mlp (sinusoid)
     allow_pickle: bool = False  # read pickled data sets (they can run code: only trusted files)
 
     def resolved(self) -> "Config":
@@ -120,7 +125,7 @@ class Config:
         if not self.test_inner_steps or any(s < 0 for s in self.test_inner_steps):
             raise UsageError(f"test_inner_steps must be integers >= 0, got {self.test_inner_steps!r}")
         choices = {"dataset": DATASETS, "method": METHODS, "logdet_method": ("factored", "exact"),
-                   "fisher": ("auto", "gauss_newton", "sampled", "empirical")}
+                   "fisher": ("auto", "gauss_newton", "sampled", "empirical"), "model": MODELS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -130,6 +135,9 @@ class Config:
         check_device(self.device)
         check_seed("seed", self.seed)
         check_seed("eval_seed", self.eval_seed)
+        if (self.model == "mlp") != (self.dataset == "sinusoid"):
+            raise UsageError(f"model {self.model!r} is not for {self.dataset}: use "
+                             + ("mlp" if self.dataset == "sinusoid" else "conv4 or resnet12"))
         if self.dataset != "sinusoid":
             positive_int("ways", self.ways, 2)
             positive_int("shots", self.shots)
@@ -176,6 +184,9 @@ def config_from_dict(values, source: str) -> Config:
     if not isinstance(values, dict):
         raise UsageError(f"{source} must be a JSON object of settings, got {type(values).__name__}")
     check_types(values, source)
+    if "model" not in values and values.get("dataset", "sinusoid") in DATASET_DEFAULTS:
+        # saved before the model was a setting: the data set's default network was used
+        values = {**values, "model": DATASET_DEFAULTS[values.get("dataset", "sinusoid")]["model"]}
     return Config(**values)
 
 
@@ -186,7 +197,7 @@ def make_problem(cfg: Config):
     from .data.loaders import image_problem  # noqa: PLC0415 (image readers are only needed here)
 
     return image_problem(cfg.dataset, cfg.data_root, cfg.ways, cfg.shots, cfg.query, cfg.filters, cfg.seed,
-                         allow_pickle=cfg.allow_pickle)
+                         allow_pickle=cfg.allow_pickle, model=cfg.model)
 
 
 def make_learner(cfg: Config, model: torch.nn.Module) -> MAML:
@@ -554,7 +565,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
     p.add_argument("--ways", type=int)
     p.add_argument("--shots", type=int)
     p.add_argument("--query", type=int, help="query images per class")
-    p.add_argument("--filters", type=int, help="Conv4 filters (32 or 64)")
+    p.add_argument("--filters", type=int, help="Conv4 filters (32 or 64); ResNet-12: the first block's width F "
+                   "(widths F, 2.5F, 5F, 10F; 64 gives 64-160-320-640)")
+    p.add_argument("--model", choices=MODELS, help="network for images: conv4 (default) or resnet12; mlp for sinusoid")
     p.add_argument("--no-progress", action="store_true")
     args = vars(p.parse_args(argv))
     config_file, resume, no_progress = args.pop("config"), args.pop("resume"), args.pop("no_progress")
