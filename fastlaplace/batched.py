@@ -302,7 +302,12 @@ class _StandIns:
     def __enter__(self):
         try:
             for module, fn in self.pairs:
-                self.saved.append((module, module.__dict__.get("forward", _MISSING)))
+                previous = module.__dict__.get("forward", _MISSING)
+                if previous is not _MISSING and getattr(previous, "func", None) not in _STAND_INS:
+                    raise TypeError(f"fastlaplace: {_describe(fn.args[1], module)} has its forward replaced on the "
+                                    "instance (by a wrapper or hook library?), which the learner would bypass; "
+                                    "exclude it with adapt=, or remove the replacement")
+                self.saved.append((module, previous))
                 module.__dict__["forward"] = fn
         except BaseException:
             self.__exit__()
@@ -317,6 +322,9 @@ class _StandIns:
             else:
                 module.__dict__["forward"] = previous
         return False
+
+
+_STAND_INS = (_linear, _conv2d, _batch_norm)
 
 
 def _select(modules: list[tuple[str, nn.Module]], adapt: Selection) -> list[tuple[str, nn.Module]]:

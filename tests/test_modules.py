@@ -386,6 +386,11 @@ def test_layers_that_cannot_be_adapted_are_named():
         MAML(Functional(), adapt="norm")
     with pytest.raises(ValueError, match="selects no layer"):
         MAML(Functional(), adapt=lambda name, module: False)
+    patched = Functional().double()
+    patched.out.forward = lambda x: x.sum(-1, keepdim=True)  # as some wrapper libraries do
+    with pytest.raises(TypeError, match=r"layer 'out' \(Linear\) has its forward replaced on the instance"):
+        MAML(patched).meta_loss(*regression())
+    assert not any("forward" in m.__dict__ for m in patched.modules() if m is not patched.out)
     broken = Broken().double()
     with pytest.raises(RuntimeError, match="the user's forward failed"):
         MAML(broken).meta_loss(*regression())
