@@ -83,10 +83,10 @@ class Nested(nn.Module):
     (example, position)), a GRU (meta-learned, not adapted), a BatchNorm1d with running
     statistics, a ModuleList of residual blocks, a nested head in a ModuleDict."""
 
-    def __init__(self, d=4, length=3):
+    def __init__(self, d=4, length=3, norm=True):
         super().__init__()
         self.enc = nn.ModuleDict({"proj": nn.Sequential(nn.Linear(2, d), nn.Tanh()), "rnn": nn.GRU(d, d, batch_first=True)})
-        self.norm = nn.BatchNorm1d(d)
+        self.norm = nn.BatchNorm1d(d) if norm else nn.Identity()
         self.blocks = nn.ModuleList([Block(d), Block(d)])
         self.head = Head(d, length)
 
@@ -121,6 +121,8 @@ CASES = {  # network, batch, loss, Fisher
     "resnet12": (tiny_resnet12, lambda: classification(N=2, M=3, shape=(1, 16, 16)), "cross_entropy", "empirical"),
     "functional": (Functional, lambda: regression(), "mse", "auto"),
     "nested": (Nested, lambda: regression(shape=(3, 2)), "mse", "auto"),
+    # without BatchNorm: task-major rows, and LLAMA's one pass over support and query sets
+    "nested-no-bn": (lambda: Nested(norm=False), lambda: regression(shape=(3, 2)), "mse", "auto"),
 }
 
 
@@ -231,6 +233,7 @@ def test_what_is_adapted_by_default():
                                              "head.parts.mix", "head.parts.out"]  # not: the GRU, the BatchNorm
     assert len(nets["resnet12"].adapted_layers) == 17  # 16 convolutions and the head
     assert not nets["functional"].example_major and nets["nested"].example_major
+    assert not nets["nested-no-bn"].example_major
 
 
 def test_batchnorm_uses_task_statistics_in_eval_mode_and_leaves_running_statistics():
@@ -459,3 +462,19 @@ def test_cli_meta_trains_resnet12_and_the_checkpoint_rebuilds_it(tmp_path):
     assert train_mod.config_from_dict({"dataset": "digits"}, "old").model == "conv4"
     with pytest.raises(SystemExit, match="model 'resnet12' is not for sinusoid"):
         train_mod.main(["--model", "resnet12", "--out", str(tmp_path / "sin")])
+
+
+def test_bench_meta_resnet12_rows_run(tmp_path):
+    """The ResNet-12 rows of benchmarks/bench_meta.py run through (tiny widths), so that a GPU
+    machine finds a script that works."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_meta.py"
+    run = subprocess.run([sys.executable, str(script), "--reps", "0", "--conv-iterations", "0", "--resnet-iterations",
+                          "1", "--resnet-warmup", "0", "--resnet-tasks", "2", "--resnet-steps", "1", "--resnet-query",
+                          "1", "--resnet-widths", "2", "2", "2", "2", "--no-write"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "MAML | " in run.stdout and "LLAMA (factored) | " in run.stdout and "GiB" in run.stdout
