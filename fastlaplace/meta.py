@@ -276,7 +276,7 @@ class LLAMA(MAML):
                 layer_tau = lambda ea, eg, c=c, s=s: direction_precisions(ea, eg, c, s, self.inner_lr, steps)  # noqa: E731
             else:
                 layer_tau = tau
-            layers.append(LayerPosterior.build(record.name, params[param_key(record.name, "weight")].detach(),
-                                               None if not record.bias else params[param_key(record.name, "bias")].detach(),
+            bias = params[param_key(record.name, "bias")].detach() if record.bias else None
+            layers.append(LayerPosterior.build(record.name, params[param_key(record.name, "weight")].detach(), bias,
                                                A, G, c, layer_tau, method))
         return LaplacePosterior(self.net, {k: v.detach() for k, v in params.items()}, layers)

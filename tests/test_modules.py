@@ -310,6 +310,15 @@ def test_posterior_and_laplace_term_over_the_subset():
     torch.testing.assert_close(learner.laplace_logdet(phi, xs, ys), want, rtol=1e-9, atol=1e-9)
 
 
+def test_the_model_itself_may_be_the_layer():
+    xs, ys, xq, yq = regression()
+    learner = LLAMA(nn.Linear(1, 1).double(), inner_lr=0.05, tau=0.5)
+    assert learner.net.adapted_layers == [""] and list(learner.adapt(xs, ys)) == ["weight", "bias"]
+    assert learner.meta_loss(xs, ys, xq, yq).isfinite()
+    post = learner.posterior(xs, ys)
+    assert set(post.sample(2)) == {"weight", "bias"} and post.predict(xq, n_samples=2).samples.shape == (2, 3, 4, 1)
+
+
 # ----------------------------------------------------------------------------- named errors
 
 class Tied(nn.Module):
