@@ -1,6 +1,6 @@
 """Seconds per meta-iteration: MAML against LLAMA, and against a plain per-task loop.
 
-    python benchmarks/bench_meta.py [--device cuda] [--conv-iterations 3]
+    python benchmarks/bench_meta.py [--device cuda] [--conv-iterations 3] [--resnet-iterations 1 ...]
 
 1. Sinusoid (25 tasks × 10 + 10 points, 1-40-40-1 MLP, 1 inner step, second order):
    fastlaplace's MAML, first-order MAML, LLAMA (factored and exact log-det), and the way
@@ -10,20 +10,31 @@
 2. Conv4 on 84×84 random images, 5-way 1-shot, 15 query images per class, 4 tasks, 5 inner
    steps (the paper's miniImageNet setting): MAML and LLAMA, with the projected hours for
    60,000 iterations.
+3. With ``--resnet-iterations N``: ResNet-12 (64-160-320-640 by default) on 84×84 random
+   images, 5-way 1-shot, MAML and LLAMA: seconds per meta-iteration and peak memory (each
+   method in a fresh process: its peak resident set on the CPU, ``torch.cuda.max_memory_allocated``
+   on CUDA). The paper's setting (4 tasks, 15 query images per class, 5 inner steps) is the
+   default; ``--resnet-tasks``, ``--resnet-query``, ``--resnet-steps`` and ``--resnet-widths``
+   make it fit a smaller machine. Its table goes to its own block of RESULTS.md.
 Repetitions are interleaved so that both sides see the same machine load; medians reported.
+``--reps 0`` and ``--conv-iterations 0`` skip parts 1 and 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fastlaplace import LLAMA, MAML, conv4, sinusoid_mlp
+from fastlaplace import LLAMA, MAML, conv4, resnet12, sinusoid_mlp
 from fastlaplace.data import SinusoidTasks
 from _common import fmt_time, markdown_table, write_block
 
@@ -111,19 +122,97 @@ def conv(device: str, iterations: int, filters: int) -> str:
                            "60,000 iterations"], rows)
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def resnet_worker(args) -> None:
+    """One method's ResNet-12 meta-iterations in this (fresh) process; prints one JSON line."""
+    device, T, ways, query = args.device, args.resnet_tasks, 5, args.resnet_query
+    g = torch.Generator().manual_seed(0)
+    xs = torch.rand(T, ways, 3, 84, 84, generator=g).to(device)
+    xq = torch.rand(T, ways * query, 3, 84, 84, generator=g).to(device)
+    ys = torch.arange(ways).expand(T, -1).contiguous().to(device)
+    yq = torch.arange(ways).repeat_interleave(query).expand(T, -1).contiguous().to(device)
+    torch.manual_seed(0)
+    cls = MAML if args.resnet_worker == "MAML" else LLAMA
+    learner = cls(resnet12(3, ways, args.resnet_widths), inner_lr=0.01, inner_steps=args.resnet_steps,
+                  loss="cross_entropy").to(device)
+    step = learner_step(learner, (xs, ys, xq, yq), torch.optim.Adam(learner.parameters(), 1e-3))
+    cuda = device.startswith("cuda")
+    before = torch.cuda.memory_allocated(device) if cuda else _resident_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(args.resnet_warmup + args.resnet_iterations):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i >= args.resnet_warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(seconds=statistics.median(times), peak=peak, before=before)), flush=True)
+
+
+def resnet(args) -> str:
+    """ResNet-12 rows: each method in a fresh process, so that its peak memory is its own."""
+    results = {}
+    for method in ("MAML", "LLAMA (factored)"):
+        cmd = [sys.executable, __file__, "--resnet-worker", "MAML" if method == "MAML" else "LLAMA",
+               "--device", args.device, "--resnet-iterations", str(args.resnet_iterations),
+               "--resnet-warmup", str(args.resnet_warmup), "--resnet-tasks", str(args.resnet_tasks),
+               "--resnet-query", str(args.resnet_query), "--resnet-steps", str(args.resnet_steps),
+               "--resnet-widths", *map(str, args.resnet_widths)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise SystemExit(f"{method} worker failed:\n{run.stderr[-3000:]}")
+        results[method] = json.loads(run.stdout.strip().splitlines()[-1])
+    base = results["MAML"]["seconds"]
+    gib = 2.0**30
+    rows = [[k, fmt_time(r["seconds"]), f"{r['seconds'] / base:.2f}", f"{r['peak'] / gib:.2f} GiB",
+             f"{(r['peak'] - r['before']) / gib:.2f} GiB"] for k, r in results.items()]
+    for r in rows:
+        print(" | ".join(r), flush=True)
+    memory = ("peak torch.cuda.max_memory_allocated", "of which in the meta-iterations") if args.device.startswith(
+        "cuda") else ("peak resident set (whole process)", "above the resident set before the first iteration")
+    widths = "-".join(map(str, args.resnet_widths))
+    title = (f"ResNet-12 ({widths}) 84×84, {args.resnet_tasks} task(s) × 5-way 1-shot, {args.resnet_query} query "
+             f"per class, {args.resnet_steps} step(s)")
+    note = (f"\n\n{args.resnet_iterations} timed iteration(s) per method after {args.resnet_warmup} warm-up, "
+            "each method in its own process; second-order meta-gradient.")
+    return markdown_table([title, "s / meta-iteration", "÷ MAML", *memory], rows) + note
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--reps", type=int, default=15, help="interleaved repetitions (sinusoid)")
+    p.add_argument("--reps", type=int, default=15, help="interleaved repetitions (sinusoid; 0: skip)")
     p.add_argument("--conv-iterations", type=int, default=3, help="timed Conv4 iterations per method (0: skip)")
     p.add_argument("--filters", type=int, default=32)
+    p.add_argument("--resnet-iterations", type=int, default=0, help="timed ResNet-12 iterations per method (0: skip)")
+    p.add_argument("--resnet-warmup", type=int, default=1, help="untimed ResNet-12 iterations first")
+    p.add_argument("--resnet-tasks", type=int, default=4)
+    p.add_argument("--resnet-query", type=int, default=15, help="query images per class")
+    p.add_argument("--resnet-steps", type=int, default=5, help="inner steps")
+    p.add_argument("--resnet-widths", type=int, nargs=4, default=[64, 160, 320, 640])
+    p.add_argument("--resnet-worker", choices=("MAML", "LLAMA"), help=argparse.SUPPRESS)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
-    parts = [sinusoid(args.device, args.reps)]
+    if args.resnet_worker:
+        return resnet_worker(args)
+    parts = [sinusoid(args.device, args.reps)] if args.reps else []
     if args.conv_iterations:
         parts.append(conv(args.device, args.conv_iterations, args.filters))
-    if not args.no_write:
+    if parts and not args.no_write:
         write_block("bench_meta", "\n\n".join(parts), args.device)
+    if args.resnet_iterations:
+        table = resnet(args)
+        if not args.no_write:
+            write_block("bench_meta_resnet12", table, args.device)
 
 
 if __name__ == "__main__":

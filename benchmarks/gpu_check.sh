@@ -81,10 +81,11 @@ fi
 stage bench_kernels 100 "$OUT/bench_kernels.log" "cd '$REPO' && python3 benchmarks/bench_kernels.py --device cuda --quick"
 [[ -n $CS ]] && stage initcheck 45 "$OUT/sanitizer.log" "cd '$RUNDIR' && '$CS' --tool initcheck --error-exitcode 9 --print-limit 20 python3 '$REPO/benchmarks/gpu_smoke.py' --tiny"
 stage bench_meta 80 "$OUT/bench_meta.log" "cd '$REPO' && python3 benchmarks/bench_meta.py --device cuda --reps 3 --conv-iterations 2"
+stage bench_resnet12 60 "$OUT/bench_meta.log" "cd '$REPO' && python3 benchmarks/bench_meta.py --device cuda --reps 0 --conv-iterations 0 --resnet-iterations 3"
 cp "$REPO/benchmarks/RESULTS.md" "$OUT/RESULTS.md" 2>/dev/null
 
 line="SUMMARY"
-for k in build smoke pytest memcheck racecheck initcheck bench_kernels bench_meta; do line+=" $k=${ST[$k]:-n/a}"; done
+for k in build smoke pytest memcheck racecheck initcheck bench_kernels bench_meta bench_resnet12; do line+=" $k=${ST[$k]:-n/a}"; done
 line+=" total=$(($(date +%s) - START))s"
 echo "$line" | tee -a "$S"
 for k in build smoke pytest memcheck; do [[ ${ST[$k]:-x} == 0 || ${ST[$k]:-x} == skip ]] || exit 1; done

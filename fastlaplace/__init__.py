@@ -6,7 +6,7 @@ ICLR 2018) on compiled K-FAC kernels (``fastlaplace.ops``).
 
 from . import ops, reference
 from .meta import LLAMA, MAML, MetaLoss
-from .models import conv4, sinusoid_mlp
+from .models import conv4, resnet12, sinusoid_mlp
 from .ops import damped_cholesky, has_cuda, kfac_logdet, kron_factors, kron_logdet
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "MetaLoss",
     "sinusoid_mlp",
     "conv4",
+    "resnet12",
     "ops",
     "reference",
     "kron_factors",

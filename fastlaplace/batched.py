@@ -1,133 +1,365 @@
-"""Running one network for a whole batch of tasks, each with its own adapted weights.
+"""Running a user's network for a whole batch of tasks, each with its own adapted weights.
 
-MAML adapts the weights of every Linear and Conv2d layer per task. Rather than looping
-over tasks in Python, :class:`TaskBatchedNetwork` evaluates an ``nn.Sequential`` with
-weights that carry a leading task dimension: Linear layers as batched matmuls, Conv2d
-layers as one grouped convolution (groups = tasks), BatchNorm with per-task batch
-statistics. It can also record, for each adapted layer, the rows K-FAC needs: the layer
-inputs (unfolded patches for convolutions) and the pre-activations.
+MAML adapts the weights of the network's ``nn.Linear`` and ``nn.Conv2d`` layers per task.
+Rather than looping over tasks in Python, :class:`TaskBatchedNetwork` runs the user's own
+module, with its own ``forward`` (skip connections, functional calls, nested modules and
+heads of any kind), once on the examples of every task stacked in dimension 0, while its
+adapted layers and its BatchNorm layers compute per task through *stand-ins*:
+
+- an adapted ``nn.Linear``: one batched matmul with the per-task weights [tasks, out, in];
+- an adapted ``nn.Conv2d``: one grouped convolution (groups = tasks) with the per-task
+  weights [tasks, C_out, C_in, k_h, k_w];
+- every BatchNorm (1d, 2d, 3d): normalisation with each task's own batch statistics, the
+  channels (task, channel) of one ``F.batch_norm`` call.
+
+Everything else (activations, pooling, residual additions, LayerNorm, ...) runs as the user
+wrote it, on all tasks' examples at once, with the shared meta-parameters θ.
+
+**How the stand-ins are installed.** For the duration of one call, each of these modules'
+``forward`` is replaced by an instance attribute (a ``functools.partial`` of the stand-in),
+removed again in a ``finally`` block: nothing is left behind after the call, also when the
+forward raises; nested calls restore in order. The module's parameters are never modified.
+Like :func:`torch.func.functional_call`, which also swaps module attributes for the length
+of a call, this is not safe for two threads running the *same* model object at once.
+
+**Layout.** The stacked examples are ordered example-major (row n·T + t is example n of task
+t) when the network has an adapted convolution or a BatchNorm, so that a convolution's or a
+BatchNorm's input [N·T, C, H, W] is, without a copy, the grouped input [N, T·C, H, W];
+otherwise (MLPs) task-major (row t·N + n), so that a linear layer's input is [T, N, d]
+without a copy. The model's ``forward`` must therefore treat the rows of dimension 0 as
+independent examples (BatchNorm aside, which the stand-in handles); its output must be one
+tensor with the examples in dimension 0.
+
+**What is adapted** (``docs/design.md`` §1, §2; the README's "Bring your own network"):
+
+- By default every ``nn.Linear`` and ``nn.Conv2d`` of the model; ``adapt=`` selects a
+  subset: module names (a container's name selects the Linear and Conv2d layers inside it),
+  or a predicate ``(name, module) -> bool`` called on each Linear and Conv2d. The inner
+  loop, the Laplace term and the posterior cover the selected layers only; the others run
+  with θ (meta-learned, not adapted).
+- BatchNorm's scale and shift are meta-learned, never adapted, never in the Fisher (paper
+  Section 5.2). BatchNorm always normalises with each task's batch statistics, in
+  ``train()`` and ``eval()`` mode alike; a module with ``track_running_stats=True`` is
+  accepted, and its running statistics are **never read nor updated** (they stay as they
+  are).
+- Any other parameter (LayerNorm's or GroupNorm's affine, embeddings, recurrent layers,
+  parameters registered on a module and used in its ``forward``) is meta-learned and not
+  adapted, like BatchNorm's.
+- Errors that name the layer: an adapted layer whose parameters are shared with another
+  module (tied weights), a grouped convolution, a Linear or Conv2d subclass with its own
+  ``forward``, a BatchNorm subclass with its own ``forward``, an adapted layer that the
+  forward never calls as a module (e.g. ``F.linear(x, self.fc.weight)``, or
+  ``nn.MultiheadAttention``'s output projection), or one called with rows that are not the
+  stacked examples. Exclude such a layer with ``adapt=`` to keep it shared.
+
+A layer called more than once in one forward (weight sharing) uses the same per-task
+weights at every call; for K-FAC its rows from all calls are concatenated, as KFC does for
+the locations of a convolution (``docs/design.md`` §2).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Identity, nn.Dropout)
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+_BATCHNORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+Selection = None | str | Iterable[str] | Callable[[str, nn.Module], bool]
+
+
+def param_key(layer: str, what: str) -> str:
+    """The key of a layer's ``"weight"`` or ``"bias"`` in the per-task parameter dicts: the
+    module's path and the parameter's name, as in ``model.named_parameters()``."""
+    return f"{layer}.{what}" if layer else what
 
 
 @dataclass
 class LayerRecord:
-    """Rows of one adapted layer for K-FAC: ``a`` [tasks, rows, d_in] (patches for conv) and
-    the pre-activations ``s`` as produced by the forward pass (grad w.r.t. ``s`` gives g)."""
+    """Rows of one call of an adapted layer for K-FAC: ``a`` [tasks, rows, d_in] (the inputs,
+    or the unfolded patches of a convolution; rows are (example, location) pairs, example-
+    major) and the outputs ``s`` as the stand-in produced them (∂loss/∂s gives g)."""
 
     name: str
     a: Tensor
     s: Tensor
     bias: bool
+    kind: str = "linear"  # "linear": s is [tasks, rows, d_out]; "conv": s is [N, tasks·C_out, H, W]
+    tasks: int = 0
 
     def g_rows(self, grad_s: Tensor) -> Tensor:
         """Reshape ∂loss/∂s to rows [tasks, rows, d_out] matching ``a``."""
-        if grad_s.dim() == 3:  # Linear: [T, N, d_out]
+        if self.kind == "linear":
             return grad_s
-        T, N, C = grad_s.shape[:3]  # Conv2d: [T, N, C, H, W] -> rows (example, location)
-        return grad_s.permute(0, 1, 3, 4, 2).reshape(T, -1, C)
+        N, T = grad_s.shape[0], self.tasks
+        C = grad_s.shape[1] // T
+        return grad_s.reshape(N, T, C, -1).permute(1, 0, 3, 2).reshape(T, -1, C)
 
 
-def _flatten(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    if isinstance(module, nn.Sequential):
-        out = []
-        for name, child in module.named_children():
-            out += [(f"{name}.{n}" if n else name, m) for n, m in _flatten(child)]
-        return out
-    return [("", module)]
+class _Call:
+    """The state of one call: per-task parameters, sizes, layout and the recorded rows."""
+
+    __slots__ = ("params", "tasks", "examples", "example_major", "record", "records", "called")
+
+    def __init__(self, params: dict[str, Tensor], tasks: int, examples: int, example_major: bool, record: bool):
+        self.params, self.tasks, self.examples = params, tasks, examples
+        self.example_major, self.record = example_major, record
+        self.records: list[LayerRecord] = []
+        self.called: set[str] = set()
+
+
+def _describe(name: str, module: nn.Module) -> str:
+    return f"layer {name or '<the model itself>'!r} ({type(module).__name__})"
+
+
+def _bad_input(call: _Call, name: str, module: nn.Module, x: Tensor, dims: str) -> ValueError:
+    if x.dim() < 2:
+        return ValueError(f"fastlaplace: {_describe(name, module)} received an input of shape {tuple(x.shape)}; it "
+                          f"needs a batched input of {dims} dimensions")
+    return ValueError(
+        f"fastlaplace: {_describe(name, module)} received {x.shape[0]} rows in dimension 0, expected tasks × "
+        f"examples = {call.tasks} × {call.examples}: the model's forward must pass each example through its "
+        "adapted layers in dimension 0 (exclude the layer with adapt= to run it with shared weights)")
+
+
+def _linear(call: _Call, name: str, module: nn.Linear, x: Tensor) -> Tensor:
+    T, N = call.tasks, call.examples
+    if x.dim() < 2 or x.shape[0] != T * N:
+        raise _bad_input(call, name, module, x, "2 or more")
+    call.called.add(name)
+    w, b = call.params[param_key(name, "weight")], call.params.get(param_key(name, "bias"))
+    d_in = x.shape[-1]
+    if call.example_major:  # rows n·T + t -> [T, N·P, d_in] (a view when there is one row per example)
+        xt = x.reshape(N, T, -1, d_in).transpose(0, 1).flatten(1, 2)
+    else:  # rows t·N + n -> [T, N·P, d_in], a view
+        xt = x.view(T, -1, d_in) if x.is_contiguous() else x.reshape(T, -1, d_in)
+    s = xt @ w.mT if b is None else torch.baddbmm(b.unsqueeze(1), xt, w.mT)
+    if call.record:
+        call.records.append(LayerRecord(name, xt, s, b is not None, "linear", T))
+    if call.example_major:
+        return s.reshape(T, N, -1, s.shape[-1]).transpose(0, 1).reshape(*x.shape[:-1], s.shape[-1])
+    return s.view(-1, s.shape[-1]) if x.dim() == 2 else s.view(*x.shape[:-1], s.shape[-1])
+
+
+def _same_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) of ``padding='same'``: the odd unit on the right, as PyTorch pads."""
+    out = []
+    for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+        total = d * (k - 1)
+        out += [total // 2, total - total // 2]
+    return tuple(out)
+
+
+def _conv2d(call: _Call, name: str, module: nn.Conv2d, x: Tensor) -> Tensor:
+    T, N = call.tasks, call.examples
+    if x.dim() != 4 or x.shape[0] != T * N:
+        raise _bad_input(call, name, module, x, "4")
+    call.called.add(name)
+    w, b = call.params[param_key(name, "weight")], call.params.get(param_key(name, "bias"))
+    C = x.shape[1]
+    padding = module.padding
+    if module.padding_mode != "zeros":  # as nn.Conv2d does: pad by the mode, then convolve unpadded
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0
+    y = F.conv2d(x.reshape(N, T * C, *x.shape[2:]), w.reshape(-1, *w.shape[2:]),  # [N·T, C] = [N, T·C]
+                 None if b is None else b.reshape(-1), module.stride, padding, module.dilation, T)
+    if call.record:
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            x, padding = F.pad(x, _same_padding(module)), 0
+        patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # [N·T, D, L]
+        a = patches.reshape(N, T, *patches.shape[1:]).permute(1, 0, 3, 2).reshape(T, -1, patches.shape[1])
+        call.records.append(LayerRecord(name, a, y, b is not None, "conv", T))
+    return y.reshape(N * T, -1, *y.shape[2:])
+
+
+def _batch_norm(call: _Call, name: str, module: _BatchNorm, x: Tensor) -> Tensor:
+    T, N = call.tasks, call.examples
+    if x.dim() < 2 or x.shape[0] != T * N:
+        raise _bad_input(call, name, module, x, "2 to 5")
+    C = x.shape[1]
+    w = None if module.weight is None else module.weight.repeat(T)
+    b = None if module.bias is None else module.bias.repeat(T)
+    # Channels (task, channel): each task's own batch statistics; running statistics untouched.
+    y = F.batch_norm(x.reshape(N, T * C, *x.shape[2:]), None, None, w, b, True, 0.0, module.eps)
+    return y.reshape(x.shape)
+
+
+_MISSING = object()
 
 
 class TaskBatchedNetwork:
-    """An ``nn.Sequential`` of Linear, Conv2d, BatchNorm2d, pooling, Flatten and elementwise
-    activations, evaluated with per-task weights for its Linear and Conv2d layers."""
+    """Any ``nn.Module`` evaluated with per-task weights for its adapted Linear and Conv2d
+    layers and per-task batch statistics for its BatchNorm layers (see the module's
+    docstring for the rules).
 
-    def __init__(self, model: nn.Module):
-        if not isinstance(model, nn.Sequential):
-            raise TypeError(
-                "fastlaplace: the model must be an nn.Sequential of Linear, Conv2d, BatchNorm2d, pooling, "
-                f"Flatten and activation layers; got {type(model).__name__}"
-            )
+    Args:
+        model: the network; called as ``model(x)`` on a batch of examples in dimension 0.
+        adapt: which Linear and Conv2d layers are adapted: ``None`` (all), module names
+            (a container's name selects the layers inside it), or a predicate
+            ``(name, module) -> bool`` called on every Linear and Conv2d.
+    """
+
+    def __init__(self, model: nn.Module, adapt: Selection = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fastlaplace: the model must be an nn.Module, got {type(model).__name__}")
+        modules = list(model.named_modules())
+        for name, module in modules:
+            if isinstance(module, torch.jit.ScriptModule):
+                raise TypeError(f"fastlaplace: {_describe(name, module)} is a TorchScript module, whose forward "
+                                "cannot run with per-task weights; pass the Python module")
+            if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
+                raise ValueError(f"fastlaplace: {_describe(name, module)} has uninitialised (lazy) parameters; "
+                                 "run the model once on an example batch before meta-learning it")
         self.model = model
-        self.layers = _flatten(model)
-        for name, layer in self.layers:
-            supported = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.Flatten) + _ELEMENTWISE + _POOLS
-            if not isinstance(layer, supported):
-                raise TypeError(f"fastlaplace: layer {name!r} ({type(layer).__name__}) is not supported")
-            if isinstance(layer, nn.Conv2d) and (
-                layer.groups != 1 or layer.dilation != (1, 1) or isinstance(layer.padding, str)
-            ):
-                raise TypeError(
-                    f"fastlaplace: layer {name!r}: grouped, dilated or string-padded convolutions are not supported"
-                )
-            if isinstance(layer, nn.BatchNorm2d) and layer.track_running_stats:
-                # MAML normalises with each task's batch statistics, in training and at test.
-                raise TypeError(f"fastlaplace: layer {name!r}: use BatchNorm2d(track_running_stats=False)")
-        self.has_batchnorm = any(isinstance(m, nn.BatchNorm2d) for _, m in self.layers)
+        self.adapted: list[tuple[str, nn.Module]] = _select(modules, adapt)
+        if not self.adapted:
+            raise ValueError("fastlaplace: adapt selects no layer: at least one nn.Linear or nn.Conv2d must be adapted")
+        owners: dict[int, list[str]] = {}
+        for name, module in modules:
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(name)
+        for name, module in self.adapted:
+            _check_adaptable(name, module)
+            for what in ("weight", "bias"):
+                p = getattr(module, what)
+                others = [o for o in owners.get(id(p), []) if o != name] if p is not None else []
+                if others:
+                    raise ValueError(
+                        f"fastlaplace: {_describe(name, module)} shares its {what} with {others[0]!r} (tied "
+                        "weights): an adapted layer's parameters must be its own, or a task's adapted copy would "
+                        f"untie them; exclude {name!r} with adapt= (its weights then stay shared and meta-learned)")
+        self.norms: list[tuple[str, _BatchNorm]] = []
+        for name, module in modules:
+            if isinstance(module, _BatchNorm):
+                if type(module).forward not in _BATCHNORM_FORWARDS:
+                    raise TypeError(f"fastlaplace: {_describe(name, module)} overrides BatchNorm's forward; its "
+                                    "batch statistics would mix the tasks of a meta-batch")
+                self.norms.append((name, module))
+        self.has_batchnorm = bool(self.norms)
+        self.example_major = self.has_batchnorm or any(isinstance(m, nn.Conv2d) for _, m in self.adapted)
+
+    @property
+    def adapted_layers(self) -> list[str]:
+        """Names of the adapted layers (module paths, as in ``model.named_modules()``)."""
+        return [name for name, _ in self.adapted]
 
     def adapted_parameters(self) -> dict[str, Tensor]:
-        """θ of the inner loop: the weights and biases of every Linear and Conv2d layer."""
+        """θ of the inner loop: the weights and biases of the adapted layers."""
         out = {}
-        for name, layer in self.layers:
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                out[f"{name}.weight"] = layer.weight
-                if layer.bias is not None:
-                    out[f"{name}.bias"] = layer.bias
+        for name, layer in self.adapted:
+            out[param_key(name, "weight")] = layer.weight
+            if layer.bias is not None:
+                out[param_key(name, "bias")] = layer.bias
         return out
 
     def __call__(
         self, params: dict[str, Tensor], x: Tensor, record: bool = False
     ) -> tuple[Tensor, list[LayerRecord]]:
         """Outputs [tasks, examples, ...] for inputs [tasks, examples, ...] and per-task
-        ``params`` (each [tasks, *shape]); with ``record``, also the K-FAC rows."""
-        records: list[LayerRecord] = []
+        ``params`` (each [tasks, *shape], keyed as :meth:`adapted_parameters`); with
+        ``record``, also the K-FAC rows of every call of every adapted layer."""
         T, N = x.shape[:2]
-        for name, layer in self.layers:
-            if isinstance(layer, nn.Linear):
-                w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-                s = x @ w.mT if b is None else torch.baddbmm(b.unsqueeze(1), x, w.mT)
-                if record:
-                    records.append(LayerRecord(name, x, s, b is not None))
-                x = s
-            elif isinstance(layer, nn.Conv2d):
-                x_in = x
-                x = self._conv(layer, params[f"{name}.weight"], params.get(f"{name}.bias"), x)
-                if record:
-                    patches = F.unfold(x_in.flatten(0, 1), layer.kernel_size, padding=layer.padding, stride=layer.stride)
-                    a = patches.transpose(1, 2).reshape(T, -1, patches.shape[1])  # rows (example, location)
-                    records.append(LayerRecord(name, a, x, layer.bias is not None))
-            elif isinstance(layer, nn.BatchNorm2d):
-                C = x.shape[2]
-                y = x.transpose(0, 1).reshape(N, T * C, *x.shape[3:])  # channels (task, channel): per-task stats
-                w = None if layer.weight is None else layer.weight.repeat(T)
-                b = None if layer.bias is None else layer.bias.repeat(T)
-                y = F.batch_norm(y, None, None, w, b, training=True, eps=layer.eps)
-                x = y.reshape(N, T, C, *x.shape[3:]).transpose(0, 1)
-            elif isinstance(layer, nn.Flatten):
-                x = x.reshape(T, N, -1)
-            else:  # activations and pooling act on each example alone
-                x = layer(x.flatten(0, 1))
-                x = x.reshape(T, N, *x.shape[1:])
-        return x, records
+        call = _Call(params, T, N, self.example_major, record)
+        rows = x.transpose(0, 1).reshape(N * T, *x.shape[2:]) if self.example_major else x.reshape(T * N, *x.shape[2:])
+        with self._stand_ins(call):
+            out = self.model(rows)
+        if len(call.called) != len(self.adapted):
+            missing = [name for name, _ in self.adapted if name not in call.called]
+            raise ValueError(
+                f"fastlaplace: the adapted layer(s) {missing} were not called as modules in the model's forward "
+                "(their parameters may be used directly, e.g. F.linear(x, self.fc.weight), as nn.MultiheadAttention "
+                "does with its out_proj); call the module, or exclude the layer(s) with adapt=")
+        if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != T * N:
+            what = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"fastlaplace: the model's forward must return one tensor with the {T * N} examples in "
+                             f"dimension 0, got {what}")
+        if self.example_major:
+            return out.reshape(N, T, *out.shape[1:]).transpose(0, 1), call.records
+        return out.reshape(T, N, *out.shape[1:]), call.records
 
-    @staticmethod
-    def _conv(layer: nn.Conv2d, w: Tensor, b: Tensor | None, x: Tensor) -> Tensor:
-        T, N, C = x.shape[:3]
-        y = F.conv2d(
-            x.transpose(0, 1).reshape(N, T * C, *x.shape[3:]),
-            w.reshape(-1, *w.shape[2:]),
-            None if b is None else b.reshape(-1),
-            stride=layer.stride,
-            padding=layer.padding,
-            groups=T,
-        )
-        return y.reshape(N, T, -1, *y.shape[2:]).transpose(0, 1)
+    def _stand_ins(self, call: _Call):
+        return _StandIns(call, [(m, functools.partial(_conv2d if isinstance(m, nn.Conv2d) else _linear, call, n, m))
+                                for n, m in self.adapted]
+                         + [(m, functools.partial(_batch_norm, call, n, m)) for n, m in self.norms])
+
+
+class _StandIns:
+    """Installs each module's stand-in ``forward`` as an instance attribute; restores what was
+    there (nothing, or an outer call's stand-in) on exit, whatever happened."""
+
+    __slots__ = ("call", "pairs", "saved")
+
+    def __init__(self, call: _Call, pairs: list[tuple[nn.Module, Callable]]):
+        self.call, self.pairs, self.saved = call, pairs, []
+
+    def __enter__(self):
+        try:
+            for module, fn in self.pairs:
+                previous = module.__dict__.get("forward", _MISSING)
+                if previous is not _MISSING and getattr(previous, "func", None) not in _STAND_INS:
+                    raise TypeError(f"fastlaplace: {_describe(fn.args[1], module)} has its forward replaced on the "
+                                    "instance (by a wrapper or hook library?), which the learner would bypass; "
+                                    "exclude it with adapt=, or remove the replacement")
+                self.saved.append((module, previous))
+                module.__dict__["forward"] = fn
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        while self.saved:
+            module, previous = self.saved.pop()
+            if previous is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+        return False
+
+
+_STAND_INS = (_linear, _conv2d, _batch_norm)
+
+
+def _select(modules: list[tuple[str, nn.Module]], adapt: Selection) -> list[tuple[str, nn.Module]]:
+    candidates = [(n, m) for n, m in modules if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if adapt is None:
+        return candidates
+    if callable(adapt) and not isinstance(adapt, (str, nn.Module)):
+        return [(n, m) for n, m in candidates if adapt(n, m)]
+    names = [adapt] if isinstance(adapt, str) else list(adapt) if isinstance(adapt, Iterable) else [adapt]
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"fastlaplace: adapt must be None, module names or a predicate (name, module) -> bool, "
+                        f"got {adapt!r}")
+    by_name = dict(modules)
+    chosen: set[str] = set()
+    for name in names:
+        if name not in by_name:
+            known = [n for n, _ in candidates]
+            raise ValueError(f"fastlaplace: adapt names {name!r}, which is not a module of the model; its Linear "
+                             f"and Conv2d layers are {known[:20]}{' ...' if len(known) > 20 else ''}")
+        inside = [n for n, _ in candidates if n == name or not name or n.startswith(name + ".")]
+        if not inside:
+            raise ValueError(f"fastlaplace: adapt names {_describe(name, by_name[name])}, which neither is nor "
+                             "contains an nn.Linear or nn.Conv2d: only those can be adapted")
+        chosen.update(inside)
+    return [(n, m) for n, m in candidates if n in chosen]
+
+
+def _check_adaptable(name: str, module: nn.Module) -> None:
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    own = [f for f in ("forward", "_conv_forward") if getattr(type(module), f, None) is not getattr(base, f, None)]
+    if own:
+        raise TypeError(f"fastlaplace: {_describe(name, module)} is a {base.__name__} with its own {own[0]}, which "
+                        "cannot run with per-task weights; exclude it with adapt= (it then stays shared and "
+                        "meta-learned)")
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise TypeError(f"fastlaplace: {_describe(name, module)} is a grouped convolution (groups={module.groups}), "
+                        "which cannot be adapted (its K-FAC block is not one Kronecker product); exclude it with "
+                        "adapt= (it then stays shared and meta-learned)")

@@ -24,19 +24,23 @@ from .options import FisherType, LogdetMethod, choices
 
 METHODS = ("maml", "fomaml", "llama")
 DATASETS = ("sinusoid", "digits", "omniglot", "miniimagenet")
+MODELS = ("mlp", "conv4", "resnet12")  # mlp: sinusoid only; conv4, resnet12: image data sets
 LOGDET_METHODS = choices(LogdetMethod)
 IMAGE_DATASETS_ON_DISK = ("omniglot", "miniimagenet")  # the ones read from --data-root
 
 # Each data set's defaults: the paper's (miniImageNet), Finn et al.'s (Omniglot), ours (digits).
 DATASET_DEFAULTS: dict[str, dict] = {
     "sinusoid": dict(iterations=10000, meta_batch=25, meta_lr=1e-3, inner_lr=0.01, inner_steps=1,
-                     test_inner_steps=[1, 10], eta=1e-6, tau=1e-3),
+                     test_inner_steps=[1, 10], eta=1e-6, tau=1e-3, model="mlp"),
     "miniimagenet": dict(iterations=60000, meta_batch=4, meta_lr=1e-3, inner_lr=0.01, inner_steps=5,
-                         test_inner_steps=[10], ways=5, shots=1, query=15, eta=1e-6, tau=1e-3, filters=64),
+                         test_inner_steps=[10], ways=5, shots=1, query=15, eta=1e-6, tau=1e-3, filters=64,
+                         model="conv4"),
     "omniglot": dict(iterations=60000, meta_batch=32, meta_lr=1e-3, inner_lr=0.4, inner_steps=1,
-                     test_inner_steps=[3], ways=5, shots=1, query=1, eta=1e-6, tau=1e-3, filters=64),
+                     test_inner_steps=[3], ways=5, shots=1, query=1, eta=1e-6, tau=1e-3, filters=64,
+                     model="conv4"),
     "digits": dict(iterations=1000, meta_batch=4, meta_lr=1e-3, inner_lr=0.1, inner_steps=3,
-                   test_inner_steps=[5], ways=5, shots=1, query=5, eta=1e-6, tau=1e-3, filters=32),
+                   test_inner_steps=[5], ways=5, shots=1, query=5, eta=1e-6, tau=1e-3, filters=32,
+                   model="conv4"),
 }
 
 # What ``--resume`` does with a setting (the field's ``resume`` metadata):
@@ -103,7 +107,10 @@ class Config:
     ways: int | None = setting(None, "classes per episode", group="images", metavar="N")
     shots: int | None = setting(None, "support images per class", group="images", metavar="K")
     query: int | None = setting(None, "query images per class", group="images", metavar="Q")
-    filters: int | None = setting(None, "Conv4 filters (32 or 64)", group="images", metavar="N")
+    filters: int | None = setting(None, "Conv4 filters (32 or 64); ResNet-12: the first block's width F (widths "
+                                        "F, 2.5F, 5F, 10F; 64 gives 64-160-320-640)", group="images", metavar="N")
+    model: str | None = setting(None, "the network: conv4 or resnet12 for images, mlp for sinusoid", group="problem",
+                                choices=MODELS)
     allow_pickle: bool = setting(False, "read miniImageNet's pickle files (loading a pickle can run code: only "
                                         "files you trust)", group="images", resume=FROM_USER)
 
@@ -144,6 +151,9 @@ class Config:
         check_device(self.device)
         check_seed("seed", self.seed)
         check_seed("eval_seed", self.eval_seed)
+        if (self.model == "mlp") != (self.dataset == "sinusoid"):
+            raise UsageError(f"model {self.model!r} is not for {self.dataset}: use "
+                             + ("mlp" if self.dataset == "sinusoid" else "conv4 or resnet12"))
         if self.dataset != "sinusoid":
             positive_int("ways", self.ways, 2)
             positive_int("shots", self.shots)
@@ -209,6 +219,9 @@ def config_from_dict(values, source: str) -> Config:
     if not isinstance(values, dict):
         raise UsageError(f"{source} must be a JSON object of settings, got {type(values).__name__}")
     check_types(values, source)
+    if "model" not in values and values.get("dataset", "sinusoid") in DATASET_DEFAULTS:
+        # saved before the model was a setting: the data set's default network was used
+        values = {**values, "model": DATASET_DEFAULTS[values.get("dataset", "sinusoid")]["model"]}
     return Config(**values)
 
 

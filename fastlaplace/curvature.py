@@ -79,7 +79,8 @@ def layer_rows(
     create_graph: bool = True,
     generator: torch.Generator | None = None,
 ) -> list[tuple[LayerRecord, Tensor, Tensor]]:
-    """(record, a rows, g rows) of every adapted layer, for the first ``y.shape[1]`` examples.
+    """(record, a rows, g rows) of every adapted layer, for the first ``y.shape[1]`` examples
+    (a layer called more than once: the rows of all its calls, concatenated).
 
     ``out`` and ``records`` come from one recorded forward pass, which may hold more
     examples than ``y`` (LLAMA runs support and query sets through one pass when the
@@ -91,14 +92,19 @@ def layer_rows(
     with autograd_enabled():
         loss = _fisher_loss(out[:, :examples], y, likelihood, fisher, generator)
         grads = torch.autograd.grad(loss, [r.s for r in records], create_graph=create_graph)
-    rows = []
+    layers: dict[str, tuple[LayerRecord, list[Tensor], list[Tensor]]] = {}
     for record, grad_s in zip(records, grads):
         a, g = record.a, record.g_rows(grad_s)
         keep = examples * (a.shape[1] // total)  # rows are (example, location) pairs, example-major
         if keep != a.shape[1]:
             a, g = a[:, :keep], g[:, :keep]
-        rows.append((record, a if create_graph else a.detach(), g))
-    return rows
+        _, a_parts, g_parts = layers.setdefault(record.name, (record, [], []))
+        a_parts.append(a if create_graph else a.detach())
+        g_parts.append(g)
+    # A layer called several times (shared weights) has its rows from every call, as KFC has
+    # those of every location of a convolution.
+    return [(record, a[0] if len(a) == 1 else torch.cat(a, 1), g[0] if len(g) == 1 else torch.cat(g, 1))
+            for record, a, g in layers.values()]
 
 
 def support_rows(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batched import TaskBatchedNetwork
+from .batched import TaskBatchedNetwork, param_key
 from . import ops
 from .curvature import autograd_enabled, layer_rows, normal_tensor, rows_logdet, support_rows
 from .options import FisherType, LogdetMethod, Loss, Prior, parse, posterior_method
@@ -42,10 +42,12 @@ class MAML(nn.Module):
     objective is the query loss at φ̂ (Subroutine 3).
 
     Args:
-        model: an ``nn.Sequential`` of Linear, Conv2d, BatchNorm2d (without running
-            stats), pooling, Flatten and activations. Its Linear and Conv2d weights are
-            the adapted meta-parameters θ; BatchNorm's scale and shift are meta-learned
-            but not adapted.
+        model: any ``nn.Module`` (skip connections, functional code in ``forward``, nested
+            modules), called on a batch of examples in dimension 0. Its ``nn.Linear`` and
+            ``nn.Conv2d`` layers are adapted per task, all tasks at once (see
+            :mod:`fastlaplace.batched` for the rules); BatchNorm normalises each task with
+            its own batch statistics (running statistics are never read nor updated) and,
+            like every other parameter, its scale and shift are meta-learned but not adapted.
         inner_lr: α, the inner-loop step size.
         inner_steps: K, inner steps during meta-training (``adapt`` takes others).
         first_order: drop the second-order terms of the meta-gradient.
@@ -54,17 +56,21 @@ class MAML(nn.Module):
             batch, a host synchronisation on CUDA: pass ``False`` in loops that must not sync
             (a non-finite input then shows as a non-finite loss). Skipped under
             ``torch.compile``, where the data-dependent branch would break the graph.
+        adapt: the layers adapted in the inner loop: ``None`` (every Linear and Conv2d),
+            module names (a container's name selects the layers inside it; e.g.
+            ``["head"]``, as ANIL), or a predicate ``(name, module) -> bool``. The other
+            layers run with θ; LLAMA's Laplace term and posterior cover the adapted ones.
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
-                 first_order: bool = False, loss: str = "mse", check_finite: bool = True):
+                 first_order: bool = False, loss: str = "mse", check_finite: bool = True, adapt=None):
         super().__init__()
         _check_positive("inner_lr", inner_lr)
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
         loss = parse(Loss, loss, "loss").value
         self.model = model
-        self.net = TaskBatchedNetwork(model)
+        self.net = TaskBatchedNetwork(model, adapt)
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.first_order = first_order
@@ -182,8 +188,8 @@ class LLAMA(MAML):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, loss: str = "mse", eta: float = 1e-6, tau: float = 1e-3,
-                 logdet_method: str = "factored", fisher: str = "auto", check_finite: bool = True):
-        super().__init__(model, inner_lr, inner_steps, first_order, loss, check_finite)
+                 logdet_method: str = "factored", fisher: str = "auto", check_finite: bool = True, adapt=None):
+        super().__init__(model, inner_lr, inner_steps, first_order, loss, check_finite, adapt=adapt)
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         _check_positive("tau", tau)
@@ -265,7 +271,7 @@ class LLAMA(MAML):
                                               lr=self.inner_lr, steps=steps)
             else:
                 layer_tau = tau
-            layers.append(LayerPosterior.build(record.name, params[f"{record.name}.weight"].detach(),
-                                               None if not record.bias else params[f"{record.name}.bias"].detach(),
+            bias = params[param_key(record.name, "bias")].detach() if record.bias else None
+            layers.append(LayerPosterior.build(record.name, params[param_key(record.name, "weight")].detach(), bias,
                                                A, G, c, layer_tau, method))
         return LaplacePosterior(self.net, {k: v.detach() for k, v in params.items()}, layers)

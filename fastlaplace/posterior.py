@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import kfac_math, ops
-from .batched import TaskBatchedNetwork
+from .batched import TaskBatchedNetwork, param_key
 from .options import LogdetMethod, LogdetMethodLike, parse
 
 # A prior precision: a scalar, or (exact only) a function of the factors' eigenvalues
@@ -116,9 +116,9 @@ class LayerPosterior(ABC):
     def split(self, W: Tensor) -> dict[str, Tensor]:
         """[..., d_out, d_A] -> {name.weight: [..., *weight_shape], name.bias: [..., d_out]}."""
         lead = W.shape[:-2]
-        out = {f"{self.name}.weight": (W[..., :-1] if self.bias else W).reshape(*lead, *self.weight_shape)}
+        out = {param_key(self.name, "weight"): (W[..., :-1] if self.bias else W).reshape(*lead, *self.weight_shape)}
         if self.bias:
-            out[f"{self.name}.bias"] = W[..., -1]
+            out[param_key(self.name, "bias")] = W[..., -1]
         return out
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .data.episodes import EpisodeSampler
 from .data.sinusoid import SinusoidTasks
-from .models import conv4, sinusoid_mlp
+from .models import conv4, resnet12, resnet12_widths, sinusoid_mlp
 
 
 class Batch(NamedTuple):
@@ -56,11 +56,16 @@ class ImageProblem:
     image_size: int
     ways: int
     filters: int = 64
+    model: str = "conv4"  # or "resnet12" (widths F, 2.5F, 5F, 10F with F = filters)
     loss: str = "cross_entropy"
     metric_name: str = "accuracy"
     higher_is_better: bool = True
 
     def build_model(self) -> nn.Module:
+        if self.model == "resnet12":
+            return resnet12(self.in_channels, self.ways, resnet12_widths(self.filters))
+        if self.model != "conv4":
+            raise ValueError(f"model must be 'conv4' or 'resnet12', got {self.model!r}")
         return conv4(self.in_channels, self.ways, self.image_size, self.filters)
 
     def sample(self, split: str, tasks: int, generator: torch.Generator) -> Batch:

@@ -208,7 +208,7 @@ def make_problem(cfg: Config):
         tasks = SinusoidTasks(x_range=tuple(cfg.x_range), support=cfg.support, query=cfg.query_points)
         return SinusoidProblem(tasks)
     return image_problem(cfg.dataset, cfg.data_root, cfg.ways, cfg.shots, cfg.query, cfg.filters, cfg.seed,
-                         allow_pickle=cfg.allow_pickle)
+                         allow_pickle=cfg.allow_pickle, model=cfg.model)
 
 
 def make_learner(cfg: Config, model: torch.nn.Module) -> MAML:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from .batched import param_key
 from .cli import check_output, errors_as_messages, positive_int
 from .config import LOGDET_METHODS
 from .curvature import rows_logdet, support_rows
@@ -125,9 +126,9 @@ def _implicit_prior_terms(post: LaplacePosterior, theta: dict[str, Tensor]) -> T
     normaliser."""
     total = 0.0
     for layer in post.layers:
-        W = theta[f"{layer.name}.weight"].reshape(layer.weight_shape[0], -1)
+        W = theta[param_key(layer.name, "weight")].reshape(layer.weight_shape[0], -1)
         if layer.bias:
-            W = torch.cat([W, theta[f"{layer.name}.bias"].unsqueeze(-1)], dim=-1)
+            W = torch.cat([W, theta[param_key(layer.name, "bias")].unsqueeze(-1)], dim=-1)
         delta = layer.U_G.mT @ (layer.mean.double() - W.double()) @ layer.U_A  # [tasks, d_out, d_A]
         flat = layer.tau == 0
         log_tau = torch.where(flat, torch.zeros_like(layer.tau), layer.tau.log())

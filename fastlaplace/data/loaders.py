@@ -28,7 +28,7 @@ def read_splits(dataset: str, root: str | None, seed: int = 0, allow_pickle: boo
 
 
 def image_problem(dataset: str, root: str | None, ways: int, shots: int, query: int, filters: int,
-                  seed: int = 0, allow_pickle: bool = False) -> ImageProblem:
+                  seed: int = 0, allow_pickle: bool = False, model: str = "conv4") -> ImageProblem:
     """Checks every split up front (one image shape, enough classes and images per class for
     the episodes), so that a bad test split fails before training rather than after it."""
     splits = read_splits(dataset, root, seed, allow_pickle)
@@ -46,5 +46,6 @@ def image_problem(dataset: str, root: str | None, ways: int, shots: int, query: 
             raise DataLayoutError(f"{dataset}, {s} split: {exc}") from exc
     channels, size, width = splits["train"].image_shape
     if size < 16 or size != width:
-        raise DataLayoutError(f"{dataset}: images must be square and at least 16×16 for Conv4, got {size}×{width}")
-    return ImageProblem(samplers, channels, size, ways, filters)
+        raise DataLayoutError(f"{dataset}: images must be square and at least 16×16 for Conv4 and ResNet-12, got "
+                              f"{size}×{width}")
+    return ImageProblem(samplers, channels, size, ways, filters, model=model)
