@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 import torch
+from _common import fmt_time, markdown_table, write_block
 
 from fastlaplace import LLAMA, conv4, distributed, sinusoid_mlp
 from fastlaplace.data import SinusoidTasks
-from _common import fmt_time, markdown_table, write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def seconds_per_iteration(problem: str, iterations: int, device: str) -> float:
 
 def launch(problem: str, nproc: int, iterations: int, device: str, threads: int) -> float:
     """Seconds per iteration of a torchrun job of ``nproc`` processes (``threads`` each)."""
-    import socket  # noqa: PLC0415
+    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,7 +138,8 @@ def main() -> None:
                      f"{n} × 1 thread" if not cuda else f"{n} GPUs", fmt_time(many), f"{one / many:.2f}×",
                      f"{one / (n * many):.0%}", f"{serial / many:.2f}×"])
         print(" | ".join(rows[-1]), flush=True)
-    table = markdown_table(["LLAMA meta-iteration", "1 process × 1 thread", "one process", "s / it", f"{n} processes", "s / it",
+    table = markdown_table(["LLAMA meta-iteration", "1 process × 1 thread", "one process", "s / it",
+                           f"{n} processes", "s / it",
                             "speed-up", "efficiency", "speed-up over 1 × 1 thread"], rows)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     body = (f"{table}\n\nGlobal meta-batch fixed; each process takes 1/{n} of the tasks (torchrun, "

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import baselines
+import torch
+from _common import fmt_time, markdown_table, timeit, write_block
+
 import fastlaplace.ops as ops
 import fastlaplace.reference as ref
-from _common import fmt_time, markdown_table, timeit, write_block
 
 SINUSOID = [("sinusoid L1", 25, 10, 1, 40), ("sinusoid L2", 25, 10, 40, 40), ("sinusoid L3", 25, 10, 40, 1)]
 CONV4 = [("conv4 L1", 4, 5 * 84 * 84, 27, 64), ("conv4 L2", 4, 5 * 42 * 42, 576, 64),
@@ -114,7 +114,8 @@ def main() -> None:
             rows.append(row)
             print(" | ".join(row), flush=True)
     if rows:
-        sections.append("### Primitives: damped_cholesky (d×d) and kron_factors (10 rows, d_A = d, d_G = min(d, 64))\n\n"
+        sections.append("### Primitives: damped_cholesky (d×d) and kron_factors (10 rows, d_A = d, "
+                        "d_G = min(d, 64))\n\n"
                         + markdown_table(["d", "tasks", "cholesky ref", "cholesky ours", "speed-up", "factors ref",
                                           "factors ours", "speed-up"], rows))
     body = f"dtype {args.dtype}, τ = 1e-3, c = rows.\n\n" + "\n\n".join(sections)

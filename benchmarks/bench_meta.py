@@ -32,11 +32,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import fmt_time, markdown_table, write_block
 from torch.func import functional_call
 
 from fastlaplace import LLAMA, MAML, conv4, resnet12, sinusoid_mlp
 from fastlaplace.data import SinusoidTasks
-from _common import fmt_time, markdown_table, write_block
 
 
 def per_task_loop_step(model, batch, lr=0.01):
@@ -154,7 +154,10 @@ def resnet_worker(args) -> None:
             torch.cuda.synchronize(device)
         if i >= args.resnet_warmup:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(dict(seconds=statistics.median(times), peak=peak, before=before)), flush=True)
 
 

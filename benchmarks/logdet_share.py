@@ -41,7 +41,7 @@ def main() -> None:
         parts = llama.meta_objective(b.x_support, b.y_support, b.x_query, b.y_query, generator)
         g_q = torch.autograd.grad(parts.query_loss.mean(), theta, retain_graph=True, allow_unused=True)
         g_l = torch.autograd.grad(parts.logdet.mean(), theta, allow_unused=True)
-        flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)  # noqa: E731
+        flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
                                      for g, t in zip(gs, theta)])
         gq, gl = flat(g_q), flat(g_l)
         q_norms.append(gq.norm())

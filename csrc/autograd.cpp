@@ -3,8 +3,8 @@
 // When a gradient will be needed, the forward runs the *_and_grad op, which returns the
 // log-det and its gradients for a unit upstream gradient in one pass; backward only scales
 // them. The gradients are not differentiable: a backward with create_graph=True refuses.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 

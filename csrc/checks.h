@@ -8,20 +8,20 @@
 namespace fastlaplace {
 
 inline void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-                   "fastlaplace: ", name, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastlaplace: ", name,
+                   " must be float32 or float64, got ", t.scalar_type());
 }
 
 inline void check_rank(const at::Tensor& t, int64_t rank, const char* name, const char* shape) {
-  TORCH_CHECK_VALUE(t.dim() == rank, "fastlaplace: ", name, " must have shape ", shape,
-                    ", got a tensor of shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == rank, "fastlaplace: ", name, " must have shape ", shape, ", got a tensor of shape ",
+                    t.sizes());
 }
 
 inline void check_same_kind(const at::Tensor& x, const at::Tensor& y, const char* nx, const char* ny) {
   TORCH_CHECK_TYPE(x.scalar_type() == y.scalar_type(), "fastlaplace: ", nx, " and ", ny,
                    " must have the same dtype, got ", x.scalar_type(), " and ", y.scalar_type());
-  TORCH_CHECK_VALUE(x.device() == y.device(), "fastlaplace: ", nx, " and ", ny,
-                    " must be on the same device, got ", x.device(), " and ", y.device());
+  TORCH_CHECK_VALUE(x.device() == y.device(), "fastlaplace: ", nx, " and ", ny, " must be on the same device, got ",
+                    x.device(), " and ", y.device());
 }
 
 // Rows of one layer: a [B, R, d_in], g [B, R, d_out].
@@ -31,12 +31,12 @@ inline void check_rows(const at::Tensor& a, const at::Tensor& g) {
   check_rank(a, 3, "a", "[tasks, rows, d_in]");
   check_rank(g, 3, "g", "[tasks, rows, d_out]");
   check_same_kind(a, g, "a", "g");
-  TORCH_CHECK_VALUE(a.size(0) == g.size(0), "fastlaplace: a and g must have the same number of tasks, got ",
-                    a.size(0), " and ", g.size(0));
-  TORCH_CHECK_VALUE(a.size(1) == g.size(1), "fastlaplace: a and g must have the same number of rows, got ",
-                    a.size(1), " and ", g.size(1));
-  TORCH_CHECK_VALUE(a.size(0) >= 1 && a.size(1) >= 1, "fastlaplace: need at least one task and one row, got a of shape ",
-                    a.sizes());
+  TORCH_CHECK_VALUE(a.size(0) == g.size(0), "fastlaplace: a and g must have the same number of tasks, got ", a.size(0),
+                    " and ", g.size(0));
+  TORCH_CHECK_VALUE(a.size(1) == g.size(1), "fastlaplace: a and g must have the same number of rows, got ", a.size(1),
+                    " and ", g.size(1));
+  TORCH_CHECK_VALUE(a.size(0) >= 1 && a.size(1) >= 1,
+                    "fastlaplace: need at least one task and one row, got a of shape ", a.sizes());
   TORCH_CHECK_VALUE(g.size(2) >= 1, "fastlaplace: g needs d_out >= 1, got shape ", g.sizes());
 }
 
@@ -44,8 +44,10 @@ inline void check_rows(const at::Tensor& a, const at::Tensor& g) {
 // parameter per output (d_in >= 1, or a bias).
 inline void check_layer(const at::Tensor& a, const at::Tensor& g, bool bias) {
   check_rows(a, g);
-  TORCH_CHECK_VALUE(a.size(2) + (bias ? 1 : 0) >= 1, "fastlaplace: a has d_in = 0 and bias=False: the layer has no "
-                    "parameters, so its curvature has no log-determinant (shape ", a.sizes(), ")");
+  TORCH_CHECK_VALUE(a.size(2) + (bias ? 1 : 0) >= 1,
+                    "fastlaplace: a has d_in = 0 and bias=False: the layer has no "
+                    "parameters, so its curvature has no log-determinant (shape ",
+                    a.sizes(), ")");
 }
 
 // A batch of square matrices [B, d, d].
@@ -70,8 +72,8 @@ inline void check_factors(const at::Tensor& A, const at::Tensor& G) {
   check_square(A, "A");
   check_square(G, "G");
   check_same_kind(A, G, "A", "G");
-  TORCH_CHECK_VALUE(A.size(0) == G.size(0), "fastlaplace: A and G must have the same number of tasks, got ",
-                    A.size(0), " and ", G.size(0));
+  TORCH_CHECK_VALUE(A.size(0) == G.size(0), "fastlaplace: A and G must have the same number of tasks, got ", A.size(0),
+                    " and ", G.size(0));
 }
 
 enum class Method { Exact, Factored };
@@ -84,8 +86,8 @@ inline Method parse_method(const std::string& method) {
 
 inline void check_scale_tau(double scale, double tau) {
   TORCH_CHECK_VALUE(scale > 0 && std::isfinite(scale), "fastlaplace: scale must be positive and finite, got ", scale);
-  TORCH_CHECK_VALUE(tau > 0 && std::isfinite(tau), "fastlaplace: tau (prior precision) must be positive and finite, got ", tau);
+  TORCH_CHECK_VALUE(tau > 0 && std::isfinite(tau),
+                    "fastlaplace: tau (prior precision) must be positive and finite, got ", tau);
 }
-
 
 }  // namespace fastlaplace

@@ -170,8 +170,7 @@ Factored factored_forward(const Tensor& KA, int64_t dA, const Tensor& KG, int64_
   f.LG = LG;
   ldA = ldA + f.lamA.log() * static_cast<double>(dA - nA);
   ldG = ldG + f.lamG.log() * static_cast<double>(dG - nG);
-  f.logdet = ldA * static_cast<double>(dG) + ldG * static_cast<double>(dA) +
-             static_cast<double>(dA * dG) * std::log(c);
+  f.logdet = ldA * static_cast<double>(dG) + ldG * static_cast<double>(dA) + static_cast<double>(dA * dG) * std::log(c);
   return f;
 }
 
@@ -184,7 +183,8 @@ std::tuple<Tensor, Tensor> factored_backward(const Factored& f, int64_t dA, int6
   auto trInvA = batch_trace(invA) + f.lamA.reciprocal() * static_cast<double>(dA - nA);
   auto trInvG = batch_trace(invG) + f.lamG.reciprocal() * static_cast<double>(dG - nG);
   // d logdet / dπ = d_G·√τ·tr(A_d⁻¹) − d_A·(√τ/π²)·tr(G_d⁻¹), with A_d⁻¹ = (A + λ_A I)⁻¹/√c
-  auto dpi = trInvA * (static_cast<double>(dG) * st / sc) - trInvG * (static_cast<double>(dA) * st / sc) / (f.pi * f.pi);
+  auto dpi =
+      trInvA * (static_cast<double>(dG) * st / sc) - trInvG * (static_cast<double>(dA) * st / sc) / (f.pi * f.pi);
   auto zero = at::zeros_like(dpi);
   auto kA = at::where(f.valid, dpi * f.pi / (f.trA * 2.0), zero);
   auto kG = at::where(f.valid, -dpi * f.pi / (f.trG * 2.0), zero);

@@ -468,9 +468,9 @@ FL_HD inline int64_t kfac_task_workspace(const Side& A, const Side& G, bool exac
 }
 
 template <typename scalar_t>
-FL_HD double kfac_task(const Side& A, const Side& G, bool exact, double c, double tau, const scalar_t* a,
-                       int64_t saR, int64_t saD, const scalar_t* g, int64_t sgR, int64_t sgD, bool grads,
-                       scalar_t* grad_a, scalar_t* grad_g, double* ws) {
+FL_HD double kfac_task(const Side& A, const Side& G, bool exact, double c, double tau, const scalar_t* a, int64_t saR,
+                       int64_t saD, const scalar_t* g, int64_t sgR, int64_t sgD, bool grads, scalar_t* grad_a,
+                       scalar_t* grad_g, double* ws) {
   double* rowsA = ws;
   double* rowsG = rowsA + A.R * A.D;
   double* KA = rowsG + G.R * G.D;

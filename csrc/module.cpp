@@ -25,9 +25,11 @@ std::map<std::string, std::string> build_info() {
 // The small-matrix eigensolver of the fused kernels, for tests: a row-major n×n symmetric
 // matrix in, its eigenvalues and eigenvectors (columns, row-major) out.
 std::pair<std::vector<double>, std::vector<double>> dense_eigh(std::vector<double> matrix, int64_t n) {
-  if (n < 0 || static_cast<int64_t>(matrix.size()) != n * n) throw std::invalid_argument("matrix must have n*n entries");
+  if (n < 0 || static_cast<int64_t>(matrix.size()) != n * n)
+    throw std::invalid_argument("matrix must have n*n entries");
   std::vector<double> w(n), work(n);
-  if (!fastlaplace::math::eigh(matrix.data(), n, w.data(), true, work.data())) throw std::runtime_error("QL did not converge");
+  if (!fastlaplace::math::eigh(matrix.data(), n, w.data(), true, work.data()))
+    throw std::runtime_error("QL did not converge");
   return {w, matrix};
 }
 }  // namespace

@@ -19,5 +19,7 @@ TORCH_LIBRARY(fastlaplace, m) {
   m.def("kron_logdet_and_grad(Tensor A, Tensor G, float scale, float tau, str method) -> (Tensor, Tensor, Tensor)");
   // The same log-determinant straight from a layer's rows a, g (the LLAMA hot path).
   m.def("kfac_logdet(Tensor a, Tensor g, float scale, float tau, str method, bool bias) -> Tensor");
-  m.def("kfac_logdet_and_grad(Tensor a, Tensor g, float scale, float tau, str method, bool bias) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "kfac_logdet_and_grad(Tensor a, Tensor g, float scale, float tau, str method, bool bias) -> (Tensor, Tensor, "
+      "Tensor)");
 }

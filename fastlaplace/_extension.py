@@ -66,14 +66,14 @@ if importlib.util.find_spec(f"{__package__}._build_config") is None:
 else:
     from . import _build_config
 
-if _build_config.TORCH_VERSION != torch.__version__:
+if torch.__version__ != _build_config.TORCH_VERSION:
     raise ImportError(
         f"fastlaplace was built against torch {_build_config.TORCH_VERSION} but torch "
         f"{torch.__version__} is imported. {_REBUILD}"
     )
 
 try:
-    from . import _C  # noqa: F401  (importing registers torch.ops.fastlaplace.*)
+    from . import _C
 except (ImportError, OSError) as exc:
     raise ImportError(f"fastlaplace: could not load its compiled kernels: {exc}. {_REBUILD}") from exc
 

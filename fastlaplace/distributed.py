@@ -92,7 +92,7 @@ def current() -> Context:
     """The context of the initialised process group (one rank when there is none)."""
     if not _initialized():
         return Context()
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     return Context(dist.get_rank(), dist.get_world_size(), from_env().local_rank)
 
@@ -121,7 +121,7 @@ def init(device="cpu", timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Context
         return current()
     if not ctx.distributed:
         return ctx
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(local_device(device, ctx))
@@ -133,14 +133,14 @@ def shutdown() -> None:
     """Leave the process group, if any, once every rank has reached this point (a rank that
     tears down its connections while another still uses them can abort the process)."""
     if _initialized():
-        import torch.distributed as dist  # noqa: PLC0415
+        import torch.distributed as dist
 
         barrier()
         dist.destroy_process_group()
 
 
 def _initialized() -> bool:
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
@@ -175,7 +175,7 @@ def rank_seed(seed: int, rank: int, iteration: int = 0, stream: str = "tasks") -
 
 # ---------------------------------------------------------------------------- collectives
 def _comm_device() -> torch.device:
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -198,7 +198,7 @@ def average_gradients(parameters, extras: Tensor | None = None, bucket_bytes: in
     averaged too and returned. Nothing is done with one rank."""
     if not _initialized():
         return extras
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     world = dist.get_world_size()
     if world == 1:
@@ -251,7 +251,7 @@ def all_gather_rows(tensor: Tensor) -> Tensor:
     on the CPU. With one rank, ``tensor[None]``."""
     if not _initialized():
         return tensor.detach().cpu()[None]
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     device = _comm_device()
     local = tensor.detach().to(device).contiguous()
@@ -294,7 +294,7 @@ def broadcast_object(obj, src: int = 0):
     """``obj`` of rank ``src`` on every rank (pickled between the ranks of this job only)."""
     if not _initialized():
         return obj
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     box = [obj]
     device = _comm_device() if dist.get_backend() == "nccl" else None
@@ -304,6 +304,6 @@ def broadcast_object(obj, src: int = 0):
 
 def barrier() -> None:
     if _initialized():
-        import torch.distributed as dist  # noqa: PLC0415
+        import torch.distributed as dist
 
         _collective("waiting", dist.barrier)

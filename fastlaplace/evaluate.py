@@ -30,7 +30,7 @@ class Estimate:
         return f"{self.mean:.4f} ± {self.ci95:.4f}"
 
     @classmethod
-    def of(cls, values: torch.Tensor) -> "Estimate":
+    def of(cls, values: torch.Tensor) -> Estimate:
         v = values.double().cpu()
         n = v.numel()
         std = float(v.std(unbiased=True)) if n > 1 else float("nan")

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batched import TaskBatchedNetwork, param_key
 from . import ops
+from .batched import TaskBatchedNetwork, param_key
 from .curvature import autograd_enabled, layer_rows, normal_tensor, rows_logdet, support_rows
 from .options import FisherType, LogdetMethod, Loss, Prior, parse, posterior_method
 from .posterior import LaplacePosterior, LayerPosterior

@@ -4,13 +4,14 @@ Each op is batched over a leading task dimension B. Beside each wrapper sit its 
 (meta) implementation, so that ``torch.compile`` can trace it, and its autograd formula,
 which is first order: the meta-gradient of LLAMA's log-det term needs dA/dā and dG/dg,
 never a double backward. (The log-det ops' autograd lives in ``csrc/autograd.cpp``: in
-Python its per-call overhead exceeded the kernels' time at the sinusoid's sizes.) Formulas: ``docs/design.md`` §2; pure-PyTorch twins of every
-op are in :mod:`fastlaplace.reference`.
+Python its per-call overhead exceeded the kernels' time at the sinusoid's sizes.) Formulas:
+``docs/design.md`` §2; pure-PyTorch twins of every op are in :mod:`fastlaplace.reference`.
 """
 
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 

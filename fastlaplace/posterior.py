@@ -26,8 +26,9 @@ for tests on small layers).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -61,14 +62,14 @@ class LayerPosterior(ABC):
 
     @staticmethod
     def build(name: str, weight: Tensor, bias: Tensor | None, A: Tensor, G: Tensor, scale: float,
-              tau: PriorPrecision, method: LogdetMethodLike) -> "LayerPosterior":
+              tau: PriorPrecision, method: LogdetMethodLike) -> LayerPosterior:
         """The posterior of ``method``'s precision; arguments as :meth:`from_factors`."""
         kind = {LogdetMethod.FACTORED: FactoredLayerPosterior, LogdetMethod.EXACT: EigenLayerPosterior}
         return kind[parse(LogdetMethod, method, "method")].from_factors(name, weight, bias, A, G, scale, tau)
 
     @classmethod
     def from_factors(cls, name: str, weight: Tensor, bias: Tensor | None, A: Tensor, G: Tensor, scale: float,
-                     tau: PriorPrecision) -> "LayerPosterior":
+                     tau: PriorPrecision) -> LayerPosterior:
         """From the layer's adapted weight [tasks, d_out, ...] and bias [tasks, d_out] (or None),
         and its K-FAC factors. ``tau`` is a float, or (exact only) a function of the factors'
         eigenvalues giving a precision per eigen-direction (:data:`PriorPrecision`). The
@@ -85,7 +86,7 @@ class LayerPosterior(ABC):
 
     @classmethod
     @abstractmethod
-    def _factorise(cls, name, weight_shape, bias, mean, scale, tau, A, G) -> "LayerPosterior":
+    def _factorise(cls, name, weight_shape, bias, mean, scale, tau, A, G) -> LayerPosterior:
         """The instance, with its factorisation of the precision."""
 
     @abstractmethod
@@ -264,7 +265,7 @@ class LaplacePosterior:
                 xs = x.repeat(n, *[1] * (x.dim() - 1))
                 if linearized:
                     tangent = {k: params[k] - mode[k] for k in mode}
-                    f, df = torch.func.jvp(lambda p: self.net(p, xs)[0], (mode,), (tangent,))
+                    f, df = torch.func.jvp(lambda p, xs=xs: self.net(p, xs)[0], (mode,), (tangent,))
                     out = f + df
                 else:
                     out, _ = self.net(params, xs)

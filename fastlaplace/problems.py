@@ -24,7 +24,7 @@ class Batch(NamedTuple):
     x_query: Tensor
     y_query: Tensor
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in self))
 
 

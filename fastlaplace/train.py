@@ -37,8 +37,20 @@ from .cli import EXPECTED, errors_as_messages, one_line
 from .config import Config, add_arguments, check_resumable, config_from_dict, given, resumed_changes
 from .evaluate import evaluate
 from .progress import progress_bar
-from .runs import (CHECKPOINT, METRICS, RESULTS, SETTINGS, TENSORBOARD, CheckpointError, build, open_output,
-                   save_checkpoint, settings, truncate_metrics, write_json)
+from .runs import (
+    CHECKPOINT,
+    METRICS,
+    RESULTS,
+    SETTINGS,
+    TENSORBOARD,
+    CheckpointError,
+    build,
+    open_output,
+    save_checkpoint,
+    settings,
+    truncate_metrics,
+    write_json,
+)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_end: bool = True) -> dict:
@@ -161,7 +173,8 @@ class Trainer:
         running, t0 = None, time.perf_counter()
         metrics_file = open(self.out / METRICS, "a") if main else contextlib.nullcontext()
         with _StopFlag() as stop, metrics_file as metrics, progress_bar(
-                cfg.iterations, f"{cfg.method} {cfg.dataset}", initial=self.iteration, enabled=progress and main) as bar:
+                cfg.iterations, f"{cfg.method} {cfg.dataset}", initial=self.iteration,
+                enabled=progress and main) as bar:
             for iteration in range(self.iteration + 1, cfg.iterations + 1):
                 step = self.step(iteration, stop)
                 running = step.loss if running is None else 0.98 * running + 0.02 * step.loss
@@ -336,7 +349,7 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
 
 def _tensorboard(out: Path):
     try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional: tensorboard may be absent)
+        from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard is optional
         return None
     return SummaryWriter(str(out / TENSORBOARD))

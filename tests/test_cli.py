@@ -50,7 +50,8 @@ BAD = {
         "--dataset miniimagenet --data-root {d}/mini", "--dataset miniimagenet --data-root {d}/mini --allow-pickle",
         "--config {d}/missing.json", "--config {d}/bad.json", "--config {d}/list.json", "--config {d}/types.json",
         "--config {d}/bool.json", "--config {d}/unknown.json", "--config {d}/binary.json", "--config {d}/empty",
-        "--seed 99999999999999999999999", "--iterations ten", "--dataset imagenet", "--method reptile", "--bogus", "--out {d}/llama",
+        "--seed 99999999999999999999999", "--iterations ten", "--dataset imagenet", "--method reptile", "--bogus",
+        "--out {d}/llama",
         "--resume --out {d}/llama --tau 0.5", "--resume --out {d}/llama --method fomaml",
     ],
     "evaluate": [
@@ -72,7 +73,8 @@ BAD = {
     "plot": [
         "", "bogus", "posterior {d}/none.pt", "posterior {d}/text.pt", "posterior {d}/llama/checkpoint.pt --tau -1",
         "posterior {d}/llama/checkpoint.pt --tau nan", "posterior {d}/llama/checkpoint.pt --tau 0",
-        "posterior {d}/llama/checkpoint.pt --steps -1", "posterior {d}/llama/checkpoint.pt --seed -99999999999999999999", "posterior {d}/maml/checkpoint.pt --tau 1",
+        "posterior {d}/llama/checkpoint.pt --steps -1",
+        "posterior {d}/llama/checkpoint.pt --seed -99999999999999999999", "posterior {d}/maml/checkpoint.pt --tau 1",
         "posterior {d}/llama/checkpoint.pt --tau 1 --maml {d}/none.pt", "curves {d}/empty", "curves {d}/nowhere",
         "curves {d}/partial", "curves {d}/llama --out {d}/nowhere/curves.png", "curves {d}/llama --out {d}/empty",
     ],

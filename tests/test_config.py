@@ -8,8 +8,7 @@ import json
 import pytest
 
 from fastlaplace import train as train_mod
-from fastlaplace.config import (DATASET_DEFAULTS, RESUMABLE_CHANGES, USER_ONLY, Config, add_arguments, check_types,
-                                given)
+from fastlaplace.config import DATASET_DEFAULTS, RESUMABLE_CHANGES, USER_ONLY, Config, add_arguments, check_types, given
 
 
 def help_text() -> str:

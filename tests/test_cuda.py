@@ -4,12 +4,11 @@ info codes. Every test here needs a CUDA device and the CUDA kernels (skipped ot
 
 import pytest
 import torch
+from helpers import tiny_convnet, tiny_mlp
 
 import fastlaplace as fl
 from fastlaplace import LLAMA, MAML
 from fastlaplace.data import SinusoidTasks
-
-from helpers import tiny_convnet, tiny_mlp
 
 F64 = torch.float64
 pytestmark = [pytest.mark.cuda,

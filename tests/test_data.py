@@ -80,7 +80,8 @@ def test_miniimagenet_pickle_reader(tmp_path):
     splits = read_miniimagenet(tmp_path, allow_pickle=True)
     assert splits["val"].num_classes == 2 and splits["test"].images.shape == (10, 3, 84, 84)
     test = splits["test"]  # the last file written: `data` holds its contents
-    torch.testing.assert_close(test.images[test.members[1][0]], torch.from_numpy(data["image_data"][5]).permute(2, 0, 1))
+    expected = torch.from_numpy(data["image_data"][5]).permute(2, 0, 1)
+    torch.testing.assert_close(test.images[test.members[1][0]], expected)
 
 
 @pytest.mark.parametrize("damage", ["header", "missing image", "nothing"])

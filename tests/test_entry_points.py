@@ -36,8 +36,9 @@ def test_import_from_repository_root_finds_the_compiled_kernels():
 
 
 def test_version_has_one_source():
-    import fastlaplace
     from importlib.metadata import version
+
+    import fastlaplace
 
     assert version("fastlaplace") == fastlaplace.__version__
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from helpers import dense_kfac_precision
 
 from fastlaplace import kfac_math as km
-from helpers import dense_kfac_precision
 
 F64 = torch.float64
 
@@ -83,7 +83,7 @@ def test_factored_logdet_equals_dense_damped_kronecker(shape, carriers):
     dA, dG = A.shape[-1], G.shape[-1]
     KA, KG = (km.spectrum_carrier(a_rows[..., :-1], bias=True), km.spectrum_carrier(g_rows)) if carriers else (A, G)
     lam_A, lam_G = km.factored_damping(KA, KG, c, tau, dA, dG)
-    eye = lambda n: torch.eye(n, dtype=F64)  # noqa: E731
+    eye = lambda n: torch.eye(n, dtype=F64)
     ldA = km.carrier_logdet(torch.logdet(KA + lam_A[:, None, None] * eye(KA.shape[-1])), KA.shape[-1], dA, lam_A)
     ldG = km.carrier_logdet(torch.logdet(KG + lam_G[:, None, None] * eye(KG.shape[-1])), KG.shape[-1], dG, lam_G)
     got = km.factored_logdet(ldA, dA, ldG, dG, c)

@@ -3,14 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import per_task_objective, tiny_convnet, tiny_mlp
 from torch.func import functional_call
 
 from fastlaplace import LLAMA, MAML
 from fastlaplace.batched import TaskBatchedNetwork
 from fastlaplace.data import SinusoidTasks
 from fastlaplace.models import conv4, sinusoid_mlp
-
-from helpers import per_task_objective, tiny_convnet, tiny_mlp
 
 F64 = torch.float64
 
@@ -168,7 +167,7 @@ def test_meta_loss_in_evaluation_modes(cls, mode):
         learner = LLAMA(tiny_convnet().double(), loss="cross_entropy", inner_lr=0.1, inner_steps=2, eta=0.01,
                         tau=0.5, fisher="empirical")
         T = 3
-        make = lambda: (torch.randn(T, 6, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1)),  # noqa: E731
+        make = lambda: (torch.randn(T, 6, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1)),
                         torch.randint(0, 3, (T, 6), generator=torch.Generator().manual_seed(2)),
                         torch.randn(T, 4, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(3)),
                         torch.randint(0, 3, (T, 4), generator=torch.Generator().manual_seed(4)))

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fastlaplace import LLAMA, MAML, reference as ref, resnet12
+from fastlaplace import LLAMA, MAML, resnet12
+from fastlaplace import reference as ref
 from fastlaplace.batched import TaskBatchedNetwork, param_key
 from fastlaplace.curvature import support_rows
 from fastlaplace.models import ResNet12
@@ -85,7 +86,8 @@ class Nested(nn.Module):
 
     def __init__(self, d=4, length=3, norm=True):
         super().__init__()
-        self.enc = nn.ModuleDict({"proj": nn.Sequential(nn.Linear(2, d), nn.Tanh()), "rnn": nn.GRU(d, d, batch_first=True)})
+        self.enc = nn.ModuleDict({"proj": nn.Sequential(nn.Linear(2, d), nn.Tanh()),
+                                  "rnn": nn.GRU(d, d, batch_first=True)})
         self.norm = nn.BatchNorm1d(d) if norm else nn.Identity()
         self.blocks = nn.ModuleList([Block(d), Block(d)])
         self.head = Head(d, length)

@@ -7,11 +7,11 @@ import tempfile
 
 import pytest
 import torch
+from helpers import dense_kfac_precision
 
 import fastlaplace
 from fastlaplace import ops
 from fastlaplace import reference as ref
-from helpers import dense_kfac_precision
 
 F64 = torch.float64
 
@@ -140,7 +140,7 @@ def test_kfac_logdet_gradcheck(device, shape, method):
     a, g = rows(*shape, device)
     a.requires_grad_()
     g.requires_grad_()
-    fn = lambda a, g: ops.kfac_logdet(a, g, shape[1], 0.3, method)  # noqa: E731
+    fn = lambda a, g: ops.kfac_logdet(a, g, shape[1], 0.3, method)
     assert torch.autograd.gradcheck(fn, (a, g), fast_mode=shape[2] > 20)
 
 
@@ -148,7 +148,7 @@ def test_kfac_logdet_gradcheck(device, shape, method):
 @pytest.mark.parametrize("method", ["exact", "factored"])
 def test_kron_logdet_gradcheck(device, d, method):
     A, G = spd(2, d[0], device).requires_grad_(), spd(2, d[1], device).requires_grad_()
-    fn = lambda A, G: ops.kron_logdet((A + A.mT) / 2, (G + G.mT) / 2, 5.0, 0.3, method)  # noqa: E731
+    fn = lambda A, G: ops.kron_logdet((A + A.mT) / 2, (G + G.mT) / 2, 5.0, 0.3, method)
     assert torch.autograd.gradcheck(fn, (A, G), fast_mode=d[0] > 20)
 
 
@@ -219,7 +219,7 @@ def test_kfac_logdet_gradient_matches_reference(device, shape, method):
 def test_damped_cholesky_gradcheck(device, d):
     M = spd(2, d, device).requires_grad_()
     damping = torch.rand(2, dtype=F64, device=device).add_(0.1).requires_grad_()
-    fn = lambda M, damping: ops.damped_cholesky((M + M.mT) / 2, damping)  # noqa: E731
+    fn = lambda M, damping: ops.damped_cholesky((M + M.mT) / 2, damping)
     assert torch.autograd.gradcheck(fn, (M, damping), fast_mode=d > 10)
 
 

@@ -44,7 +44,8 @@ at::Tensor factor(const at::Tensor& x, bool bias) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* xb = x.const_data_ptr<scalar_t>() + b * x.stride(0);
         for (int64_t r = 0; r < R; ++r) {
-          for (int64_t i = 0; i < side.d; ++i) rows[r * D + i] = static_cast<double>(xb[r * x.stride(1) + i * x.stride(2)]);
+          for (int64_t i = 0; i < side.d; ++i)
+            rows[r * D + i] = static_cast<double>(xb[r * x.stride(1) + i * x.stride(2)]);
           if (bias) rows[r * D + side.d] = 1.0;
         }
         math::syrk_rows(rows.data(), R, D, K.data());

@@ -23,7 +23,8 @@ __device__ __forceinline__ double warp_sum(double v) {
 template <typename scalar_t>
 __global__ void damped_cholesky_kernel(const scalar_t* __restrict__ M, int64_t sB, int64_t sI, int64_t sJ,
                                        const scalar_t* __restrict__ damping, int64_t sDamp, int64_t d,
-                                       scalar_t* __restrict__ L, scalar_t* __restrict__ logdet, int* __restrict__ info) {
+                                       scalar_t* __restrict__ L, scalar_t* __restrict__ logdet,
+                                       int* __restrict__ info) {
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const scalar_t* Mb = M + b * sB;

@@ -41,15 +41,15 @@ std::tuple<at::Tensor, at::Tensor> symmetric_eigh_cuda(const at::Tensor& K, bool
   auto handle = at::cuda::getCurrentCUDASolverDnHandle();  // bound to the current stream
   Params params;
   size_t device_bytes = 0, host_bytes = 0;
-  check_cusolver(cusolverDnXsyevBatched_bufferSize(handle, params.p, jobz, CUBLAS_FILL_MODE_UPPER, n, type,
-                                                   V.data_ptr(), n, type, w.data_ptr(), type, &device_bytes,
-                                                   &host_bytes, B),
-                 "cusolverDnXsyevBatched_bufferSize");
+  check_cusolver(
+      cusolverDnXsyevBatched_bufferSize(handle, params.p, jobz, CUBLAS_FILL_MODE_UPPER, n, type, V.data_ptr(), n, type,
+                                        w.data_ptr(), type, &device_bytes, &host_bytes, B),
+      "cusolverDnXsyevBatched_bufferSize");
   auto device_ws = at::empty({static_cast<int64_t>(device_bytes)}, K.options().dtype(at::kByte));
   std::vector<char> host_ws(host_bytes);
-  check_cusolver(cusolverDnXsyevBatched(handle, params.p, jobz, CUBLAS_FILL_MODE_UPPER, n, type, V.data_ptr(), n,
-                                        type, w.data_ptr(), type, device_ws.data_ptr(), device_bytes,
-                                        host_ws.data(), host_bytes, info.data_ptr<int>(), B),
+  check_cusolver(cusolverDnXsyevBatched(handle, params.p, jobz, CUBLAS_FILL_MODE_UPPER, n, type, V.data_ptr(), n, type,
+                                        w.data_ptr(), type, device_ws.data_ptr(), device_bytes, host_ws.data(),
+                                        host_bytes, info.data_ptr<int>(), B),
                  "cusolverDnXsyevBatched");
   w = at::where((info != 0).unsqueeze(1), at::full_like(w, std::numeric_limits<double>::quiet_NaN()), w);
   return {w, V.mT()};

@@ -26,9 +26,9 @@ __device__ __forceinline__ double load_row(const scalar_t* x, int64_t sR, int64_
 
 // grid: (tiles, tiles, B·splits); out: [splits, B, D, D] partial sums.
 template <typename scalar_t>
-__global__ void factor_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sR, int64_t sD, int64_t B,
-                              int64_t R, int64_t d, bool bias, int64_t splits, int64_t rows_per_split,
-                              double inv_R, scalar_t* __restrict__ out) {
+__global__ void factor_kernel(const scalar_t* __restrict__ x, int64_t sB, int64_t sR, int64_t sD, int64_t B, int64_t R,
+                              int64_t d, bool bias, int64_t splits, int64_t rows_per_split, double inv_R,
+                              scalar_t* __restrict__ out) {
   const int64_t tile_i = blockIdx.y, tile_j = blockIdx.x;
   if (tile_j > tile_i) return;  // whole block leaves together: upper tiles are mirrored
   const int64_t b = blockIdx.z % B, split = blockIdx.z / B;

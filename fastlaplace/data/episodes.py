@@ -23,7 +23,7 @@ class ImageClasses:
         self.names = names or [str(i) for i in range(self.num_classes)]
 
     @classmethod
-    def from_groups(cls, groups: list[Tensor], names: list[str] | None = None) -> "ImageClasses":
+    def from_groups(cls, groups: list[Tensor], names: list[str] | None = None) -> ImageClasses:
         """From one uint8 tensor [n_i, C, H, W] per class."""
         if not groups:
             raise ValueError("no classes")
@@ -34,7 +34,7 @@ class ImageClasses:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
-    def with_rotations(self, quarter_turns: tuple[int, ...] = (1, 2, 3)) -> "ImageClasses":
+    def with_rotations(self, quarter_turns: tuple[int, ...] = (1, 2, 3)) -> ImageClasses:
         """Each class also rotated by 90°·k, as a new class (Santoro et al.; Finn et al. 2017)."""
         groups = [self.images[m] for m in self.members]
         names = list(self.names)
@@ -43,7 +43,7 @@ class ImageClasses:
             names += [f"{n}@rot{90 * k}" for n in self.names]
         return ImageClasses.from_groups(groups, names)
 
-    def subset(self, classes: list[int]) -> "ImageClasses":
+    def subset(self, classes: list[int]) -> ImageClasses:
         return ImageClasses.from_groups([self.images[self.members[c]] for c in classes],
                                         [self.names[c] for c in classes])
 
