@@ -90,23 +90,13 @@ std::tuple<Tensor, Tensor, Tensor> kfac(const Tensor& a, const Tensor& g, double
   }
   const int64_t workspace = math::kfac_task_workspace(A, G, exact);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastlaplace_kfac_fused", [&] {
-    const KfacTask<scalar_t> task{a.const_data_ptr<scalar_t>(),
-                                  a.stride(0),
-                                  a.stride(1),
-                                  a.stride(2),
-                                  g.const_data_ptr<scalar_t>(),
-                                  g.stride(0),
-                                  g.stride(1),
-                                  g.stride(2),
-                                  A,
-                                  G,
-                                  exact,
-                                  c,
-                                  tau,
-                                  grads,
-                                  out.mutable_data_ptr<scalar_t>(),
-                                  data_or_null<scalar_t>(grad_a),
-                                  data_or_null<scalar_t>(grad_g)};
+    // One line per operand (its pointer and strides), so clang-format is off here.
+    // clang-format off
+    const KfacTask<scalar_t> task{a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1), a.stride(2),
+                                  g.const_data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2),
+                                  A, G, exact, c, tau, grads, out.mutable_data_ptr<scalar_t>(),
+                                  data_or_null<scalar_t>(grad_a), data_or_null<scalar_t>(grad_g)};
+    // clang-format on
     launch(B, workspace, task);
   });
   return {out, grad_a, grad_g};
@@ -124,23 +114,13 @@ std::tuple<Tensor, Tensor, Tensor> kron(const Tensor& A, const Tensor& G, double
   }
   const int64_t workspace = math::kron_task_workspace(dA, dG, exact);
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "fastlaplace_kron_fused", [&] {
-    const KronTask<scalar_t> task{A.const_data_ptr<scalar_t>(),
-                                  A.stride(0),
-                                  A.stride(1),
-                                  A.stride(2),
-                                  G.const_data_ptr<scalar_t>(),
-                                  G.stride(0),
-                                  G.stride(1),
-                                  G.stride(2),
-                                  dA,
-                                  dG,
-                                  exact,
-                                  c,
-                                  tau,
-                                  grads,
-                                  out.mutable_data_ptr<scalar_t>(),
-                                  data_or_null<scalar_t>(grad_A),
-                                  data_or_null<scalar_t>(grad_G)};
+    // One line per operand (its pointer and strides), so clang-format is off here.
+    // clang-format off
+    const KronTask<scalar_t> task{A.const_data_ptr<scalar_t>(), A.stride(0), A.stride(1), A.stride(2),
+                                  G.const_data_ptr<scalar_t>(), G.stride(0), G.stride(1), G.stride(2),
+                                  dA, dG, exact, c, tau, grads, out.mutable_data_ptr<scalar_t>(),
+                                  data_or_null<scalar_t>(grad_A), data_or_null<scalar_t>(grad_G)};
+    // clang-format on
     launch(B, workspace, task);
   });
   return {out, grad_A, grad_G};

@@ -18,10 +18,6 @@ from .options import FisherType, LogdetMethod, Loss, Prior, parse, posterior_met
 from .posterior import LaplacePosterior, LayerPosterior
 from .prior import direction_precisions, first_order_tau, inner_loss_scale
 
-# Each loss's likelihood, by name (the options module's Loss.likelihood, for callers that
-# hold the name).
-LOSSES = {loss.value: loss.likelihood.value for loss in Loss}
-
 
 @dataclass
 class MetaLoss:
@@ -76,6 +72,11 @@ class MAML(nn.Module):
         self.first_order = first_order
         self.loss = loss
         self.check_finite = check_finite
+
+    @property
+    def likelihood(self) -> str:
+        """The curvature's name for the loss's negative log likelihood (``"gaussian"`` or ``"categorical"``)."""
+        return Loss(self.loss).likelihood.value
 
     # ------------------------------------------------------------------ helpers
     def task_losses(self, out: Tensor, y: Tensor) -> Tensor:
@@ -201,7 +202,7 @@ class LLAMA(MAML):
     def laplace_logdet(self, params: dict[str, Tensor], x_support: Tensor, y_support: Tensor,
                        generator: torch.Generator | None = None) -> Tensor:
         """log det Ĥ(φ̂) per task [tasks], differentiable with respect to θ through φ̂."""
-        rows = support_rows(self.net, params, x_support, y_support, LOSSES[self.loss], self.fisher,
+        rows = support_rows(self.net, params, x_support, y_support, self.likelihood, self.fisher,
                             create_graph=torch.is_grad_enabled(), generator=generator)
         return rows_logdet(rows, self.tau, self.logdet_method)
 
@@ -218,7 +219,7 @@ class LLAMA(MAML):
         else:  # one pass over support and query examples serves both terms
             out, records = self.net(params, torch.cat([x_support, x_query], 1), record=True)
             query_loss = self.task_losses(out[:, x_support.shape[1]:], y_query)
-            rows = layer_rows(out, records, y_support, LOSSES[self.loss], self.fisher,
+            rows = layer_rows(out, records, y_support, self.likelihood, self.fisher,
                               create_graph=torch.is_grad_enabled(), generator=generator)
             logdet = rows_logdet(rows, self.tau, self.logdet_method)
         return MetaLoss((query_loss + self.eta * logdet).mean(), query_loss, logdet)
@@ -260,7 +261,7 @@ class LLAMA(MAML):
             raise ValueError(f"the implicit prior needs at least one inner step, got {steps!r}")
         with torch.no_grad():
             params = self._adapt(x_support, y_support, steps=steps)
-        rows = support_rows(self.net, params, x_support, y_support, LOSSES[self.loss], self.fisher,
+        rows = support_rows(self.net, params, x_support, y_support, self.likelihood, self.fisher,
                             create_graph=False, generator=generator)
         layers = []
         for record, a, g in rows:

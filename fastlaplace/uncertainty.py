@@ -31,7 +31,7 @@ from .cli import check_output, errors_as_messages, positive_int
 from .config import LOGDET_METHODS
 from .curvature import rows_logdet, support_rows
 from .evaluate import Estimate
-from .meta import LLAMA, LOSSES, MAML
+from .meta import LLAMA, MAML
 from .options import Prior, parse
 from .posterior import LaplacePosterior, Predictive
 from .prior import PRIORS, first_order_tau
@@ -113,7 +113,7 @@ def laplace_marginal_nll(learner: LLAMA, x_support: Tensor, y_support: Tensor, t
             return nll + _implicit_prior_terms(learner.posterior(x_support, y_support, prior=prior), theta)
         sq = sum((params[k] - theta[k]).pow(2).flatten(1).sum(1) for k in params)
         D = sum(p.numel() for p in theta.values())
-        rows = support_rows(learner.net, params, x_support, y_support, LOSSES[learner.loss], learner.fisher,
+        rows = support_rows(learner.net, params, x_support, y_support, learner.likelihood, learner.fisher,
                             create_graph=False)
         logdet = rows_logdet(rows, tau, learner.logdet_method)
     return nll + 0.5 * tau * sq - 0.5 * D * math.log(tau) + 0.5 * logdet
