@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -44,9 +45,18 @@ def errors_as_messages():
         raise SystemExit(error_text(exc)) from None
 
 
-def positive_int(name: str, value, minimum: int = 1) -> None:
+# The largest value of each size (README: Command line): beyond these a run cannot end in a
+# useful time or fit in any memory, so a larger value is a typo, not a request.
+MAXIMA = {"iterations": 10**8, "meta_batch": 10**5, "inner_steps": 1000, "test_inner_steps": 1000,
+          "eval_tasks": 10**6, "samples": 10**4, "support": 10**6, "query_points": 10**6, "ways": 1000,
+          "shots": 10**4, "query": 10**4, "filters": 4096}
+
+
+def positive_int(name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{name} must be at most {maximum}, got {value!r}")
 
 
 def positive_float(name: str, value) -> None:
@@ -54,11 +64,54 @@ def positive_float(name: str, value) -> None:
         raise UsageError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_output(name: str, path: str) -> None:
-    """An output file whose folder exists, checked before the work rather than after it."""
+def check_output(name: str, path: str, inputs=()) -> None:
+    """An output file whose folder exists and that is none of the ``inputs`` (files, or
+    folders it must not be inside), compared after resolving links and relative paths;
+    checked before the work rather than after it."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or not os.path.isdir(folder):
         raise UsageError(f"{name} {path!r}: expected a file in an existing folder")
+    refuse_inputs(name, path, inputs)
+
+
+def refuse_inputs(name: str, path: str | os.PathLike, inputs) -> None:
+    """Refuse an output ``path`` that is one of the ``inputs`` (or inside one that is a folder)."""
+    target = Path(path).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        resolved = Path(source).resolve()
+        same = target == resolved or resolved in target.parents or (
+            target.exists() and resolved.exists() and os.path.samefile(target, resolved))
+        if same:
+            raise UsageError(f"{name} {str(path)!r} would overwrite an input, {source}: choose another path")
+
+
+def available_memory(device: str | torch.device) -> int:
+    """Bytes that can still be allocated on ``device``: the free memory of a CUDA device; on the
+    CPU Linux's MemAvailable, else the physical memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no estimate
+        return 2**63
+
+
+def check_memory(what: str, needed: int, device: str | torch.device) -> None:
+    """Refuse work whose estimated need (a lower bound, in bytes) exceeds the device's free memory."""
+    have = available_memory(device)
+    if needed > have:
+        raise UsageError(f"{what} needs at least {needed / 2**30:.3g} GiB, more than the {have / 2**30:.3g} GiB "
+                         f"of memory available on {device}")
 
 
 def check_seed(name: str, value) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 
-from .cli import UsageError, check_device, check_seed, positive_float, positive_int
+from .cli import MAXIMA, UsageError, check_device, check_seed, positive_float, positive_int
 from .options import FisherType, LogdetMethod, choices
 
 METHODS = ("maml", "fomaml", "llama")
@@ -27,6 +27,7 @@ DATASETS = ("sinusoid", "digits", "omniglot", "miniimagenet")
 MODELS = ("mlp", "conv4", "resnet12")  # mlp: sinusoid only; conv4, resnet12: image data sets
 LOGDET_METHODS = choices(LogdetMethod)
 IMAGE_DATASETS_ON_DISK = ("omniglot", "miniimagenet")  # the ones read from --data-root
+IMAGE_SHAPES = {"digits": (1, 16, 16), "omniglot": (1, 28, 28), "miniimagenet": (3, 84, 84)}  # as the readers give
 
 # Each data set's defaults: the paper's (miniImageNet), Finn et al.'s (Omniglot), ours (digits).
 DATASET_DEFAULTS: dict[str, dict] = {
@@ -113,6 +114,9 @@ class Config:
                                 choices=MODELS)
     allow_pickle: bool = setting(False, "read miniImageNet's pickle files (loading a pickle can run code: only "
                                         "files you trust)", group="images", resume=FROM_USER)
+    overwrite: bool = setting(False, "start a new run in DIR although it holds another run's results.json, "
+                                     "metrics.jsonl or config.json (and no checkpoint): they are replaced",
+                              group="run", resume=FROM_USER)
 
     def resolved(self) -> Config:
         """The data set's defaults filled in and the output folder named, then checked."""
@@ -134,13 +138,14 @@ class Config:
         check_types(dataclasses.asdict(self), "the configuration")
         for name in ("iterations", "meta_batch", "inner_steps", "checkpoint_every", "log_every", "eval_tasks",
                      "support", "query_points"):
-            positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name), 1, MAXIMA.get(name))
         for name in ("meta_lr", "inner_lr", "tau"):
             positive_float(name, getattr(self, name))
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise UsageError(f"eta must be >= 0, got {self.eta!r}")
-        if not self.test_inner_steps or any(s < 0 for s in self.test_inner_steps):
-            raise UsageError(f"test_inner_steps must be integers >= 0, got {self.test_inner_steps!r}")
+        limit = MAXIMA["test_inner_steps"]
+        if not self.test_inner_steps or any(not 0 <= s <= limit for s in self.test_inner_steps):
+            raise UsageError(f"test_inner_steps must be integers from 0 to {limit}, got {self.test_inner_steps!r}")
         for f in dataclasses.fields(self):
             allowed = f.metadata["choices"]
             if allowed is not None and getattr(self, f.name) not in allowed:
@@ -155,12 +160,30 @@ class Config:
             raise UsageError(f"model {self.model!r} is not for {self.dataset}: use "
                              + ("mlp" if self.dataset == "sinusoid" else "conv4 or resnet12"))
         if self.dataset != "sinusoid":
-            positive_int("ways", self.ways, 2)
-            positive_int("shots", self.shots)
-            positive_int("query", self.query)
-            positive_int("filters", self.filters)
+            positive_int("ways", self.ways, 2, MAXIMA["ways"])
+            for name in ("shots", "query", "filters"):
+                positive_int(name, getattr(self, name), 1, MAXIMA[name])
         if self.dataset in IMAGE_DATASETS_ON_DISK and not self.data_root:
             raise UsageError(f"--data-root is required for {self.dataset} (see README: Data)")
+
+    def batch_memory(self, tasks: int, steps: int) -> tuple[str, int]:
+        """(a task in flags, bytes): a lower bound on the memory of ``tasks`` tasks of this
+        (resolved) configuration adapted for ``steps`` inner steps: the
+        parameters (with Adam's two moments), the tasks' inputs and, per inner step kept for the
+        meta-gradient, the first layers' float32 activations."""
+        if self.dataset == "sinusoid":
+            examples, per_example, params = self.support + self.query_points, 2 + 81, 1761  # 1-40-40-1: 81 units
+            what = f"--support {self.support} + --query-points {self.query_points} points"
+        else:
+            channels, height, width = IMAGE_SHAPES[self.dataset]
+            examples = self.ways * (self.shots + self.query)
+            # the first convolution's output at full resolution; 9·C·F + 3·9·F² weights in Conv4
+            per_example = channels * height * width + self.filters * height * width
+            params = 9 * self.filters * (channels + 3 * self.filters)
+            what = (f"--ways {self.ways} × (--shots {self.shots} + --query {self.query}) images, "
+                    f"--filters {self.filters}")
+        needed = 4 * (3 * params + tasks * examples * per_example * (steps + 1))
+        return what, needed
 
 
 def _resume_rule(name: str) -> tuple[str, ...]:
@@ -232,7 +255,7 @@ def read_settings(path: Path) -> dict:
         values = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise UsageError(f"no file {path}") from exc
-    except ValueError as exc:  # also a file that is not UTF-8
+    except (ValueError, RecursionError) as exc:  # also a file that is not UTF-8, or nested too deeply
         raise UsageError(f"{path} is not valid JSON ({exc})") from exc
     if not isinstance(values, dict):
         raise UsageError(f"{path} must hold a JSON object of settings, got {type(values).__name__}")

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed as dist
-from .cli import check_device, check_seed, errors_as_messages, positive_int
+from .cli import MAXIMA, check_device, check_memory, check_seed, errors_as_messages, positive_int
 from .meta import MAML
 from .progress import progress_bar
 from .runs import load_for_evaluation
+
+CHUNK = 100  # tasks evaluated at a time
 
 
 @dataclass
@@ -38,7 +40,7 @@ class Estimate:
 
 
 def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: int = 0,
-             split: str = "test", chunk: int = 100, device: str | torch.device = "cpu",
+             split: str = "test", chunk: int = CHUNK, device: str | torch.device = "cpu",
              progress: bool = True, distributed: bool = False) -> dict[int, Estimate]:
     """Metric of the adapted learner on ``tasks`` new tasks of ``split``, per inner-step count.
 
@@ -92,9 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="read miniImageNet's pickle files (loading a pickle can run code: only files you trust)")
     args = p.parse_args(argv)
     with errors_as_messages():
-        positive_int("--tasks", args.tasks)
+        positive_int("--tasks", args.tasks, 1, MAXIMA["eval_tasks"])
         for s in args.steps or []:
-            positive_int("--steps", s, 0)
+            positive_int("--steps", s, 0, MAXIMA["test_inner_steps"])
         if args.device is not None:
             check_device(args.device)
         if args.seed is not None:
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
         learner, problem, cfg = load_for_evaluation(args.checkpoint, device=args.device, data_root=args.data_root,
                                                     allow_pickle=args.allow_pickle)
         steps = args.steps or cfg.test_inner_steps
+        tasks = min(CHUNK, args.tasks)
+        what, needed = cfg.batch_memory(tasks, max(steps))
+        check_memory(f"the evaluation ({tasks} tasks at a time) of {what} and --steps {max(steps)}", needed,
+                     cfg.device)
         seed = cfg.eval_seed if args.seed is None else args.seed
         results = evaluate(learner, problem, steps, args.tasks, seed, args.split, device=cfg.device)
     for s, est in results.items():

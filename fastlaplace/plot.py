@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .cli import check_output, check_seed, errors_as_messages, positive_float, positive_int
+from .cli import MAXIMA, check_output, check_seed, errors_as_messages, positive_float, positive_int
 from .config import LOGDET_METHODS
 from .meta import LLAMA
-from .runs import METRICS, load_for_evaluation, read_checkpoint, read_metrics
+from .runs import METRICS, checkpoint_inputs, load_for_evaluation, read_metrics, run_files
 from .uncertainty import calibrate
 
 
@@ -113,21 +113,22 @@ def main(argv: list[str] | None = None) -> None:
     pc.add_argument("--out", default="curves.png")
     args = p.parse_args(argv)
     with errors_as_messages():
-        check_output("--out", args.out)
         if args.figure == "curves":
+            check_output("--out", args.out, run_files(args.run_dir))
             curves_figure(args.run_dir, args.out)
         else:
+            check_output("--out", args.out, checkpoint_inputs(args.checkpoint, args.maml))
             if args.tau is not None:
                 positive_float("--tau", args.tau)
             if args.steps is not None:
-                positive_int("--steps", args.steps, 0)
+                positive_int("--steps", args.steps, 0, MAXIMA["inner_steps"])
             check_seed("--seed", args.seed)
-            if read_checkpoint(args.checkpoint)["config"].get("dataset") != "sinusoid":
-                raise ValueError(f"{args.checkpoint}: the posterior figure needs a LLAMA sinusoid checkpoint")
-            learner, problem, _ = load_for_evaluation(args.checkpoint, device="cpu")
+            needs = dict(device="cpu", datasets=("sinusoid",),
+                         purpose="the posterior figure needs a LLAMA sinusoid checkpoint")
+            learner, problem, _ = load_for_evaluation(args.checkpoint, **needs)
             if not isinstance(learner, LLAMA) or not hasattr(problem, "tasks"):
                 raise ValueError(f"{args.checkpoint}: the posterior figure needs a LLAMA sinusoid checkpoint")
-            point = load_for_evaluation(args.maml, device="cpu")[0] if args.maml else None
+            point = load_for_evaluation(args.maml, **needs)[0] if args.maml else None
             tau = args.tau
             if tau is None:
                 tau = calibrate(learner, problem, point, method=args.method, linearized=not args.sampled_networks).tau

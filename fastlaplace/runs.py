@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import UsageError, check_device, one_line
+from .cli import UsageError, check_device, one_line, refuse_inputs
 from .config import IMAGE_DATASETS_ON_DISK, USER_ONLY, Config, config_from_dict, read_settings
 from .data.loaders import image_problem
 from .data.sinusoid import SinusoidTasks
@@ -39,6 +39,7 @@ from .problems import SinusoidProblem
 FORMAT = 1
 CHECKPOINT, SETTINGS, METRICS, RESULTS = "checkpoint.pt", "config.json", "metrics.jsonl", "results.json"
 TENSORBOARD = "tensorboard"  # the folder of TensorBoard's event files
+STALE = (RESULTS, METRICS, SETTINGS)  # another run's files: a new run replaces them only with --overwrite
 
 
 class CheckpointError(ValueError):
@@ -48,6 +49,20 @@ class CheckpointError(ValueError):
 def previous(path: Path) -> Path:
     """Where the checkpoint before ``path`` is kept."""
     return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def run_files(folder: str | os.PathLike) -> list[Path]:
+    """The files (and TensorBoard's folder) that a run writes in ``folder``: inputs of the
+    programs that read a run, never one of their outputs."""
+    folder = Path(folder)
+    checkpoint = folder / CHECKPOINT
+    return [checkpoint, previous(checkpoint), checkpoint.with_name(CHECKPOINT + ".corrupt"),
+            *(folder / name for name in (SETTINGS, METRICS, RESULTS, TENSORBOARD))]
+
+
+def checkpoint_inputs(*checkpoints: str | None) -> list[Path]:
+    """Each checkpoint given and the run files beside it."""
+    return [p for c in checkpoints if c for p in (Path(c), *run_files(Path(c).parent))]
 
 
 def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
@@ -121,7 +136,31 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         if prev.is_file():
             raise CheckpointError(f"{exc}; the previous checkpoint is {prev}") from exc
         raise
+    _check_finite(state, path)
     return state
+
+
+def _check_finite(state: dict, path: Path) -> None:
+    """Refuse NaN or infinite parameters or optimiser state: fastlaplace.train never saves
+    them, so an intact file holding them was edited or written by something else. Not a
+    :class:`CheckpointError`, which ``--resume`` passes over for the previous checkpoint."""
+    parts = {"parameters": state["learner"], "optimiser state": state.get("optimizer")}
+    for part, tree in parts.items():
+        for name, tensor in _named_tensors(tree):
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{path} holds non-finite values (NaN or infinity) in its {part} ({name}); "
+                                 "fastlaplace.train never saves such a checkpoint: use the previous one or train again")
+
+
+def _named_tensors(tree, prefix: str = ""):
+    if isinstance(tree, torch.Tensor):
+        yield prefix or "tensor", tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _named_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _named_tensors(v, f"{prefix}[{i}]")
 
 
 def read_latest(path: Path, log=None) -> tuple[dict, Path] | None:
@@ -142,17 +181,27 @@ def read_latest(path: Path, log=None) -> tuple[dict, Path] | None:
         return state, prev
 
 
-def open_output(out: Path, resume: bool) -> tuple[dict, Path] | None:
+def open_output(out: Path, resume: bool, overwrite: bool = False) -> tuple[dict, Path] | None:
     """Make the output folder and return the checkpoint to continue from, ``(state, path)``,
     or ``None`` (a new run, or ``resume`` with no checkpoint yet). A new run refuses a folder
-    that holds a checkpoint; a damaged ``checkpoint.pt`` passed over for the previous one is
-    kept aside as ``checkpoint.pt.corrupt``, out of the rotation."""
-    out.mkdir(parents=True, exist_ok=True)
+    that holds a checkpoint, and one that holds another run's results, metrics or settings
+    unless ``overwrite`` (they are then removed); a damaged ``checkpoint.pt`` passed over for
+    the previous one is kept aside as ``checkpoint.pt.corrupt``, out of the rotation."""
     path = out / CHECKPOINT
+    if resume and overwrite:
+        raise UsageError("--overwrite starts a new run: it cannot be combined with --resume")
     if not resume:
         if path.exists() or previous(path).exists():
             raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another --out")
+        stale = [name for name in STALE if (out / name).exists()]
+        if stale and not overwrite:
+            raise FileExistsError(f"{out} holds another run's {', '.join(stale)} (and no checkpoint): pass "
+                                  "--overwrite to replace them, or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in stale:
+            (out / name).unlink()
         return None
+    out.mkdir(parents=True, exist_ok=True)
     latest = read_latest(path, log=lambda m: print(m, file=sys.stderr))
     if latest is not None and latest[1] != path and path.exists():
         os.replace(path, path.with_name(path.name + ".corrupt"))
@@ -170,7 +219,7 @@ def read_metrics(path: Path) -> list[dict]:
     for line in Path(path).read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(row, dict) and isinstance(row.get("iteration"), int):
             rows.append(row)
@@ -194,11 +243,15 @@ def settings(given: dict, config_file: str | None = None, resume: bool = False) 
     :meth:`Config.resolved`)."""
     values = read_settings(Path(config_file)) if config_file else {}
     values.update(given)
-    if resume:  # the run's own settings, under those given now
-        out = Path(values.get("out") or Config(**values).resolved().out)
-        if (out / SETTINGS).exists():
-            saved = read_settings(out / SETTINGS)
-            values = {**{k: v for k, v in saved.items() if k not in USER_ONLY}, **values, "out": str(out)}
+    if not (config_file or resume):
+        return Config(**values)
+    out = Path(values.get("out") or Config(**values).resolved().out)
+    if config_file:  # the run writes config.json: --config is never one of its files
+        for written in run_files(out):
+            refuse_inputs(f"this run's {written.name}", written, [config_file])
+    if resume and (out / SETTINGS).exists():  # the run's own settings, under those given now
+        saved = read_settings(out / SETTINGS)
+        values = {**{k: v for k, v in saved.items() if k not in USER_ONLY}, **values, "out": str(out)}
     return Config(**values)
 
 
@@ -231,14 +284,18 @@ def build(cfg: Config, device: str | None = None):
 
 
 def load_for_evaluation(checkpoint: str, device: str | None = None, data_root: str | None = None,
-                        allow_pickle: bool = False):
-    """(learner, problem, config) from a checkpoint written by ``fastlaplace.train``.
+                        allow_pickle: bool = False, datasets: tuple[str, ...] | None = None, purpose: str = ""):
+    """(learner, problem, config) from a checkpoint written by ``fastlaplace.train``; with
+    ``datasets``, a checkpoint of another data set is refused (before its data is read),
+    saying what ``purpose`` needs.
 
     The data folder of an image data set is ``data_root``, never the one the checkpoint
     names: a checkpoint may come from elsewhere, and reading data can mean reading what an
     attacker put there."""
     state = read_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"], f"the configuration in {checkpoint}")
+    if datasets is not None and cfg.dataset not in datasets:
+        raise UsageError(f"{checkpoint} is a {cfg.dataset} run: {purpose}")
     if device:
         cfg.device = device
     else:

@@ -33,9 +33,17 @@ from typing import NamedTuple
 import torch
 
 from . import distributed
-from .cli import EXPECTED, errors_as_messages, one_line
-from .config import Config, add_arguments, check_resumable, config_from_dict, given, resumed_changes
-from .evaluate import evaluate
+from .cli import EXPECTED, UsageError, check_memory, errors_as_messages, one_line, refuse_inputs
+from .config import (
+    IMAGE_DATASETS_ON_DISK,
+    Config,
+    add_arguments,
+    check_resumable,
+    config_from_dict,
+    given,
+    resumed_changes,
+)
+from .evaluate import CHUNK, evaluate
 from .progress import progress_bar
 from .runs import (
     CHECKPOINT,
@@ -110,15 +118,22 @@ class Trainer:
         """Rank 0 opens the output folder and reads the checkpoint to continue from (with
         ``resume``); every rank builds the problem and the learner and restores the saved
         state, its own generators included; rank 0 writes config.json and opens the logs."""
-        distributed.local_tasks(cfg.meta_batch, ctx.world_size)  # before touching the folder
+        local = distributed.local_tasks(cfg.meta_batch, ctx.world_size)  # before touching the folder
+        _check_memory(cfg, local, distributed.local_device(cfg.device, ctx))
 
         def open_run():
-            latest = open_output(Path(cfg.out), resume)
+            if cfg.dataset in IMAGE_DATASETS_ON_DISK:
+                refuse_inputs("--out", cfg.out, [cfg.data_root])
+            latest = open_output(Path(cfg.out), resume, cfg.overwrite)
             if latest is None:
                 return None
             state, used = latest
             saved = config_from_dict(state["config"], f"the configuration in {used}")
             check_resumable(saved, cfg, str(used))
+            if state["iteration"] > cfg.iterations:  # nothing is written: the run's files stay as they are
+                raise UsageError(f"{used} is at iteration {state['iteration']}, past --iterations {cfg.iterations}: "
+                                 "a resumed run only goes forward (evaluate this one with python -m "
+                                 f"fastlaplace.evaluate {used})")
             return state, used, saved
 
         latest = distributed.on_main_rank(open_run, ctx, EXPECTED)  # rank 0's outcome (or error) on every rank
@@ -154,6 +169,8 @@ class Trainer:
             group["lr"] = cfg.meta_lr
         self.iteration = state["iteration"]
         self.good = (used, self.iteration)
+        if used == self.out / CHECKPOINT:  # already saved: a finished run is not saved again (nor rotated)
+            self.saved_at = self.iteration
         if ctx.is_main:
             print(f"resumed from {used} at iteration {self.iteration}", file=sys.stderr)
             if saved_world != ctx.world_size:
@@ -326,6 +343,17 @@ def _generators(cfg: Config, ctx: distributed.Context, device: str, iteration: i
         return torch.Generator().manual_seed(cfg.seed), torch.Generator(device=device).manual_seed(cfg.seed + 1)
     return (torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, ctx.rank, iteration, "tasks")),
             torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed, ctx.rank, iteration, "fisher")))
+
+
+def _check_memory(cfg: Config, local_tasks: int, device) -> None:
+    """Refuse a meta-batch or an evaluation chunk that cannot fit in the device's memory."""
+    what, needed = cfg.batch_memory(local_tasks, cfg.inner_steps)
+    check_memory(f"one meta-batch of --meta-batch {cfg.meta_batch} ({local_tasks} in this process) tasks of {what}"
+                 f" and --inner-steps {cfg.inner_steps}", needed, device)
+    tasks, steps = min(CHUNK, cfg.eval_tasks), max(cfg.test_inner_steps)
+    what, needed = cfg.batch_memory(tasks, steps)
+    check_memory(f"the evaluation ({tasks} tasks at a time) of {what} and --test-inner-steps {steps}", needed,
+                 device)
 
 
 def _tensors(tree) -> list[torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .batched import param_key
-from .cli import check_output, errors_as_messages, positive_int
+from .cli import MAXIMA, check_memory, check_output, errors_as_messages, positive_int
 from .config import LOGDET_METHODS
 from .curvature import rows_logdet, support_rows
 from .evaluate import Estimate
@@ -35,7 +35,7 @@ from .meta import LLAMA, MAML
 from .options import Prior, parse
 from .posterior import LaplacePosterior, Predictive
 from .prior import PRIORS, first_order_tau
-from .runs import load_for_evaluation
+from .runs import checkpoint_inputs, load_for_evaluation
 
 Z50, Z90 = 0.6744897501960817, 1.6448536269514722
 
@@ -145,6 +145,12 @@ def _posterior(learner: LLAMA, x_support: Tensor, y_support: Tensor, prior: floa
     return learner.posterior(x_support, y_support, tau=prior, method=method)
 
 
+CALIBRATION_TASKS, CALIBRATION_SAMPLES = 200, 50  # at most: fewer when the report itself uses fewer
+EXTRAPOLATION_POINTS = 201  # the grid of extrapolation_ratio
+REGRESSION_ONLY = ("uncertainty measures the calibration of regression predictions (sinusoid runs) only; "
+                   "uncertainty of image classification is not implemented yet (issue #21)")
+
+
 @dataclass
 class Calibration:
     tau: float | str  # a prior precision, or the name of an implicit prior (not chosen)
@@ -153,9 +159,9 @@ class Calibration:
     point_noise: NoiseModel  # best noise model for the point (MAML) prediction, same grid
 
 
-def calibrate(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: int = 200, seed: int = 7,
-              taus=None, noises: list[NoiseModel] | None = None, samples: int = 50, method: str | None = None,
-              linearized: bool = True, prior: str | float | None = None) -> Calibration:
+def calibrate(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: int = CALIBRATION_TASKS,
+              seed: int = 7, taus=None, noises: list[NoiseModel] | None = None, samples: int = CALIBRATION_SAMPLES,
+              method: str | None = None, linearized: bool = True, prior: str | float | None = None) -> Calibration:
     """Choose τ and the noise model on validation tasks by predictive NLL; likewise the
     noise model of the point-prediction baseline. With ``prior`` (an implicit prior of
     :mod:`fastlaplace.prior`, or a fixed τ) τ is not chosen: only the noise model is."""
@@ -187,7 +193,7 @@ def extrapolation_ratio(learner: LLAMA, tasks, tau: float | str, n_tasks: int = 
     support_range = (lo, lo + (hi - lo) / 5)
     g = torch.Generator().manual_seed(seed)
     b = tasks.sample(n_tasks, g, support_range=support_range)
-    grid = torch.linspace(lo, hi, 201).view(1, -1, 1).expand(n_tasks, -1, -1)
+    grid = torch.linspace(lo, hi, EXTRAPOLATION_POINTS).view(1, -1, 1).expand(n_tasks, -1, -1)
     pred = _posterior(learner, b.x_support, b.y_support, tau, method).predict(grid, samples, g,
                                                                               linearized=linearized)
     std = pred.std.squeeze(-1)  # [tasks, grid]
@@ -203,9 +209,11 @@ def report(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: in
            samples: int = 100, method: str | None = None, linearized: bool = True,
            calibration: Calibration | None = None, prior: str | float | None = None) -> dict:
     """The figures of issue #4 on new test tasks, after calibrating on validation tasks (τ and
-    the noise model, or the noise model alone under an implicit ``prior``)."""
-    cal = calibration or calibrate(learner, problem, point_learner, method=method, linearized=linearized,
-                                   prior=prior)
+    the noise model, or the noise model alone under an implicit ``prior``): at most
+    CALIBRATION_TASKS tasks and CALIBRATION_SAMPLES samples, no more than ``tasks`` and ``samples``."""
+    cal = calibration or calibrate(learner, problem, point_learner, tasks=min(CALIBRATION_TASKS, tasks),
+                                   samples=min(CALIBRATION_SAMPLES, samples), method=method,
+                                   linearized=linearized, prior=prior)
     batch = problem.sample("test", tasks, torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed + 1)
     pred = _posterior(learner, batch.x_support, batch.y_support, cal.tau, method).predict(
@@ -263,16 +271,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="also write the report to this file")
     args = p.parse_args(argv)
     with errors_as_messages():
-        positive_int("--tasks", args.tasks)
-        positive_int("--samples", args.samples, 2)
+        positive_int("--tasks", args.tasks, 1, MAXIMA["eval_tasks"])
+        positive_int("--samples", args.samples, 2, MAXIMA["samples"])
         if args.tau is not None and not (math.isfinite(args.tau) and args.tau > 0):
             raise ValueError(f"--tau must be a positive number, got {args.tau}")
         if args.json:
-            check_output("--json", args.json)
-        data = dict(device="cpu", data_root=args.data_root, allow_pickle=args.allow_pickle)
+            check_output("--json", args.json, [*checkpoint_inputs(args.checkpoint, args.maml), args.data_root])
+        data = dict(device="cpu", data_root=args.data_root, allow_pickle=args.allow_pickle,
+                    datasets=("sinusoid",), purpose=REGRESSION_ONLY)
         learner, problem, cfg = load_for_evaluation(args.checkpoint, **data)
         if not isinstance(learner, LLAMA):
             raise ValueError(f"{args.checkpoint} is not a LLAMA run (train with --method llama)")
+        # the predictions of the test tasks and the extrapolation grid, all tasks at once
+        points = cfg.query_points + EXTRAPOLATION_POINTS
+        check_memory(f"--tasks {args.tasks} × --samples {args.samples} predictions at {points} points",
+                     4 * args.tasks * args.samples * points, "cpu")
         point = load_for_evaluation(args.maml, **data)[0] if args.maml else None
         result = report(learner, problem, point, args.tasks, cfg.eval_seed, args.samples, args.method,
                         linearized=not args.sampled_networks,
