@@ -1,5 +1,9 @@
 """Plainly written per-task versions of the meta-learners: the oracle for the batched ones."""
 
+import hashlib
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,3 +77,14 @@ def dense_kfac_precision(A, G, scale: float, tau: float, method: str):
         s, t = scale**0.5, tau**0.5
         out.append(torch.kron(s * Ab + pi * t * eye_A, s * Gb + t / pi * eye_G))
     return torch.stack(out)
+
+
+def digests(folder) -> dict[str, str]:
+    """Every file under ``folder`` (links not followed) and its sha256: what a command must leave as it was."""
+    out = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = Path(parent) / name
+            if path.is_file() and not path.is_symlink():
+                out[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out

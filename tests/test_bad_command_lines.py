@@ -11,7 +11,6 @@ prints a summary of the outcomes instead of failing at the first.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import digests
 
 from fastlaplace import evaluate, plot, train, uncertainty
 from fastlaplace.config import Config
@@ -199,17 +199,6 @@ def build_template(d: Path) -> Path:
     return d
 
 
-def digests(d: Path) -> dict[str, str]:
-    """Every file under ``d`` (not following links) and its sha256."""
-    out = {}
-    for folder, _, names in os.walk(d):
-        for name in names:
-            path = Path(folder) / name
-            if path.is_file() and not path.is_symlink():
-                out[str(path.relative_to(d))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
-
-
 class Hang(Exception):
     pass
 
@@ -302,22 +291,35 @@ def test_bad_line_in_a_real_process(folder, program, line):
     assert verdict(run.returncode, run.stderr, before, digests(folder)) == "ok", run.stderr
 
 
-if __name__ == "__main__":  # a summary of every outcome (e.g. on the code before a fix)
+def summary() -> None:
+    """Every line's outcome, each in a forked child (so that a line that runs out of memory or
+    is stopped mid-way cannot disturb the next: run it under ``ulimit -v`` on old code)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         template_dir = build_template(Path(tmp) / "template")
-        results: dict[str, list[str]] = {}
+        counts: dict[str, int] = {}
         for i, (program, line) in enumerate(ALL):
             d = Path(tmp) / f"run{i}"
             shutil.copytree(template_dir, d, symlinks=True)
-            os.chdir(d)
-            before = digests(d)
-            code, err = run_in_process(program, argv_of(line, d))
-            outcome = verdict(code, err, before, digests(d))
-            os.chdir(tmp)
+            read, write = os.pipe()
+            if os.fork() == 0:  # the child runs the line and writes its verdict
+                os.chdir(d)
+                before = digests(d)
+                code, err = run_in_process(program, argv_of(line, d))
+                os.write(write, verdict(code, err, before, digests(d)).encode())
+                os._exit(0)
+            os.close(write)
+            with os.fdopen(read) as f:
+                outcome = f.read() or "the process died"
+            os.wait()
             shutil.rmtree(d)
-            results.setdefault(outcome.split(":")[0].split(" [")[0], []).append(f"{program} {line}: {outcome}")
+            kind = outcome.split(":")[0] if outcome.startswith(("traceback", "not one")) else outcome.split(" [")[0]
+            counts[kind] = counts.get(kind, 0) + 1
             if outcome != "ok":
                 print(f"{program} {line}\n    {outcome}", flush=True)
-        print({k: len(v) for k, v in results.items()}, f"of {len(ALL)} lines")
+        print(counts, f"of {len(ALL)} lines")
+
+
+if __name__ == "__main__":
+    summary()

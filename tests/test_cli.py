@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import digests
 
-from fastlaplace import evaluate, plot, train, uncertainty
+from fastlaplace import cli, evaluate, plot, train, uncertainty
+from fastlaplace.cli import UsageError, check_output
 from fastlaplace.config import Config
 from fastlaplace.data import convert
+from fastlaplace.runs import checkpoint_inputs, read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,3 +134,148 @@ def test_bad_device_in_a_real_process(tmp_path):
     run = run_module("fastlaplace.train", "--device", "banana", "--out", tmp_path / "run", cwd=tmp_path)
     assert run.returncode != 0 and "device must be cpu, cuda or cuda:N" in run.stderr
     assert_one_error_line(run.stderr)
+
+
+# ---------------------------------------------------------------------------- issue #22's command lines
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A LLAMA sinusoid run at iteration 4 (its previous checkpoint at 2), a tiny digits LLAMA
+    run, the sinusoid run's checkpoint with a NaN parameter (valid checksum), and a folder
+    holding another run's files but no checkpoint."""
+    d = tmp_path_factory.mktemp("issue22")
+    train.main(["--iterations", "4", "--meta-batch", "2", "--checkpoint-every", "2", "--eval-tasks", "4",
+                "--out", str(d / "run"), "--no-progress"])
+    train.train(Config(dataset="digits", iterations=1, meta_batch=1, filters=2, test_inner_steps=[1], eval_tasks=2,
+                       out=str(d / "digits")), progress=False, evaluate_at_end=False)
+    state = read_checkpoint(d / "run" / "checkpoint.pt")
+    next(iter(state["learner"].values())).view(-1)[0] = float("nan")
+    (d / "nan").mkdir()
+    save_checkpoint(d / "nan" / "checkpoint.pt", state)
+    (d / "stale").mkdir()
+    for name in ("results.json", "metrics.jsonl", "config.json"):
+        (d / "stale" / name).write_bytes((d / "run" / name).read_bytes())
+    return d
+
+
+def refused(runs, module, *args, says=""):
+    """Run ``module`` from the repository root: one ``error:`` line naming ``says``, a non-zero
+    exit, and every file of ``runs`` byte-identical afterwards."""
+    before = digests(runs)
+    run = run_module(module, *(str(a).format(d=runs) for a in args), cwd=ROOT)
+    assert run.returncode != 0, run.stderr
+    assert_one_error_line(run.stderr)
+    assert says in run.stderr.splitlines()[-1], run.stderr
+    assert digests(runs) == before
+
+
+def test_json_report_over_the_checkpoint_is_refused(runs):
+    refused(runs, "fastlaplace.uncertainty", "{d}/run/checkpoint.pt", "--json", "{d}/run/checkpoint.pt",
+            says="would overwrite an input")
+
+
+def test_resume_with_fewer_iterations_than_done_is_refused(runs):
+    refused(runs, "fastlaplace.train", "--resume", "--out", "{d}/run", "--iterations", "1",
+            says="is at iteration 4, past --iterations 1")
+
+
+def test_new_run_over_another_runs_files_needs_overwrite(runs):
+    refused(runs, "fastlaplace.train", "--out", "{d}/stale", "--iterations", "1", says="pass --overwrite")
+
+
+@pytest.mark.parametrize("args, says", [
+    ("--support 2000000000", "--support must be at most"), ("--meta-batch 1000000000", "--meta-batch must be at most"),
+    ("--support 1000000 --meta-batch 1000", "one meta-batch of --meta-batch 1000 (1000 in this process) tasks of "
+                                            "--support 1000000 + --query-points 10 points and --inner-steps 1 needs")])
+def test_sizes_beyond_memory_are_refused_before_allocating(runs, args, says):
+    refused(runs, "fastlaplace.train", *args.split(), "--out", "{d}/new", says=says)
+    assert not (runs / "new").exists()
+
+
+def test_uncertainty_of_an_image_run_says_what_it_supports(runs):
+    refused(runs, "fastlaplace.uncertainty", "{d}/digits/checkpoint.pt", "--tasks", "2", "--samples", "2",
+            says="sinusoid runs) only")
+
+
+def test_non_finite_checkpoint_is_refused_by_evaluate(runs):
+    refused(runs, "fastlaplace.evaluate", "{d}/nan/checkpoint.pt", says="non-finite values")
+
+
+def test_steps_beyond_the_maximum_are_refused(runs):
+    refused(runs, "fastlaplace.evaluate", "{d}/run/checkpoint.pt", "--steps", "100000000",
+            says="--steps must be at most")
+
+
+@pytest.mark.parametrize("program, args", [
+    ("uncertainty", ["{d}/nan/checkpoint.pt"]), ("plot", ["posterior", "{d}/nan/checkpoint.pt", "--out", "{d}/p.png"]),
+    ("train", ["--resume", "--out", "{d}/nan", "--iterations", "8"])])
+def test_non_finite_checkpoint_is_refused_by_every_program(runs, capsys, program, args):
+    before = digests(runs)
+    with pytest.raises(SystemExit) as exc:
+        MAINS[program]([a.format(d=runs) for a in args])
+    assert "non-finite values" in str(exc.value.code)
+    assert_one_error_line(capsys.readouterr().err + exc.value.code)
+    assert digests(runs) == before
+
+
+def test_overwrite_replaces_another_runs_files(runs, tmp_path):
+    out = tmp_path / "stale"
+    out.mkdir()
+    for name in ("results.json", "metrics.jsonl", "config.json"):
+        (out / name).write_bytes((runs / "run" / name).read_bytes())
+    results = train.main(["--out", str(out), "--overwrite", "--method", "maml", "--iterations", "1", "--eval-tasks",
+                          "2", "--no-progress"])
+    assert results["method"] == "maml" and json.loads((out / "results.json").read_text())["method"] == "maml"
+    assert [json.loads(line)["iteration"] for line in open(out / "metrics.jsonl")] == [1]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["overwrite"] is True and saved["method"] == "maml"
+    # --overwrite is not a setting of the problem: resuming without it is allowed
+    assert train.main(["--resume", "--out", str(out), "--iterations", "2", "--eval-tasks", "2",
+                       "--no-progress"])["iterations"] == 2
+
+
+def test_resume_of_a_finished_run_keeps_its_checkpoints(runs, tmp_path):
+    """--iterations equal to those done: nothing to train, the checkpoints are not rotated."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "config.json", "metrics.jsonl", "results.json"):
+        (out / name).write_bytes((runs / "run" / name).read_bytes())
+    before = digests(out)
+    train.main(["--resume", "--out", str(out), "--no-progress"])
+    after = digests(out)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        assert after[name] == before[name]
+
+
+def test_outputs_are_compared_after_resolving_links_and_relative_paths(runs, tmp_path, monkeypatch):
+    (tmp_path / "link").symlink_to(runs / "run")
+    monkeypatch.chdir(runs)
+    for path in (tmp_path / "link" / "config.json", "run/../run/metrics.jsonl", "./run/checkpoint.prev.pt"):
+        with pytest.raises(UsageError, match="would overwrite an input"):
+            check_output("--json", str(path), checkpoint_inputs("run/checkpoint.pt"))
+    check_output("--json", str(runs / "run" / "report.json"), checkpoint_inputs("run/checkpoint.pt"))
+
+
+def test_memory_estimate_names_the_flags(monkeypatch):
+    cfg = Config(meta_batch=1000).resolved()
+    what, needed = cfg.batch_memory(1000, 1)
+    assert "--support 10 + --query-points 10" in what and needed > 1000 * 20 * 4
+    monkeypatch.setattr(cli, "available_memory", lambda device: needed - 1)
+    with pytest.raises(UsageError, match="needs at least .* GiB, more than"):
+        cli.check_memory(what, needed, "cpu")
+    assert cli.available_memory("cpu") > 2**20
+
+
+def test_calibration_honours_tasks_and_samples(runs, monkeypatch):
+    seen = {}
+
+    def calibrate(*args, tasks, samples, **kwargs):
+        seen.update(tasks=tasks, samples=samples)
+        raise SystemExit("error: stop here")
+
+    monkeypatch.setattr(uncertainty, "calibrate", calibrate)
+    with pytest.raises(SystemExit):
+        uncertainty.main([str(runs / "run" / "checkpoint.pt"), "--tasks", "3", "--samples", "4"])
+    assert seen == {"tasks": 3, "samples": 4}
+    with pytest.raises(SystemExit):
+        uncertainty.main([str(runs / "run" / "checkpoint.pt")])
+    assert seen == {"tasks": uncertainty.CALIBRATION_TASKS, "samples": uncertainty.CALIBRATION_SAMPLES}

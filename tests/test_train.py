@@ -1,10 +1,12 @@
 """The training loop: resume equivalence, checkpoints, metrics, CLI and configuration errors."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,9 +89,9 @@ def test_nan_loss_is_reported(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(meta_lr=-1.0), "meta_lr"),
-    (dict(iterations=0), "iterations"),
-    (dict(meta_batch=0), "meta_batch"),
+    (dict(meta_lr=-1.0), "--meta-lr"),
+    (dict(iterations=0), "--iterations"),
+    (dict(meta_batch=0), "--meta-batch"),
     (dict(method="reptile"), "method"),
     (dict(dataset="omniglot"), "data-root"),
     (dict(device="cuda:7"), "CUDA") if not torch.cuda.is_available() else (dict(tau=0.0), "tau"),
@@ -117,9 +119,10 @@ def test_cli_train_and_evaluate(tmp_path):
 
 
 def test_cli_reports_bad_options_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's messages
     run = subprocess.run([sys.executable, "-m", "fastlaplace.train", "--inner-lr", "-1", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert run.returncode != 0 and "error: inner_lr must be a finite number > 0" in run.stderr
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode != 0 and "error: --inner-lr must be a finite number > 0" in run.stderr
     assert "Traceback" not in run.stderr
 
 
