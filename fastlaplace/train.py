@@ -9,7 +9,9 @@ the same seed) and ``results.json``; and TensorBoard event files when ``tensorbo
 installed. A checkpoint is only written when the parameters, gradients and optimiser state
 are all finite. ``--resume`` takes the run's settings from its folder; the learning rates,
 the number of iterations, the device and the logging cadence may be changed (the change is
-logged), anything that would change the problem is refused.
+logged), anything that would change the problem is refused, and fewer iterations than done
+are refused (nothing is written). A new run refuses a folder holding a checkpoint, or
+another run's results, metrics or settings unless ``--overwrite``.
 
 ``torchrun --nproc_per_node N -m fastlaplace.train ...`` splits each meta-batch over N
 processes (Gloo on the CPU, NCCL on CUDA; see :mod:`fastlaplace.distributed` and the README's
