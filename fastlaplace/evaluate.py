@@ -15,6 +15,7 @@ import torch
 
 from . import distributed as dist
 from .cli import MAXIMA, check_device, check_memory, check_seed, errors_as_messages, positive_int
+from .config import Config
 from .meta import MAML
 from .progress import progress_bar
 from .runs import load_for_evaluation
@@ -80,6 +81,13 @@ def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: i
     return {s: Estimate.of(torch.cat(v)) for s, v in values.items()}
 
 
+def check_evaluation_memory(cfg: Config, tasks: int, steps: int, steps_flag: str, device) -> None:
+    """Refuse an evaluation whose chunk of tasks cannot fit in the device's memory."""
+    tasks = min(CHUNK, tasks)
+    what, needed = cfg.batch_memory(tasks, steps)
+    check_memory(f"the evaluation ({tasks} tasks at a time) of {what} and {steps_flag} {steps}", needed, device)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m fastlaplace.evaluate", description=__doc__)
     p.add_argument("checkpoint", help="a checkpoint.pt written by fastlaplace.train")
@@ -104,10 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         learner, problem, cfg = load_for_evaluation(args.checkpoint, device=args.device, data_root=args.data_root,
                                                     allow_pickle=args.allow_pickle)
         steps = args.steps or cfg.test_inner_steps
-        tasks = min(CHUNK, args.tasks)
-        what, needed = cfg.batch_memory(tasks, max(steps))
-        check_memory(f"the evaluation ({tasks} tasks at a time) of {what} and --steps {max(steps)}", needed,
-                     cfg.device)
+        check_evaluation_memory(cfg, args.tasks, max(steps), "--steps", cfg.device)
         seed = cfg.eval_seed if args.seed is None else args.seed
         results = evaluate(learner, problem, steps, args.tasks, seed, args.split, device=cfg.device)
     for s, est in results.items():

@@ -45,7 +45,7 @@ from .config import (
     given,
     resumed_changes,
 )
-from .evaluate import CHUNK, evaluate
+from .evaluate import check_evaluation_memory, evaluate
 from .progress import progress_bar
 from .runs import (
     CHECKPOINT,
@@ -352,10 +352,7 @@ def _check_memory(cfg: Config, local_tasks: int, device) -> None:
     what, needed = cfg.batch_memory(local_tasks, cfg.inner_steps)
     check_memory(f"one meta-batch of --meta-batch {cfg.meta_batch} ({local_tasks} in this process) tasks of {what}"
                  f" and --inner-steps {cfg.inner_steps}", needed, device)
-    tasks, steps = min(CHUNK, cfg.eval_tasks), max(cfg.test_inner_steps)
-    what, needed = cfg.batch_memory(tasks, steps)
-    check_memory(f"the evaluation ({tasks} tasks at a time) of {what} and --test-inner-steps {steps}", needed,
-                 device)
+    check_evaluation_memory(cfg, cfg.eval_tasks, max(cfg.test_inner_steps), "--test-inner-steps", device)
 
 
 def _tensors(tree) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,52 +158,59 @@ def runs(tmp_path_factory):
     return d
 
 
-def refused(runs, module, *args, says=""):
-    """Run ``module`` from the repository root: one ``error:`` line naming ``says``, a non-zero
-    exit, and every file of ``runs`` byte-identical afterwards."""
-    before = digests(runs)
-    run = run_module(module, *(str(a).format(d=runs) for a in args), cwd=ROOT)
-    assert run.returncode != 0, run.stderr
-    assert_one_error_line(run.stderr)
-    assert says in run.stderr.splitlines()[-1], run.stderr
-    assert digests(runs) == before
+# The command lines of issue #22, each run from the repository root on its own copy of the runs,
+# all at once (starting Python and torch is most of their time): (module, arguments, what the
+# error line says).
+ISSUE_LINES = {
+    "json report over the checkpoint": ("uncertainty", "{d}/run/checkpoint.pt --json {d}/run/checkpoint.pt",
+                                        "would overwrite an input"),
+    "resume with fewer iterations than done": ("train", "--resume --out {d}/run --iterations 1",
+                                               "is at iteration 4, past --iterations 1"),
+    "new run over another run's files": ("train", "--out {d}/stale --iterations 1", "pass --overwrite"),
+    "support beyond the maximum": ("train", "--support 2000000000 --out {d}/new", "--support must be at most"),
+    "meta-batch beyond the maximum": ("train", "--meta-batch 1000000000 --out {d}/new",
+                                      "--meta-batch must be at most"),
+    "uncertainty of an image run": ("uncertainty", "{d}/digits/checkpoint.pt --tasks 2 --samples 2",
+                                    "(sinusoid runs) only"),
+    "evaluate a non-finite checkpoint": ("evaluate", "{d}/nan/checkpoint.pt", "non-finite values"),
+    "steps beyond the maximum": ("evaluate", "{d}/run/checkpoint.pt --steps 100000000", "--steps must be at most"),
+}
 
 
-def test_json_report_over_the_checkpoint_is_refused(runs):
-    refused(runs, "fastlaplace.uncertainty", "{d}/run/checkpoint.pt", "--json", "{d}/run/checkpoint.pt",
-            says="would overwrite an input")
+@pytest.fixture(scope="module")
+def issue_lines(runs, tmp_path_factory):
+    """name -> (the finished process, the digests of its copy of the runs before and after)."""
+    started = {}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for name, (module, args, _) in ISSUE_LINES.items():
+        d = tmp_path_factory.mktemp("line") / "runs"
+        shutil.copytree(runs, d, symlinks=True)
+        process = subprocess.Popen([sys.executable, "-m", f"fastlaplace.{module}", *args.format(d=d).split()],
+                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started[name] = (process, d, digests(d))
+    done = {}
+    for name, (process, d, before) in started.items():
+        _, err = process.communicate(timeout=300)
+        done[name] = (process.returncode, err, before, digests(d))
+    return done
 
 
-def test_resume_with_fewer_iterations_than_done_is_refused(runs):
-    refused(runs, "fastlaplace.train", "--resume", "--out", "{d}/run", "--iterations", "1",
-            says="is at iteration 4, past --iterations 1")
+@pytest.mark.parametrize("name", ISSUE_LINES)
+def test_command_lines_of_issue_22_are_refused_and_change_nothing(issue_lines, name):
+    code, err, before, after = issue_lines[name]
+    assert code != 0, err
+    assert_one_error_line(err)
+    assert ISSUE_LINES[name][2] in err.splitlines()[-1], err
+    assert after == before
 
 
-def test_new_run_over_another_runs_files_needs_overwrite(runs):
-    refused(runs, "fastlaplace.train", "--out", "{d}/stale", "--iterations", "1", says="pass --overwrite")
-
-
-@pytest.mark.parametrize("args, says", [
-    ("--support 2000000000", "--support must be at most"), ("--meta-batch 1000000000", "--meta-batch must be at most"),
-    ("--support 1000000 --meta-batch 1000", "one meta-batch of --meta-batch 1000 (1000 in this process) tasks of "
-                                            "--support 1000000 + --query-points 10 points and --inner-steps 1 needs")])
-def test_sizes_beyond_memory_are_refused_before_allocating(runs, args, says):
-    refused(runs, "fastlaplace.train", *args.split(), "--out", "{d}/new", says=says)
+def test_size_beyond_memory_is_refused_before_allocating(runs, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--support", "1000000", "--meta-batch", "1000", "--out", str(runs / "new")])
+    assert ("one meta-batch of --meta-batch 1000 (1000 in this process) tasks of --support 1000000 + --query-points "
+            "10 points and --inner-steps 1 needs at least") in exc.value.code
+    assert_one_error_line(capsys.readouterr().err + exc.value.code)
     assert not (runs / "new").exists()
-
-
-def test_uncertainty_of_an_image_run_says_what_it_supports(runs):
-    refused(runs, "fastlaplace.uncertainty", "{d}/digits/checkpoint.pt", "--tasks", "2", "--samples", "2",
-            says="sinusoid runs) only")
-
-
-def test_non_finite_checkpoint_is_refused_by_evaluate(runs):
-    refused(runs, "fastlaplace.evaluate", "{d}/nan/checkpoint.pt", says="non-finite values")
-
-
-def test_steps_beyond_the_maximum_are_refused(runs):
-    refused(runs, "fastlaplace.evaluate", "{d}/run/checkpoint.pt", "--steps", "100000000",
-            says="--steps must be at most")
 
 
 @pytest.mark.parametrize("program, args", [
