@@ -181,12 +181,13 @@ def read_latest(path: Path, log=None) -> tuple[dict, Path] | None:
         return state, prev
 
 
-def open_output(out: Path, resume: bool, overwrite: bool = False) -> tuple[dict, Path] | None:
+def open_output(out: Path, resume: bool, overwrite: bool = False, accept=None) -> tuple[dict, Path] | None:
     """Make the output folder and return the checkpoint to continue from, ``(state, path)``,
     or ``None`` (a new run, or ``resume`` with no checkpoint yet). A new run refuses a folder
     that holds a checkpoint, and one that holds another run's results, metrics or settings
-    unless ``overwrite`` (they are then removed); a damaged ``checkpoint.pt`` passed over for
-    the previous one is kept aside as ``checkpoint.pt.corrupt``, out of the rotation."""
+    unless ``overwrite`` (they are then removed). ``accept(state, path)`` may refuse the
+    checkpoint before anything in the folder changes; a damaged ``checkpoint.pt`` passed over
+    for the previous one is then kept aside as ``checkpoint.pt.corrupt``, out of the rotation."""
     path = out / CHECKPOINT
     if resume and overwrite:
         raise UsageError("--overwrite starts a new run: it cannot be combined with --resume")
@@ -203,6 +204,8 @@ def open_output(out: Path, resume: bool, overwrite: bool = False) -> tuple[dict,
         return None
     out.mkdir(parents=True, exist_ok=True)
     latest = read_latest(path, log=lambda m: print(m, file=sys.stderr))
+    if latest is not None and accept is not None:
+        accept(*latest)
     if latest is not None and latest[1] != path and path.exists():
         os.replace(path, path.with_name(path.name + ".corrupt"))
     return latest

@@ -123,20 +123,22 @@ class Trainer:
         local = distributed.local_tasks(cfg.meta_batch, ctx.world_size)  # before touching the folder
         _check_memory(cfg, local, distributed.local_device(cfg.device, ctx))
 
-        def open_run():
-            if cfg.dataset in IMAGE_DATASETS_ON_DISK:
-                refuse_inputs("--out", cfg.out, [cfg.data_root])
-            latest = open_output(Path(cfg.out), resume, cfg.overwrite)
-            if latest is None:
-                return None
-            state, used = latest
-            saved = config_from_dict(state["config"], f"the configuration in {used}")
-            check_resumable(saved, cfg, str(used))
-            if state["iteration"] > cfg.iterations:  # nothing is written: the run's files stay as they are
+        def accept(state: dict, used: Path) -> None:
+            """Refuse to resume (before the folder changes) another problem or fewer iterations than done."""
+            check_resumable(config_from_dict(state["config"], f"the configuration in {used}"), cfg, str(used))
+            if state["iteration"] > cfg.iterations:
                 raise UsageError(f"{used} is at iteration {state['iteration']}, past --iterations {cfg.iterations}: "
                                  "a resumed run only goes forward (evaluate this one with python -m "
                                  f"fastlaplace.evaluate {used})")
-            return state, used, saved
+
+        def open_run():
+            if cfg.dataset in IMAGE_DATASETS_ON_DISK:
+                refuse_inputs("--out", cfg.out, [cfg.data_root])
+            latest = open_output(Path(cfg.out), resume, cfg.overwrite, accept)
+            if latest is None:
+                return None
+            state, used = latest
+            return state, used, config_from_dict(state["config"], f"the configuration in {used}")
 
         latest = distributed.on_main_rank(open_run, ctx, EXPECTED)  # rank 0's outcome (or error) on every rank
         trainer = cls(cfg, ctx)
