@@ -81,11 +81,12 @@ def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: i
     return {s: Estimate.of(torch.cat(v)) for s, v in values.items()}
 
 
-def check_evaluation_memory(cfg: Config, tasks: int, steps: int, steps_flag: str, device) -> None:
+def check_evaluation_memory(cfg: Config, tasks: int, tasks_flag: str, device) -> None:
     """Refuse an evaluation whose chunk of tasks cannot fit in the device's memory."""
-    tasks = min(CHUNK, tasks)
-    what, needed = cfg.batch_memory(tasks, steps)
-    check_memory(f"the evaluation ({tasks} tasks at a time) of {what} and {steps_flag} {steps}", needed, device)
+    chunk = min(CHUNK, tasks)
+    what, needed = cfg.batch_memory(chunk, 0, graph=False)
+    check_memory(f"the evaluation of {what} ({chunk} tasks at a time: fewer with {tasks_flag} below {CHUNK})",
+                 needed, device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         learner, problem, cfg = load_for_evaluation(args.checkpoint, device=args.device, data_root=args.data_root,
                                                     allow_pickle=args.allow_pickle)
         steps = args.steps or cfg.test_inner_steps
-        check_evaluation_memory(cfg, args.tasks, max(steps), "--steps", cfg.device)
+        check_evaluation_memory(cfg, args.tasks, "--tasks", cfg.device)
         seed = cfg.eval_seed if args.seed is None else args.seed
         results = evaluate(learner, problem, steps, args.tasks, seed, args.split, device=cfg.device)
     for s, est in results.items():

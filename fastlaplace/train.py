@@ -121,7 +121,6 @@ class Trainer:
         ``resume``); every rank builds the problem and the learner and restores the saved
         state, its own generators included; rank 0 writes config.json and opens the logs."""
         local = distributed.local_tasks(cfg.meta_batch, ctx.world_size)  # before touching the folder
-        _check_memory(cfg, local, distributed.local_device(cfg.device, ctx))
 
         def accept(state: dict, used: Path) -> None:
             """Refuse to resume (before the folder changes) another problem or fewer iterations than done."""
@@ -140,8 +139,10 @@ class Trainer:
             state, used = latest
             return state, used, config_from_dict(state["config"], f"the configuration in {used}")
 
-        latest = distributed.on_main_rank(open_run, ctx, EXPECTED)  # rank 0's outcome (or error) on every rank
+        # the data is read (a bad data folder fails here) and the sizes checked before the folder changes
         trainer = cls(cfg, ctx)
+        _check_memory(cfg, local, trainer.device)
+        latest = distributed.on_main_rank(open_run, ctx, EXPECTED)  # rank 0's outcome (or error) on every rank
         if latest is not None:
             trainer._restore(*latest)
         elif resume and ctx.is_main:
@@ -354,7 +355,7 @@ def _check_memory(cfg: Config, local_tasks: int, device) -> None:
     what, needed = cfg.batch_memory(local_tasks, cfg.inner_steps)
     check_memory(f"one meta-batch of --meta-batch {cfg.meta_batch} ({local_tasks} in this process) tasks of {what}"
                  f" and --inner-steps {cfg.inner_steps}", needed, device)
-    check_evaluation_memory(cfg, cfg.eval_tasks, max(cfg.test_inner_steps), "--test-inner-steps", device)
+    check_evaluation_memory(cfg, cfg.eval_tasks, "--eval-tasks", device)
 
 
 def _tensors(tree) -> list[torch.Tensor]:
