@@ -262,18 +262,30 @@ def argv_of(line: str, d: Path) -> list[str]:
     return [a.replace("''", "") for a in line.format(d=d).split()]
 
 
+def listing(d: Path) -> tuple[dict[str, str], list[str]]:
+    """The digest of every file under ``d`` and every folder's path."""
+    return digests(d), sorted(str(Path(parent).relative_to(d)) for parent, _, _ in os.walk(d))
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    return build_template(tmp_path_factory.mktemp("bad-lines") / "d")
+    """The folder of runs and damaged inputs, and a working copy of it with its listing."""
+    base = tmp_path_factory.mktemp("bad-lines")
+    build_template(base / "template")
+    shutil.copytree(base / "template", base / "d", symlinks=True)
+    return base / "template", base / "d", listing(base / "d")
 
 
 @pytest.fixture
-def folder(template, tmp_path, monkeypatch):
-    """A fresh copy of the template, the working directory (relative paths are relative to it)."""
-    d = tmp_path / "d"
-    shutil.copytree(template, d, symlinks=True)
+def folder(template, monkeypatch):
+    """The working copy, as the working directory (relative paths are relative to it); made
+    anew from the template after a line that changed anything in it."""
+    source, d, pristine = template
     monkeypatch.chdir(d)
-    return d
+    yield d
+    if listing(d) != pristine:
+        shutil.rmtree(d)
+        shutil.copytree(source, d, symlinks=True)
 
 
 ALL = [(program, line) for program, lines in LINES.items() for line in lines]
