@@ -4,8 +4,9 @@ Each line must end in one ``error: ...`` line (the last line of stderr), a non-z
 status and no traceback, and leave every file that existed before byte-identical. The lines
 run in this process through each program's ``main(argv)`` from a fresh copy of a folder of
 small runs and damaged inputs (most fail while the options are checked, so this is fast); a
-few run as real processes from the repository root. ``python tests/test_bad_command_lines.py``
-prints a summary of the outcomes instead of failing at the first.
+few run as real processes from the repository root. ``PYTHONPATH=. python
+tests/test_bad_command_lines.py`` prints a summary of the outcomes instead of failing at the
+first (without ``PYTHONPATH=.``, of the installed fastlaplace).
 
 On the code before issue #22's fixes (f3037e7, under ``ulimit -v 10000000``, 20 s a line) 54
 of the first 208 lines failed: 10 tracebacks (7 allocations of huge meta-batches, supports or
