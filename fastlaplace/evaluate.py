@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed as dist
-from .cli import MAXIMA, check_device, check_memory, check_seed, errors_as_messages, positive_int
+from .cli import MAXIMA, available_memory, check_device, check_memory, check_seed, errors_as_messages, positive_int
 from .config import Config
 from .meta import MAML
+from .problems import Batch
 from .progress import progress_bar
 from .runs import load_for_evaluation
 
-CHUNK = 100  # tasks evaluated at a time
+CHUNK = 100  # tasks drawn at a time (the draws, and so the results, do not depend on the memory)
 
 
 @dataclass
@@ -42,8 +43,11 @@ class Estimate:
 
 def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: int = 0,
              split: str = "test", chunk: int = CHUNK, device: str | torch.device = "cpu",
-             progress: bool = True, distributed: bool = False) -> dict[int, Estimate]:
+             progress: bool = True, distributed: bool = False, group: int | None = None) -> dict[int, Estimate]:
     """Metric of the adapted learner on ``tasks`` new tasks of ``split``, per inner-step count.
+
+    Tasks are drawn ``chunk`` at a time and adapted ``group`` at a time (default: a whole
+    chunk); tasks are independent, so ``group`` changes the memory, not the results.
 
     With ``distributed`` (inside an initialised ``torch.distributed`` process group, see
     :mod:`fastlaplace.distributed`) the chunks of tasks are dealt out to the ranks in turn and
@@ -60,12 +64,14 @@ def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: i
             n = min(chunk, tasks - done)
             batch = problem.sample(split, n, generator)  # every rank draws every chunk: the same tasks
             if len(sizes) % ctx.world_size == ctx.rank:
-                batch = batch.to(device)
-                for s in steps:
-                    params = learner.adapt(batch.x_support, batch.y_support, steps=s)
-                    values[s].append(problem.metric(learner.predict(params, batch.x_query), batch.y_query))
+                for lo in range(0, n, group or n):
+                    part = Batch(*(t[lo:lo + (group or n)] for t in batch)).to(device)
+                    for s in steps:
+                        params = learner.adapt(part.x_support, part.y_support, steps=s)
+                        values[s].append(problem.metric(learner.predict(params, part.x_query), part.y_query))
                 if ctx.distributed:
-                    mine.append(torch.stack([values[s][-1] for s in steps]).double().cpu().reshape(-1))
+                    parts = len(range(0, n, group or n))
+                    mine.append(torch.stack([torch.cat(values[s][-parts:]) for s in steps]).double().cpu().reshape(-1))
             sizes.append(n)
             done += n
             bar.update(n)
@@ -81,12 +87,15 @@ def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: i
     return {s: Estimate.of(torch.cat(v)) for s, v in values.items()}
 
 
-def check_evaluation_memory(cfg: Config, tasks: int, tasks_flag: str, device) -> None:
-    """Refuse an evaluation whose chunk of tasks cannot fit in the device's memory."""
-    chunk = min(CHUNK, tasks)
-    what, needed = cfg.batch_memory(chunk, 0, graph=False)
-    check_memory(f"the evaluation of {what} ({chunk} tasks at a time: fewer with {tasks_flag} below {CHUNK})",
-                 needed, device)
+def evaluation_group(cfg: Config, tasks: int, tasks_flag: str, device) -> int:
+    """How many tasks to adapt at once: a whole chunk, or fewer where its estimated memory
+    exceeds the device's. An error only when a single task cannot fit."""
+    group = min(CHUNK, tasks)
+    while group > 1 and cfg.batch_memory(group, 0, graph=False)[1] > available_memory(device):
+        group = (group + 1) // 2
+    what, needed = cfg.batch_memory(group, 0, graph=False)
+    check_memory(f"the evaluation of {what} (one task at a time; {tasks_flag})", needed, device)
+    return group
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,9 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
         learner, problem, cfg = load_for_evaluation(args.checkpoint, device=args.device, data_root=args.data_root,
                                                     allow_pickle=args.allow_pickle)
         steps = args.steps or cfg.test_inner_steps
-        check_evaluation_memory(cfg, args.tasks, "--tasks", cfg.device)
+        group = evaluation_group(cfg, args.tasks, "--tasks", cfg.device)
         seed = cfg.eval_seed if args.seed is None else args.seed
-        results = evaluate(learner, problem, steps, args.tasks, seed, args.split, device=cfg.device)
+        results = evaluate(learner, problem, steps, args.tasks, seed, args.split, device=cfg.device, group=group)
     for s, est in results.items():
         print(f"{args.split} {problem.metric_name} after {s} step(s): {est}  ({est.n} tasks)")
     summary = {str(s): vars(e) for s, e in results.items()}

@@ -45,7 +45,7 @@ from .config import (
     given,
     resumed_changes,
 )
-from .evaluate import check_evaluation_memory, evaluate
+from .evaluate import evaluate, evaluation_group
 from .progress import progress_bar
 from .runs import (
     CHECKPOINT,
@@ -296,9 +296,10 @@ class Trainer:
         if not evaluate_at_end:
             return {}
         cfg, problem = self.cfg, self.problem
+        group = evaluation_group(cfg, cfg.eval_tasks, "--eval-tasks", self.device)
         results = evaluate(self.learner, problem, cfg.test_inner_steps, cfg.eval_tasks, cfg.eval_seed,
                            device=self.device, progress=progress and self.ctx.is_main,
-                           distributed=self.ctx.distributed)
+                           distributed=self.ctx.distributed, group=group)
         summary = {
             "dataset": cfg.dataset, "method": cfg.method, "iterations": cfg.iterations, "metric": problem.metric_name,
             "test": {str(s): vars(e) for s, e in results.items()},
@@ -355,7 +356,7 @@ def _check_memory(cfg: Config, local_tasks: int, device) -> None:
     what, needed = cfg.batch_memory(local_tasks, cfg.inner_steps)
     check_memory(f"one meta-batch of --meta-batch {cfg.meta_batch} ({local_tasks} in this process) tasks of {what}"
                  f" and --inner-steps {cfg.inner_steps}", needed, device)
-    check_evaluation_memory(cfg, cfg.eval_tasks, "--eval-tasks", device)
+    evaluation_group(cfg, cfg.eval_tasks, "--eval-tasks", device)
 
 
 def _tensors(tree) -> list[torch.Tensor]:

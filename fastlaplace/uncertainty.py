@@ -148,7 +148,7 @@ def _posterior(learner: LLAMA, x_support: Tensor, y_support: Tensor, prior: floa
 CALIBRATION_TASKS, CALIBRATION_SAMPLES = 200, 50  # at most: fewer when the report itself uses fewer
 EXTRAPOLATION_POINTS = 201  # the grid of extrapolation_ratio
 REGRESSION_ONLY = ("uncertainty measures the calibration of regression predictions (sinusoid runs) only; "
-                   "uncertainty of image classification is not implemented yet (issue #21)")
+                   "uncertainty of image classification is not implemented yet")
 
 
 @dataclass

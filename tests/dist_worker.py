@@ -41,7 +41,11 @@ def equivalence(out: str) -> None:
     learner = MAML(sinusoid_mlp(), inner_lr=0.01)
     split = evaluate(learner, problem, [0, 1], tasks=250, seed=5, chunk=40, progress=False, distributed=True)
     whole = evaluate(learner, problem, [0, 1], tasks=250, seed=5, chunk=40, progress=False)
+    grouped = evaluate(learner, problem, [0, 1], tasks=250, seed=5, chunk=40, progress=False, distributed=True, group=7)
     report["evaluation_equal"] = all(vars(split[s]) == vars(whole[s]) for s in (0, 1))
+    report["evaluation_grouped_equal"] = all(
+        abs(grouped[s].mean - whole[s].mean) <= 1e-6 * abs(whole[s].mean) and grouped[s].n == whole[s].n
+        for s in (0, 1))
     report["evaluation_n"] = split[1].n
     if ctx.is_main:
         with open(out, "w") as f:

@@ -57,6 +57,7 @@ def test_two_ranks_average_to_the_one_process_meta_gradient(tmp_path):
     for method in ("maml", "llama"):  # float64, the same six tasks split 3 + 3
         assert report[method + "_scale"] > 1e-3 and report[method] <= 1e-6 * report[method + "_scale"], report
     assert report["evaluation_equal"] and report["evaluation_n"] == 250, report
+    assert report["evaluation_grouped_equal"], report
 
 
 @pytest.fixture(scope="module")

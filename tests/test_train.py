@@ -183,3 +183,35 @@ def test_tensorboard_gets_the_logged_rows_and_is_closed(tmp_path, monkeypatch):
     train(small_config(tmp_path, iterations=3, log_every=2), progress=False, evaluate_at_end=False)
     assert writer.closed and {step for _, step in writer.scalars} == {2, 3}
     assert {tag for tag, _ in writer.scalars} == {"train/loss", "train/query_loss", "train/seconds", "train/logdet"}
+
+
+def test_evaluation_in_groups_gives_the_same_results():
+    """Adapting fewer tasks at once (where memory is short) changes nothing but the memory."""
+    from fastlaplace import MAML, sinusoid_mlp
+    from fastlaplace.data import SinusoidTasks
+    from fastlaplace.evaluate import evaluate
+
+    torch.manual_seed(0)
+    learner, problem = MAML(sinusoid_mlp(), inner_lr=0.01), SinusoidProblem(SinusoidTasks())
+    whole = evaluate(learner, problem, [0, 2], tasks=45, seed=3, chunk=20, progress=False)
+    grouped = evaluate(learner, problem, [0, 2], tasks=45, seed=3, chunk=20, progress=False, group=6)
+    for s in (0, 2):
+        assert grouped[s].n == whole[s].n == 45
+        assert grouped[s].mean == pytest.approx(whole[s].mean, rel=1e-6)
+        assert grouped[s].ci95 == pytest.approx(whole[s].ci95, rel=1e-5)
+
+
+def test_evaluation_group_shrinks_to_the_memory(monkeypatch):
+    from fastlaplace import evaluate as evaluate_mod
+    from fastlaplace.cli import UsageError
+
+    cfg = Config(dataset="sinusoid").resolved()
+    one = cfg.batch_memory(1, 0, graph=False)[1]
+    monkeypatch.setattr(evaluate_mod, "available_memory", lambda device: 10**12)
+    assert evaluate_mod.evaluation_group(cfg, 600, "--tasks", "cpu") == 100
+    monkeypatch.setattr(evaluate_mod, "available_memory", lambda device: cfg.batch_memory(13, 0, graph=False)[1])
+    assert 1 < evaluate_mod.evaluation_group(cfg, 600, "--tasks", "cpu") <= 13
+    monkeypatch.setattr(evaluate_mod, "available_memory", lambda device: one - 1)
+    monkeypatch.setattr("fastlaplace.cli.available_memory", lambda device: one - 1)
+    with pytest.raises(UsageError, match="one task at a time"):
+        evaluate_mod.evaluation_group(cfg, 600, "--tasks", "cpu")
