@@ -48,6 +48,10 @@ def _raise_for_nonfinite(op: str, **inputs: Tensor) -> None:
             raise ValueError(f"fastlaplace.{op}: {name} contains NaN or Inf")
 
 
+_NOT_FINITE = ("the log-determinant is not finite: a damped factor is not positive definite, or the damping is "
+               "below the rounding of a factor, where the arithmetic cannot resolve the value (docs/design.md §2)")
+
+
 def _as_damping(damping: float | Tensor, M: Tensor) -> Tensor:
     if isinstance(damping, Tensor):
         return damping.expand(M.shape[0]) if damping.dim() == 0 else damping
@@ -284,7 +288,7 @@ def kron_logdet(
     out = _ops.kron_logdet(A, G, float(scale), float(tau), _method(method))
     if _should_check(check) and not bool(torch.isfinite(out).all()):
         _raise_for_nonfinite("kron_logdet", A=A, G=G)
-        raise ValueError("fastlaplace.kron_logdet: a damped factor is not positive definite (are A and G PSD?)")
+        raise ValueError(f"fastlaplace.kron_logdet: {_NOT_FINITE} (are A and G PSD?)")
     return out
 
 
@@ -339,7 +343,7 @@ def kfac_logdet(
     out = _ops.kfac_logdet(a, g, float(scale), float(tau), method, bias)
     if _should_check(check) and not bool(torch.isfinite(out).all()):
         _raise_for_nonfinite("kfac_logdet", a=a, g=g)
-        raise ValueError("fastlaplace.kfac_logdet: the log-determinant is not finite")
+        raise ValueError(f"fastlaplace.kfac_logdet: {_NOT_FINITE}")
     return out
 
 
