@@ -13,7 +13,8 @@ rows, exactly rank-deficient rows, extreme scale ratios, stride-0 giants, orders
 sides of 64), judged against mpmath by an oracle that accepts NaN only where the value is not
 defined at the inputs' precision (check_edge below). Before the fixes of issue 22, 2000 cases
 caught items 1-4 of it (see the note in tests/test_ops_precision.py). A case that does not
-return within 60 s ends the child (a CRASH for the test). Prints ``CASE i`` before each case, ``FAIL i: ...`` for each violation and ``DONE n`` at the end.
+return within 60 s ends the child (a CRASH for the test). Prints ``CASE i`` before each case,
+``FAIL i: ...`` for each violation and ``DONE n`` at the end.
 """
 
 from __future__ import annotations
