@@ -318,6 +318,8 @@ def check_edge(rng: random.Random) -> str | None:
             fl.kron_factors(a, a) if rng.random() < 0.5 else fl.kfac_logdet(a, a, 1.0, 1.0, method)
         except ValueError:
             return None
+        except Exception as exc:  # an allocation failure, say
+            return f"{desc} {tuple(a.shape)}: raised {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         return f"{desc} {tuple(a.shape)}: no error"
     if kind == "not_psd":  # NaN values and their gradients, on both sides of order 64
         d = rng.choice(EDGE_ORDERS[3:])
