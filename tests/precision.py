@@ -56,35 +56,15 @@ def logdet_from_carriers(KA: mp.matrix, dA: int, KG: mp.matrix, dG: int, scale: 
     return logdet_from_spectra(list(a), trace(KA), dA, list(g), trace(KG), dG, scale, tau, method)
 
 
-def sensitivity(KA: mp.matrix, dA: int, KG: mp.matrix, dG: int, scale: float, tau: float, method: str,
-                deltaA, deltaG):
-    """How far the value moves when every eigenvalue of K_A moves down by δ_A and of K_G by δ_G
+def sensitivity(a: list, trA, dA: int, g: list, trG, dG: int, scale: float, tau: float, method: str, deltaA, deltaG):
+    """How far the value moves when every eigenvalue a of K_A moves down by δ_A and g of K_G by δ_G
     (the most a perturbation of norm δ moves it, by Weyl's inequality and monotonicity; π fixed):
-    the oracle's measure of whether a value is defined at the precision of its inputs. inf where
-    a shifted argument is ≤ 0."""
-    a, g = list(mp.eigsy(KA, eigvals_only=True)), list(mp.eigsy(KG, eigvals_only=True))
-    trA, trG = trace(KA), trace(KG)
+    the oracle's measure of whether a value is defined at a precision. inf where a shifted
+    argument is ≤ 0."""
     base = logdet_from_spectra(a, trA, dA, g, trG, dG, scale, tau, method)
     moved = logdet_from_spectra([x - deltaA for x in a], trA, dA, [x - deltaG for x in g], trG, dG, scale, tau,
                                 method)
     return mp.inf if mp.isnan(moved) or mp.isnan(base) else abs(moved - base)
-
-
-def kfac_logdet(a: torch.Tensor, g: torch.Tensor, scale: float, tau: float, method: str = "factored",
-                bias: bool = True) -> list:
-    """Per task, as mpf."""
-    with mp.workdps(DPS):
-        out = []
-        for ab, gb in zip(a, g):
-            (KA, dA), (KG, dG) = carrier(ab, bias), carrier(gb, False)
-            out.append(logdet_from_carriers(KA, dA, KG, dG, scale, tau, method))
-        return out
-
-
-def kron_logdet(A: torch.Tensor, G: torch.Tensor, scale: float, tau: float, method: str = "factored") -> list:
-    with mp.workdps(DPS):
-        return [logdet_from_carriers(_matrix(Ab), Ab.shape[0], _matrix(Gb), Gb.shape[0], scale, tau, method)
-                for Ab, Gb in zip(A, G)]
 
 
 def kfac_directional_derivative(a: torch.Tensor, g: torch.Tensor, wa: torch.Tensor, wg: torch.Tensor, scale: float,
