@@ -1,5 +1,5 @@
 """High-precision (mpmath) values of the log-det ops, for tests/test_ops_precision.py and
-the oracle of tests/fuzz_ops.py. Test-only: mpmath comes with torch (through sympy)."""
+the oracle of tests/fuzz_ops.py. Test-only: mpmath comes with torch (through sympy) and is in the test extra."""
 
 from __future__ import annotations
 
@@ -65,6 +65,23 @@ def sensitivity(a: list, trA, dA: int, g: list, trG, dG: int, scale: float, tau:
     moved = logdet_from_spectra([x - deltaA for x in a], trA, dA, [x - deltaG for x in g], trG, dG, scale, tau,
                                 method)
     return mp.inf if mp.isnan(moved) or mp.isnan(base) else abs(moved - base)
+
+
+def kfac_logdet(a: torch.Tensor, g: torch.Tensor, scale: float, tau: float, method: str = "factored",
+                bias: bool = True) -> list:
+    """Per task, as mpf."""
+    with mp.workdps(DPS):
+        out = []
+        for ab, gb in zip(a, g):
+            (KA, dA), (KG, dG) = carrier(ab, bias), carrier(gb, False)
+            out.append(logdet_from_carriers(KA, dA, KG, dG, scale, tau, method))
+        return out
+
+
+def kron_logdet(A: torch.Tensor, G: torch.Tensor, scale: float, tau: float, method: str = "factored") -> list:
+    with mp.workdps(DPS):
+        return [logdet_from_carriers(_matrix(Ab), Ab.shape[0], _matrix(Gb), Gb.shape[0], scale, tau, method)
+                for Ab, Gb in zip(A, G)]
 
 
 def kfac_directional_derivative(a: torch.Tensor, g: torch.Tensor, wa: torch.Tensor, wg: torch.Tensor, scale: float,

@@ -1,6 +1,7 @@
 """The numerical edge cases of issue 22, each against a value computed with mpmath (60 digits,
 tests/precision.py): a result is either that value to the stated tolerance or NaN (with the
-op's error under check=True) where the arithmetic cannot resolve it (docs/design.md §2)."""
+op's error under check=True) where the arithmetic cannot resolve it (docs/design.md §2).
+tests/fuzz_ops.py draws the same classes of inputs at random."""
 
 import math
 
@@ -95,6 +96,12 @@ def test_item5_giant_stride0_views_are_refused_at_once():
     for op in (lambda: fl.kron_factors(a, a), lambda: fl.kfac_logdet(a, a, 1.0, 1.0)):
         with pytest.raises(ValueError, match="exceed the work one call accepts"):
             op()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # torch.compile refuses it at trace time
+        fake = torch.empty(1, 1, 1).expand(1, 2**51, 1)
+        with pytest.raises(ValueError, match="exceed the work one call accepts"):
+            torch.ops.fastlaplace.kron_factors(fake, fake, True)
     # Within the bound, a stride-0 view is fine: every row is x0, so A = x̄0ᵀx̄0 exactly.
     x0 = torch.tensor([[[0.3, -1.7]]], dtype=F64)
     A, G = fl.kron_factors(x0.expand(1, 2**20, 2), x0[..., :1].expand(1, 2**20, 1))
