@@ -21,6 +21,7 @@
 namespace fastlaplace::math {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kEps = 2.220446049250313e-16;
 
 FL_HD inline bool finite(double x) { return x - x == 0; }  // false for ±Inf and NaN
@@ -342,7 +343,7 @@ FL_HD inline double psi_bound(double s, double c, double trB, int64_t nb, double
     return a < b ? a : b;
   }
   const double denom = tau + c * s * trB;
-  return denom > 0 ? c * trB / denom : std::numeric_limits<double>::infinity();
+  return denom > 0 ? c * trB / denom : kInf;
 }
 
 FL_HD inline int64_t exact_workspace(int64_t ns, int64_t nb) {
