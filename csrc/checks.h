@@ -24,8 +24,26 @@ inline void check_same_kind(const at::Tensor& x, const at::Tensor& y, const char
                     x.device(), " and ", y.device());
 }
 
-// Rows of one layer: a [B, R, d_in], g [B, R, d_out].
-inline void check_rows(const at::Tensor& a, const at::Tensor& g) {
+// The bound on one call's work (docs/design.md §5): at most 2^30 elements in each input and
+// output (views count their logical size: a stride-0 view of 2^51 rows is refused) and at
+// most 2^44 multiply-adds to form the factors, B·R·(d_A² + d_G²). Beyond, a call would run
+// for hours on one CPU core, and cannot be interrupted.
+constexpr int64_t kMaxElements = int64_t(1) << 30;
+constexpr double kMaxWork = 17592186044416.0;  // 2^44
+
+inline void check_work(const at::Tensor& a, const at::Tensor& g, int64_t bias_columns) {
+  const double B = static_cast<double>(a.size(0)), R = static_cast<double>(a.size(1));
+  const double dA = static_cast<double>(a.size(2) + bias_columns), dG = static_cast<double>(g.size(2));
+  const double limit = static_cast<double>(kMaxElements);
+  TORCH_CHECK_VALUE(static_cast<double>(a.numel()) <= limit && static_cast<double>(g.numel()) <= limit &&
+                        B * (dA * dA + dG * dG) <= limit && B * R * (dA * dA + dG * dG) <= kMaxWork,
+                    "fastlaplace: a of shape ", a.sizes(), " and g of shape ", g.sizes(),
+                    " exceed the work one call accepts (2^30 elements per input or factor, 2^44 multiply-adds "
+                    "B*R*(d_A^2 + d_G^2)); split the batch or the rows");
+}
+
+// Rows of one layer: a [B, R, d_in], g [B, R, d_out]; bias_columns: 1 when a gets a bias column.
+inline void check_rows(const at::Tensor& a, const at::Tensor& g, int64_t bias_columns) {
   check_float(a, "a");
   check_float(g, "g");
   check_rank(a, 3, "a", "[tasks, rows, d_in]");
@@ -38,12 +56,13 @@ inline void check_rows(const at::Tensor& a, const at::Tensor& g) {
   TORCH_CHECK_VALUE(a.size(0) >= 1 && a.size(1) >= 1,
                     "fastlaplace: need at least one task and one row, got a of shape ", a.sizes());
   TORCH_CHECK_VALUE(g.size(2) >= 1, "fastlaplace: g needs d_out >= 1, got shape ", g.sizes());
+  check_work(a, g, bias_columns);
 }
 
 // The rows of a layer whose curvature's log-det is taken: the layer needs at least one
 // parameter per output (d_in >= 1, or a bias).
 inline void check_layer(const at::Tensor& a, const at::Tensor& g, bool bias) {
-  check_rows(a, g);
+  check_rows(a, g, bias ? 1 : 0);
   TORCH_CHECK_VALUE(a.size(2) + (bias ? 1 : 0) >= 1,
                     "fastlaplace: a has d_in = 0 and bias=False: the layer has no "
                     "parameters, so its curvature has no log-determinant (shape ",

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "checks.h"
+#include "kfac_math.h"
 #ifdef FASTLAPLACE_WITH_CUDA
 #include "cuda/kernels.h"
 #endif
@@ -138,16 +139,50 @@ Tensor factor_of(const Tensor& x, bool bias) {
 // The matrices carrying the spectra of a layer's two factors: each factor itself, or with
 // fewer rows than columns its R×R Gram matrix (same nonzero eigenvalues, docs/design.md §2).
 // One kron_factors call serves both sides when neither is a Gram matrix.
+// They are returned in double, like everything after them (see to_double).
 std::tuple<Tensor, Tensor> spectrum_carriers(const Tensor& a, const Tensor& g, bool bias) {
   const int64_t R = a.size(1);
   const bool gramA = R < a.size(2) + (bias ? 1 : 0), gramG = R < g.size(2);
-  if (!gramA && !gramG) return call_kron_factors(a, g, bias);
-  return {gramA ? gram(a, bias) : factor_of(a, bias), gramG ? gram(g, false) : factor_of(g, false)};
+  if (!gramA && !gramG) {
+    auto [KA, KG] = call_kron_factors(a, g, bias);
+    return {KA.to(at::kDouble), KG.to(at::kDouble)};
+  }
+  return {gramA ? gram(a.to(at::kDouble), bias) : factor_of(a, bias).to(at::kDouble),
+          gramG ? gram(g.to(at::kDouble), false) : factor_of(g, false).to(at::kDouble)};
+}
+
+// The factors' formation (O(R·d²), in the input's dtype with sums in double) aside, this
+// path computes in double, as the fused one does: in float32, λ = π√(τ/c) overflowed for
+// extreme c and the damped factors lost the digits the precision guard counts on. The
+// decompositions are O(d³), small beside the formation at the orders that come here.
+Tensor to_double(const Tensor& t) { return t.to(at::kDouble); }
+
+// The precision guard of csrc/kfac_math.h (docs/design.md §2): NaN where the estimated
+// rounding error err exceeds its tolerance.
+Tensor guarded(const Tensor& logdet, const Tensor& err, int64_t terms) {
+  auto allowed = (logdet.abs() + static_cast<double>(terms)) * math::kGuardTolerance;
+  return at::where(err <= allowed, logdet, at::full_like(logdet, std::numeric_limits<double>::quiet_NaN()));
+}
+
+// The rounding of computed eigenvalues w [B, n]: kRounding·ε·‖K‖ per task.
+Tensor eigenvalue_rounding(const Tensor& w) { return w.abs().amax(-1) * (math::kRounding * math::kEps); }
+
+// NaN gradients wherever the value is not finite, as on the fused path, so that a NaN loss
+// never comes with a finite gradient.
+Tensor nan_where_not_finite(const Tensor& grad, const Tensor& logdet) {
+  auto bad = at::logical_not(at::isfinite(logdet)).view({-1, 1, 1});
+  return at::where(bad, at::full_like(grad, std::numeric_limits<double>::quiet_NaN()), grad);
 }
 
 struct Factored {
-  Tensor LA, LG, logdet, pi, valid, trA, trG, lamA, lamG;
+  Tensor KA, KG, LA, LG, logdet, pi, valid, trA, trG, lamA, lamG;
 };
+
+// Σ_j M_jj / p_j over the pivots p_j = L_jj² of M = K + λI (math::pivot_ratios).
+Tensor pivot_ratios(const Tensor& K, const Tensor& L, const Tensor& lam) {
+  auto diagonal = L.diagonal(0, -2, -1);
+  return ((K.diagonal(0, -2, -1) + lam.unsqueeze(-1)) / (diagonal * diagonal)).sum(-1);
+}
 
 // (√c·A + π√τ·I) ⊗ (√c·G + (√τ/π)·I) from K_A (n_A ≤ d_A) and K_G: its log-det is
 // d_G·logdet(A + λ_A I) + d_A·logdet(G + λ_G I) + d_A·d_G·log c with λ_A = π√τ/√c,
@@ -155,6 +190,8 @@ struct Factored {
 Factored factored_forward(const Tensor& KA, int64_t dA, const Tensor& KG, int64_t dG, double c, double tau) {
   const int64_t nA = KA.size(1), nG = KG.size(1);
   Factored f;
+  f.KA = KA;
+  f.KG = KG;
   f.trA = batch_trace(KA);  // tr K = tr A for a Gram matrix too
   f.trG = batch_trace(KG);
   f.valid = at::logical_and(f.trA > 0, f.trG > 0);
@@ -170,26 +207,40 @@ Factored factored_forward(const Tensor& KA, int64_t dA, const Tensor& KG, int64_
   f.LG = LG;
   ldA = ldA + f.lamA.log() * static_cast<double>(dA - nA);
   ldG = ldG + f.lamG.log() * static_cast<double>(dG - nG);
-  f.logdet = ldA * static_cast<double>(dG) + ldG * static_cast<double>(dA) + static_cast<double>(dA * dG) * std::log(c);
+  auto logdet =
+      ldA * static_cast<double>(dG) + ldG * static_cast<double>(dA) + static_cast<double>(dA * dG) * std::log(c);
+  auto err = (pivot_ratios(KA, LA, f.lamA) * static_cast<double>(dG) +
+              pivot_ratios(KG, LG, f.lamG) * static_cast<double>(dA)) *
+             (math::kRounding * math::kEps);
+  f.logdet = guarded(logdet, err, dA * dG);
   return f;
 }
 
 // d logdet / dK_A and d logdet / dK_G for the factored method, π's dependence included.
-std::tuple<Tensor, Tensor> factored_backward(const Factored& f, int64_t dA, int64_t dG, double c, double tau) {
-  const double sc = std::sqrt(c), st = std::sqrt(tau);
-  const int64_t nA = f.LA.size(1), nG = f.LG.size(1);
+// π's share is d_A·t_G − d_G·t_A with t = tr(K (K + λI)⁻¹), as in math::factored_logdet
+// (written so that the two d_A·d_G terms cancel in closed form, not in rounding).
+std::tuple<Tensor, Tensor> factored_backward(const Factored& f, int64_t dA, int64_t dG) {
   auto invA = inverse_from_cholesky(f.LA);  // (K_A + λ_A I)⁻¹
   auto invG = inverse_from_cholesky(f.LG);
-  auto trInvA = batch_trace(invA) + f.lamA.reciprocal() * static_cast<double>(dA - nA);
-  auto trInvG = batch_trace(invG) + f.lamG.reciprocal() * static_cast<double>(dG - nG);
-  // d logdet / dπ = d_G·√τ·tr(A_d⁻¹) − d_A·(√τ/π²)·tr(G_d⁻¹), with A_d⁻¹ = (A + λ_A I)⁻¹/√c
-  auto dpi =
-      trInvA * (static_cast<double>(dG) * st / sc) - trInvG * (static_cast<double>(dA) * st / sc) / (f.pi * f.pi);
-  auto zero = at::zeros_like(dpi);
-  auto kA = at::where(f.valid, dpi * f.pi / (f.trA * 2.0), zero);
-  auto kG = at::where(f.valid, -dpi * f.pi / (f.trG * 2.0), zero);
-  return std::make_tuple(add_to_diagonal(invA * static_cast<double>(dG), kA),
-                         add_to_diagonal(invG * static_cast<double>(dA), kG));
+  auto tA = (f.KA * invA).sum({1, 2}), tG = (f.KG * invG).sum({1, 2});
+  auto x = tG * static_cast<double>(dA) - tA * static_cast<double>(dG);
+  auto zero = at::zeros_like(x);
+  auto kA = at::where(f.valid, x / (f.trA * 2.0), zero);
+  auto kG = at::where(f.valid, -x / (f.trG * 2.0), zero);
+  return std::make_tuple(nan_where_not_finite(add_to_diagonal(invA * static_cast<double>(dG), kA), f.logdet),
+                         nan_where_not_finite(add_to_diagonal(invG * static_cast<double>(dA), kG), f.logdet));
+}
+
+// The exact method from the carriers' spectra: the log-det, guarded (each eigenvalue moves by
+// its rounding δ, the value by δ·|dL/dw|), and the derivatives ψ with respect to the eigenvalues.
+struct Exact {
+  Tensor logdet, psiA, psiG;
+};
+
+Exact exact(const Tensor& wA, int64_t dA, const Tensor& wG, int64_t dG, double c, double tau) {
+  auto [psiA, psiG] = exact_psi(wA, wG, c, tau);
+  auto err = eigenvalue_rounding(wA) * psiA.abs().sum(-1) + eigenvalue_rounding(wG) * psiG.abs().sum(-1);
+  return {guarded(exact_from_eigenvalues(wA, dA, wG, dG, c, tau), err, dA * dG), psiA, psiG};
 }
 
 // dL/dx from dL/dK = P for the matrix K that spectrum_carriers returned for x.
@@ -197,65 +248,66 @@ Tensor rows_grad(const Tensor& x, const Tensor& P, bool bias) {
   return x.size(1) < x.size(2) + (bias ? 1 : 0) ? rows_grad_gram(x, P) : rows_grad_factor(x, P, bias);
 }
 
+// The log-det from the double carriers K_A (order n_A of a factor of order d_A) and K_G, and
+// with grads dL/dK_A and dL/dK_G (NaN wherever the log-det is).
+std::tuple<Tensor, Tensor, Tensor> carrier_logdet(const Tensor& KA, int64_t dA, const Tensor& KG, int64_t dG, double c,
+                                                  double tau, const std::string& method, bool grads) {
+  if (parse_method(method) == Method::Factored) {
+    auto f = factored_forward(KA, dA, KG, dG, c, tau);
+    if (!grads) return {f.logdet, Tensor(), Tensor()};
+    auto [PA, PG] = factored_backward(f, dA, dG);
+    return {f.logdet, PA, PG};
+  }
+  auto [wA, VA] = symmetric_eigh(KA, grads);
+  auto [wG, VG] = symmetric_eigh(KG, grads);
+  auto e = exact(wA, dA, wG, dG, c, tau);
+  if (!grads) return {e.logdet, Tensor(), Tensor()};
+  return {e.logdet, nan_where_not_finite(spectral(VA, e.psiA), e.logdet),
+          nan_where_not_finite(spectral(VG, e.psiG), e.logdet)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> kron_composite(const Tensor& A, const Tensor& G, double scale, double tau,
+                                                  const std::string& method, bool grads) {
+  check_factors(A, G);
+  check_scale_tau(scale, tau);
+  auto [logdet, PA, PG] = carrier_logdet(to_double(A), A.size(1), to_double(G), G.size(1), scale, tau, method, grads);
+  const auto dtype = A.scalar_type();
+  if (!grads) return {logdet.to(dtype), PA, PG};
+  return {logdet.to(dtype), PA.to(dtype).contiguous(), PG.to(dtype).contiguous()};
+}
+
+std::tuple<Tensor, Tensor, Tensor> kfac_composite(const Tensor& a, const Tensor& g, double scale, double tau,
+                                                  const std::string& method, bool bias, bool grads) {
+  check_layer(a, g, bias);
+  check_scale_tau(scale, tau);
+  const int64_t dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
+  auto [KA, KG] = spectrum_carriers(a, g, bias);
+  auto [logdet, PA, PG] = carrier_logdet(KA, dA, KG, dG, scale, tau, method, grads);
+  const auto dtype = a.scalar_type();
+  if (!grads) return {logdet.to(dtype), PA, PG};
+  return {logdet.to(dtype), rows_grad(a, PA.to(dtype), bias).contiguous(),
+          rows_grad(g, PG.to(dtype), false).contiguous()};
+}
+
 }  // namespace
 
 Tensor kron_logdet_composite(const Tensor& A, const Tensor& G, double scale, double tau, const std::string& method) {
-  check_factors(A, G);
-  check_scale_tau(scale, tau);
-  if (parse_method(method) == Method::Factored) return factored_forward(A, A.size(1), G, G.size(1), scale, tau).logdet;
-  auto wA = symmetric_eigh(A, false).w;
-  auto wG = symmetric_eigh(G, false).w;
-  return exact_from_eigenvalues(wA, A.size(1), wG, G.size(1), scale, tau);
+  return std::get<0>(kron_composite(A, G, scale, tau, method, /*grads=*/false));
 }
 
 std::tuple<Tensor, Tensor, Tensor> kron_logdet_and_grad_composite(const Tensor& A, const Tensor& G, double scale,
                                                                   double tau, const std::string& method) {
-  check_factors(A, G);
-  check_scale_tau(scale, tau);
-  if (parse_method(method) == Method::Factored) {
-    auto f = factored_forward(A, A.size(1), G, G.size(1), scale, tau);
-    auto [gA, gG] = factored_backward(f, A.size(1), G.size(1), scale, tau);
-    return {f.logdet, gA.contiguous(), gG.contiguous()};
-  }
-  auto [wA, VA] = symmetric_eigh(A, true);
-  auto [wG, VG] = symmetric_eigh(G, true);
-  auto [psiA, psiG] = exact_psi(wA, wG, scale, tau);
-  return {exact_from_eigenvalues(wA, A.size(1), wG, G.size(1), scale, tau), spectral(VA, psiA).contiguous(),
-          spectral(VG, psiG).contiguous()};
+  return kron_composite(A, G, scale, tau, method, /*grads=*/true);
 }
 
 Tensor kfac_logdet_composite(const Tensor& a, const Tensor& g, double scale, double tau, const std::string& method,
                              bool bias) {
-  check_layer(a, g, bias);
-  check_scale_tau(scale, tau);
-  const int64_t dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
-  auto [KA, KG] = spectrum_carriers(a, g, bias);
-  if (parse_method(method) == Method::Factored) return factored_forward(KA, dA, KG, dG, scale, tau).logdet;
-  auto wA = symmetric_eigh(KA, false).w;
-  auto wG = symmetric_eigh(KG, false).w;
-  return exact_from_eigenvalues(wA, dA, wG, dG, scale, tau);
+  return std::get<0>(kfac_composite(a, g, scale, tau, method, bias, /*grads=*/false));
 }
 
 std::tuple<Tensor, Tensor, Tensor> kfac_logdet_and_grad_composite(const Tensor& a, const Tensor& g, double scale,
                                                                   double tau, const std::string& method, bool bias) {
-  check_layer(a, g, bias);
-  check_scale_tau(scale, tau);
-  const int64_t dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
-  auto [KA, KG] = spectrum_carriers(a, g, bias);
-  Tensor logdet, PA, PG;
-  if (parse_method(method) == Method::Factored) {
-    auto f = factored_forward(KA, dA, KG, dG, scale, tau);
-    logdet = f.logdet;
-    std::tie(PA, PG) = factored_backward(f, dA, dG, scale, tau);
-  } else {
-    auto [wA, VA] = symmetric_eigh(KA, true);
-    auto [wG, VG] = symmetric_eigh(KG, true);
-    auto [psiA, psiG] = exact_psi(wA, wG, scale, tau);
-    logdet = exact_from_eigenvalues(wA, dA, wG, dG, scale, tau);
-    PA = spectral(VA, psiA);
-    PG = spectral(VG, psiG);
-  }
-  return {logdet, rows_grad(a, PA, bias).contiguous(), rows_grad(g, PG, false).contiguous()};
+  return kfac_composite(a, g, scale, tau, method, bias, /*grads=*/true);
 }
 
 }  // namespace fastlaplace

@@ -21,6 +21,7 @@
 namespace fastlaplace::math {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kEps = 2.220446049250313e-16;
 
 FL_HD inline bool finite(double x) { return x - x == 0; }  // false for ±Inf and NaN
@@ -287,6 +288,37 @@ FL_HD inline void spectral(const double* V, const double* psi, int64_t n, double
 }
 
 // ---------------------------------------------------------------------------------------
+// The precision guard (docs/design.md §2). Every path takes the log-det of double carriers
+// K. Rounding moves a computed eigenvalue of K by about ε·‖K‖, and a Cholesky pivot p_j by
+// about ε·M_jj (its diagonal entry before elimination), so a term log(a + λ) moves by
+// ε·‖K‖/(a + λ): when the damping falls below that level (a rank-deficient carrier at an
+// extreme scale, λ < ~ε·‖K‖), the arithmetic cannot resolve the value, and the ops return
+// NaN (an error under check=True) rather than a finite wrong number. err, the sum of those
+// first-order moves, is accepted up to kGuardTolerance·(|L| + d_A·d_G).
+constexpr double kGuardTolerance = 1e-6;
+constexpr double kRounding = 4;  // rounding of a pivot or an eigenvalue, in units of ε·(its scale)
+
+FL_HD inline double guarded(double logdet, double err, int64_t terms) {
+  return err <= kGuardTolerance * (fabs(logdet) + static_cast<double>(terms)) ? logdet : kNaN;  // NaN err: NaN
+}
+
+// Σ_j M_jj / p_j over the pivots p_j = U_jj² of a Cholesky factor of M = scale·K + damping·I:
+// pivot j's rounding is about ε·M_jj, so kRounding·ε times this estimates the error of the
+// log-det from the factorisation (a pivot that cancelled down from a large diagonal entry).
+FL_HD inline double pivot_ratios(const double* K, const double* U, int64_t n, double scale, double damping) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) s += (scale * K[j * n + j] + damping) / (U[j * n + j] * U[j * n + j]);
+  return s;
+}
+
+// The rounding of a computed eigenvalue of K (a backward-stable eigensolver): kRounding·ε·‖K‖.
+FL_HD inline double rounding_level(const double* w, int64_t n) {
+  double norm = 0;
+  for (int64_t i = 0; i < n; ++i) norm = maxd(norm, fabs(w[i]));
+  return kRounding * kEps * norm;
+}
+
+// ---------------------------------------------------------------------------------------
 // The log-det of one task. Each factor is represented by the matrix K (n × n) that carries
 // its nonzero spectrum: the factor itself (n = d), or with fewer rows R than columns its
 // R×R Gram matrix (docs/design.md §2). With grads, P receives dL/dK for a unit upstream
@@ -302,6 +334,17 @@ FL_HD inline void spectral(const double* V, const double* psi, int64_t n, double
 // per eigenvalue): dL/ds_i = Σ_j c·b_j / (c·s_i·b_j + τ) and likewise.
 // In both, dL/dK = V diag(dL/ds) Vᵀ for a decomposed side.
 constexpr int64_t kCholeskyPerEigenvalueUpTo = 4;
+
+// An upper bound of dL/ds = Σ_j c·b_j / (c·s·b_j + τ) for the value alone (no K_b spectrum):
+// at most c·tr K_b/τ and n_b/s for s > 0; for s ≤ 0 (rounding), c·tr K_b/(τ − c·|s|·tr K_b).
+FL_HD inline double psi_bound(double s, double c, double trB, int64_t nb, double tau) {
+  if (s > 0) {
+    const double a = c * trB / tau, b = nb / s;
+    return a < b ? a : b;
+  }
+  const double denom = tau + c * s * trB;
+  return denom > 0 ? c * trB / denom : kInf;
+}
 
 FL_HD inline int64_t exact_workspace(int64_t ns, int64_t nb) {
   return 2 * ns + ns * ns + maxi(ns, nb) + 2 * nb + 4 * nb * nb;
@@ -320,6 +363,12 @@ FL_HD inline double exact_logdet(const double* Ks, int64_t ns, int64_t ds, const
   double* X = Minv + nb * nb;
   for (int64_t i = 0; i < ns * ns; ++i) V[i] = Ks[i];
   if (!eigh(V, ns, w, grads, e)) return kNaN;
+  // The guard's error estimate: each eigenvalue s_i is known to ±δ_s, which moves the value
+  // by δ_s·|dL/ds_i|; each Cholesky adds its pivots' rounding.
+  const double deltaS = rounding_level(w, ns);
+  double trB = 0;
+  for (int64_t i = 0; i < nb; ++i) trB += Kb[i * nb + i];
+  double err = 0;
   // Pairs with a zero eigenvalue on either side contribute log τ each.
   double logdet = static_cast<double>(ds * db - ns * nb) * log(tau);
   for (int64_t j = 0; j < ns; ++j) psi[j] = 0;
@@ -332,13 +381,18 @@ FL_HD inline double exact_logdet(const double* Ks, int64_t ns, int64_t ds, const
       double ld = 0;
       if (cholesky_upper(S, nb, tau, &ld) != 0) return kNaN;
       logdet += ld;
-      if (!grads) continue;
+      err += kRounding * kEps * pivot_ratios(Kb, S, nb, fabs(cs), tau);
+      if (!grads) {
+        err += deltaS * psi_bound(w[j], c, trB, nb, tau);
+        continue;
+      }
       inverse_from_upper(S, nb, Minv, X);
       for (int64_t i = 0; i < nb * nb; ++i) {
         Pb[i] += cs * Minv[i];
         psi[j] += Kb[i] * Minv[i];  // tr(K M⁻¹) of two symmetric matrices
       }
       psi[j] *= c;
+      err += deltaS * fabs(psi[j]);
     }
   } else {
     double* Vb = S;
@@ -352,10 +406,13 @@ FL_HD inline double exact_logdet(const double* Ks, int64_t ns, int64_t ds, const
         psi[i] += c * wb[j] / denom;
         psib[j] += c * w[i] / denom;
       }
+    const double deltaB = rounding_level(wb, nb);
+    for (int64_t i = 0; i < ns; ++i) err += deltaS * fabs(psi[i]);
+    for (int64_t j = 0; j < nb; ++j) err += deltaB * fabs(psib[j]);
     spectral(Vb, psib, nb, Pb);
   }
   if (grads) spectral(V, psi, ns, Ps);
-  return logdet;
+  return guarded(logdet, err, ds * db);
 }
 
 // Factored: d_G·logdet(A + λ_A I) + d_A·logdet(G + λ_G I) + d_A·d_G·log c, with
@@ -385,23 +442,30 @@ FL_HD inline double factored_logdet(const double* KA, int64_t nA, int64_t dA, co
   for (int64_t i = 0; i < nG * nG; ++i) UG[i] = KG[i];
   double ldA = 0, ldG = 0;
   if (cholesky_upper(UA, nA, lamA, &ldA) != 0 || cholesky_upper(UG, nG, lamG, &ldG) != 0) return kNaN;
+  const double err =
+      kRounding * kEps * (dG * pivot_ratios(KA, UA, nA, 1, lamA) + dA * pivot_ratios(KG, UG, nG, 1, lamG));
   ldA += (dA - nA) * log(lamA);
   ldG += (dG - nG) * log(lamG);
-  if (grads) {
+  const double logdet = guarded(dG * ldA + dA * ldG + static_cast<double>(dA * dG) * log(c), err, dA * dG);
+  if (grads && finite(logdet)) {
     inverse_from_upper(UA, nA, PA, X);
     inverse_from_upper(UG, nG, PG, X);
-    double trInvA = (dA - nA) / lamA, trInvG = (dG - nG) / lamG;
-    for (int64_t i = 0; i < nA; ++i) trInvA += PA[i * nA + i];
-    for (int64_t i = 0; i < nG; ++i) trInvG += PG[i * nG + i];
-    const double dpi = dG * st / sc * trInvA - dA * st / sc * trInvG / (pi * pi);
-    const double kA = valid ? dpi * pi / (2 * trA) : 0.0;
-    const double kG = valid ? -dpi * pi / (2 * trG) : 0.0;
+    // π's share: dL/dπ·π = d_G·λ_A·tr(A + λ_A I)⁻¹ − d_A·λ_G·tr(G + λ_G I)⁻¹, and λ·tr(F + λI)⁻¹
+    // = d − t with t = tr(K (K + λI)⁻¹) = Σ a/(a + λ) (zero eigenvalues add nothing), so it is
+    // d_A·t_G − d_G·t_A: the two d_A·d_G terms cancel in closed form instead of in rounding,
+    // which lost all digits when τ ≫ c·‖A‖·‖G‖ (both traces then ≈ d/λ; dπ·π/(2 tr) ≈ 1e52).
+    double tA = 0, tG = 0;
+    for (int64_t i = 0; i < nA * nA; ++i) tA += KA[i] * PA[i];
+    for (int64_t i = 0; i < nG * nG; ++i) tG += KG[i] * PG[i];
+    const double x = dA * tG - dG * tA;
+    const double kA = valid ? x / (2 * trA) : 0.0;
+    const double kG = valid ? -x / (2 * trG) : 0.0;
     for (int64_t i = 0; i < nA * nA; ++i) PA[i] *= dG;
     for (int64_t i = 0; i < nG * nG; ++i) PG[i] *= dA;
     for (int64_t i = 0; i < nA; ++i) PA[i * nA + i] += kA;
     for (int64_t i = 0; i < nG; ++i) PG[i * nG + i] += kG;
   }
-  return dG * ldA + dA * ldG + static_cast<double>(dA * dG) * log(c);
+  return logdet;
 }
 
 // Either method, from K_A (n_A, full dimension d_A) and K_G; the exact method puts the

@@ -48,6 +48,10 @@ def _raise_for_nonfinite(op: str, **inputs: Tensor) -> None:
             raise ValueError(f"fastlaplace.{op}: {name} contains NaN or Inf")
 
 
+_NOT_FINITE = ("the log-determinant is not finite: a damped factor is not positive definite, or the damping is "
+               "below the rounding of a factor, where the arithmetic cannot resolve the value (docs/design.md §2)")
+
+
 def _as_damping(damping: float | Tensor, M: Tensor) -> Tensor:
     if isinstance(damping, Tensor):
         return damping.expand(M.shape[0]) if damping.dim() == 0 else damping
@@ -97,8 +101,21 @@ def _fake_rows(a: Tensor, g: Tensor) -> None:
     torch._check_value(g.shape[2] >= 1, lambda: "fastlaplace: g needs d_out >= 1")
 
 
+MAX_ELEMENTS = 2**30  # per input or factor: csrc/checks.h's bound on one call's work
+MAX_WORK = 2**44  # multiply-adds B·R·(d_A² + d_G²) to form the factors
+
+
+def _fake_work(a: Tensor, g: Tensor, bias: bool) -> None:
+    B, R, dA, dG = a.shape[0], a.shape[1], a.shape[2] + int(bias), g.shape[2]
+    torch._check_value(a.numel() <= MAX_ELEMENTS and g.numel() <= MAX_ELEMENTS and B * (dA**2 + dG**2) <= MAX_ELEMENTS
+                       and B * R * (dA**2 + dG**2) <= MAX_WORK,
+                       lambda: "fastlaplace: a and g exceed the work one call accepts (2^30 elements per input or "
+                       "factor, 2^44 multiply-adds B*R*(d_A^2 + d_G^2)); split the batch or the rows")
+
+
 def _fake_layer(a: Tensor, g: Tensor, bias: bool) -> None:
     _fake_rows(a, g)
+    _fake_work(a, g, bias)
     torch._check_value(a.shape[2] + int(bias) >= 1, lambda: "fastlaplace: a has d_in = 0 and bias=False")
 
 
@@ -149,6 +166,7 @@ def kron_factors(a: Tensor, g: Tensor, bias: bool = True) -> tuple[Tensor, Tenso
 @torch.library.register_fake("fastlaplace::kron_factors")
 def _(a, g, bias):
     _fake_rows(a, g)
+    _fake_work(a, g, bias)
     B, _, d = a.shape
     D = d + int(bias)
     return a.new_empty(B, D, D), g.new_empty(B, g.shape[2], g.shape[2])
@@ -270,7 +288,7 @@ def kron_logdet(
     out = _ops.kron_logdet(A, G, float(scale), float(tau), _method(method))
     if _should_check(check) and not bool(torch.isfinite(out).all()):
         _raise_for_nonfinite("kron_logdet", A=A, G=G)
-        raise ValueError("fastlaplace.kron_logdet: a damped factor is not positive definite (are A and G PSD?)")
+        raise ValueError(f"fastlaplace.kron_logdet: {_NOT_FINITE} (are A and G PSD?)")
     return out
 
 
@@ -325,7 +343,7 @@ def kfac_logdet(
     out = _ops.kfac_logdet(a, g, float(scale), float(tau), method, bias)
     if _should_check(check) and not bool(torch.isfinite(out).all()):
         _raise_for_nonfinite("kfac_logdet", a=a, g=g)
-        raise ValueError("fastlaplace.kfac_logdet: the log-determinant is not finite")
+        raise ValueError(f"fastlaplace.kfac_logdet: {_NOT_FINITE}")
     return out
 
 

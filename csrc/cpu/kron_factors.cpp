@@ -58,7 +58,7 @@ at::Tensor factor(const at::Tensor& x, bool bias) {
 }
 
 std::tuple<at::Tensor, at::Tensor> kron_factors_cpu(const at::Tensor& a, const at::Tensor& g, bool bias) {
-  check_rows(a, g);
+  check_rows(a, g, bias ? 1 : 0);
   return {factor(a, bias), factor(g, false)};
 }
 

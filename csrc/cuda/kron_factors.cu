@@ -80,7 +80,7 @@ at::Tensor factor(const at::Tensor& x, bool bias) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> kron_factors_cuda(const at::Tensor& a, const at::Tensor& g, bool bias) {
-  check_rows(a, g);
+  check_rows(a, g, bias ? 1 : 0);
   const c10::cuda::CUDAGuard guard(a.device());
   return {factor(a, bias), factor(g, false)};
 }
