@@ -213,8 +213,9 @@ class ConvPlanner:
     once per shape, with a host synchronisation on CUDA; under ``torch.compile`` an
     unmeasured shape runs ``"grouped"``. Strategies agree up to floating-point rounding.
 
-    :attr:`choices` records what each layer ran, per input shape ("[N·T, C, H, W]"), for
-    the run's folder; each new choice is also logged (``logging``, logger ``fastlaplace``).
+    :attr:`choices` records what each layer ran (fixed or measured), per input shape
+    ("[N·T, C, H, W]"), for the run's folder; each new entry is also logged (``logging``,
+    logger ``fastlaplace``).
     """
 
     def __init__(self, strategy: ConvStrategyLike = "auto", repeats: int = 2):
@@ -237,8 +238,9 @@ class ConvPlanner:
                     strategy = ConvStrategy.GROUPED
                 else:
                     strategy = self._cache[key] = self._measure(x, w, b, (tasks, stride, padding, dilation))
+        if not torch.compiler.is_compiling():
             shape = str(list(x.shape))
-            if self.choices.get(name, {}).get(shape) != strategy.value and not torch.compiler.is_compiling():
+            if self.choices.get(name, {}).get(shape) != strategy.value:
                 self.choices.setdefault(name, {})[shape] = strategy.value
                 _log.info("fastlaplace: convolution %r on input %s runs %r", name, shape, strategy.value)
         return _CONVOLUTIONS[strategy](x, w, b, *(tasks, stride, padding, dilation))
