@@ -6,11 +6,12 @@ over 600 new tasks after 1 and 10 inner steps. Every run writes to its output fo
 (written atomically with a checksum, the previous one kept as ``checkpoint.prev.pt``;
 ``--resume`` continues from it and ends with the same result as an uninterrupted run with
 the same seed), ``results.json``, ``conv_strategy.json`` for a network with adapted
-convolutions (what ``--conv-strategy`` ran for each; also printed once); and TensorBoard event files when ``tensorboard`` is
-installed. A checkpoint is only written when the parameters, gradients and optimiser state
-are all finite. ``--resume`` takes the run's settings from its folder; the learning rates,
-the number of iterations, the device and the logging cadence may be changed (the change is
-logged), anything that would change the problem is refused.
+convolutions (what ``--conv-strategy`` ran for each; also printed once); and TensorBoard
+event files when ``tensorboard`` is installed. A checkpoint is only written when the
+parameters, gradients and optimiser state are all finite. ``--resume`` takes the run's
+settings from its folder; the learning rates, the number of iterations, the device, the
+convolution strategy and the logging cadence may be changed (the change is logged),
+anything that would change the problem is refused.
 
 ``torchrun --nproc_per_node N -m fastlaplace.train ...`` splits each meta-batch over N
 processes (Gloo on the CPU, NCCL on CUDA; see :mod:`fastlaplace.distributed` and the README's
