@@ -166,7 +166,7 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
     med = interleaved(runs, iterations, 1, device)  # its warm-up makes "auto" measure first
     peaks = {name: peak_above_start(fn, device) for name, fn in runs.items()}
     base = med[next(iter(med))]
-    rows = [[k, fmt_time(v), f"{base / v:.2f}×", f"{v / med['MAML (auto)']:.2f}", f"{peaks[k] / 2**30:.2f} GiB"]
+    rows = [[k, fmt_time(v), f"{base / v:.2f}×", f"{v / med['MAML (auto)']:.2f}", f"{peaks[k] / 2**20:.0f} MiB"]
             for k, v in med.items()]
     for r in rows:
         print(" | ".join(r), flush=True)
