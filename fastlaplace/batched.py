@@ -243,7 +243,7 @@ class ConvPlanner:
             if self.choices.get(name, {}).get(shape) != strategy.value:
                 self.choices.setdefault(name, {})[shape] = strategy.value
                 _log.info("fastlaplace: convolution %r on input %s runs %r", name, shape, strategy.value)
-        return _CONVOLUTIONS[strategy](x, w, b, *(tasks, stride, padding, dilation))
+        return _CONVOLUTIONS[strategy](x, w, b, tasks, stride, padding, dilation)
 
     def _measure(self, x: Tensor, w: Tensor, b: Tensor | None, args: tuple) -> ConvStrategy:
         """The strategy with the shortest forward and backward (best of ``repeats`` after a warm-up)."""

@@ -308,6 +308,11 @@ def test_auto_conv_strategy_measures_for_real():
     reference = MAML(model, inner_lr=0.05, inner_steps=1, loss=loss, conv_strategy="grouped")
     torch.testing.assert_close(learner.meta_loss(*batch), reference.meta_loss(*batch), rtol=1e-12, atol=1e-12)
     assert all(set(shapes.values()) <= {"grouped", "loop"} for shapes in learner.conv_choices().values())
+    fresh = MAML(model, inner_lr=0.05, inner_steps=1, loss=loss)
+    with torch.inference_mode():  # measured with gradients all the same, on a copy of the inputs
+        params = fresh.adapt(*batch[:2])
+        torch.testing.assert_close(fresh.predict(params, batch[2]), reference.predict(params, batch[2]))
+    assert len(fresh.conv_choices()["stem"]) == 2
 
 
 def test_layer_called_twice_has_the_rows_of_both_calls():
