@@ -142,9 +142,10 @@ def peak_above_start(fn, device: str) -> float:
     return hwm - before
 
 
-def conv(device: str, iterations: int, filters: int, size: int, steps: int, query: int) -> str:
-    """Conv4 meta-iterations, interleaved in one process: the per-task loop, MAML under each
-    convolution strategy, LLAMA; then each one's peak memory, one after the other."""
+def conv(device: str, iterations: int, filters: int, size: int, steps: int, query: int, model: str = "conv4",
+         widths=(64, 160, 320, 640)) -> str:
+    """Conv4 (or ResNet-12) meta-iterations, interleaved in one process: the per-task loop,
+    MAML under each convolution strategy, LLAMA; then each one's peak memory, one after another."""
     g = torch.Generator().manual_seed(0)
     T, ways, shots, channels = 4, 5, 1, 3 if size >= 84 else 1  # miniImageNet's RGB, Omniglot's gray
     xs = torch.rand(T, ways * shots, channels, size, size, generator=g).to(device)
@@ -152,14 +153,18 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
     ys = torch.arange(ways).repeat_interleave(shots).expand(T, -1).contiguous().to(device)
     yq = torch.arange(ways).repeat_interleave(query).expand(T, -1).contiguous().to(device)
     batch = (xs, ys, xq, yq)
+
+    def network():
+        return conv4(channels, ways, size, filters) if model == "conv4" else resnet12(channels, ways, widths)
+
     torch.manual_seed(0)
-    loop_model = conv4(channels, ways, size, filters).to(device)
+    loop_model = network().to(device)
     runs = {"per-task loop (functional_call, plain PyTorch)": per_task_conv_loop(loop_model, batch, 0.01, steps)}
     learners = {}
     for name, cls, strategy in (("MAML (grouped)", MAML, "grouped"), ("MAML (loop)", MAML, "loop"),
                                 ("MAML (auto)", MAML, "auto"), ("LLAMA (factored, auto)", LLAMA, "auto")):
         torch.manual_seed(0)
-        learner = cls(conv4(channels, ways, size, filters), inner_lr=0.01, inner_steps=steps, loss="cross_entropy",
+        learner = cls(network(), inner_lr=0.01, inner_steps=steps, loss="cross_entropy",
                       conv_strategy=strategy).to(device)
         learners[name] = learner
         runs[name] = learner_step(learner, batch, torch.optim.Adam(learner.parameters(), 1e-3))
@@ -173,7 +178,8 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
     auto = learners["MAML (auto)"].conv_choices()
     chosen = "; ".join(f"{layer}: " + ", ".join(f"{shape} {how}" for shape, how in shapes.items())
                        for layer, shapes in auto.items())
-    return (markdown_table([f"Conv4-{filters} {size}×{size}, {T} tasks × 5-way 1-shot, {query} query per class, "
+    name = f"Conv4-{filters}" if model == "conv4" else f"ResNet-12 ({'-'.join(map(str, widths))})"
+    return (markdown_table([f"{name} {size}×{size}, {T} tasks × 5-way 1-shot, {query} query per class, "
                             f"{steps} steps", "s / meta-iteration", "speed ÷ loop's", "÷ MAML (auto)",
                             "peak memory above start"], rows)
             + f"\n\nMAML (auto) chose per layer (input [N·T, C, H, W]): {chosen}.")
@@ -256,6 +262,8 @@ def main() -> None:
     p.add_argument("--conv-sizes", type=int, nargs="+", default=[84, 28], help="Conv4 image sizes")
     p.add_argument("--conv-steps", type=int, nargs="+", default=[2, 5], help="Conv4 inner steps")
     p.add_argument("--conv-query", type=int, default=15, help="Conv4 query images per class")
+    p.add_argument("--conv-model", choices=("conv4", "resnet12"), default="conv4",
+                   help="the network of part 2 (resnet12: --resnet-widths)")
     p.add_argument("--resnet-iterations", type=int, default=0, help="timed ResNet-12 iterations per method (0: skip)")
     p.add_argument("--resnet-warmup", type=int, default=1, help="untimed ResNet-12 iterations first")
     p.add_argument("--resnet-tasks", type=int, default=4)
@@ -270,7 +278,8 @@ def main() -> None:
     parts = [sinusoid(args.device, args.reps)] if args.reps else []
     for size in args.conv_sizes if args.conv_iterations else ():
         for steps in args.conv_steps:
-            parts.append(conv(args.device, args.conv_iterations, args.filters, size, steps, args.conv_query))
+            parts.append(conv(args.device, args.conv_iterations, args.filters, size, steps, args.conv_query,
+                              args.conv_model, args.resnet_widths))
     if parts and not args.no_write:
         write_block("bench_meta", "\n\n".join(parts), args.device)
     if args.resnet_iterations:
