@@ -14,6 +14,7 @@
    loop, auto) and LLAMA, interleaved in one process; then each one's peak memory above the
    process's resident set before its call (CPU: the resident set's high-water mark, reset
    through ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``), one after another.
+   ``--conv-model resnet12`` runs the same rows for ResNet-12 (``--resnet-widths``).
 3. With ``--resnet-iterations N``: ResNet-12 (64-160-320-640 by default) on 84×84 random
    images, 5-way 1-shot, MAML and LLAMA: seconds per meta-iteration and peak memory (each
    method in a fresh process: its peak resident set on the CPU, ``torch.cuda.max_memory_allocated``
