@@ -315,6 +315,23 @@ def test_auto_conv_strategy_measures_for_real():
     assert len(fresh.conv_choices()["stem"]) == 2
 
 
+def test_conv_strategies_agree(device):
+    """On each device, in float64: LLAMA's objective, its meta-gradient and the K-FAC rows."""
+    model, batch, loss, fisher = build("resnet12")
+    model, batch = model.to(device), tuple(t.to(device) for t in batch)
+    results = {}
+    for strategy in ("grouped", "loop", "auto"):
+        learner = make_learner(LLAMA, model, loss, fisher, conv_strategy=strategy)
+        objective = learner.meta_loss(*batch)
+        params = {k: v.detach() for k, v in learner.adapt(*batch[:2]).items()}
+        rows = support_rows(learner.net, params, *batch[:2], "categorical", fisher)
+        results[strategy] = [objective, *torch.autograd.grad(objective, list(model.parameters())),
+                             *(t for _, a, g in rows for t in (a, g))]
+    for strategy in ("loop", "auto"):
+        for want, got in zip(results["grouped"], results[strategy]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_layer_called_twice_has_the_rows_of_both_calls():
     model, (xs, ys, _, _), _, _ = build("functional")
     net = TaskBatchedNetwork(model)
