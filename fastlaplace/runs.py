@@ -5,7 +5,8 @@ settings), ``metrics.jsonl`` (one JSON line per logged iteration), ``checkpoint.
 before kept as ``checkpoint.prev.pt``), ``results.json``, for a network with adapted
 convolutions ``conv_strategy.json`` (the strategy each ran,
 :meth:`fastlaplace.MAML.conv_choices`) and, when ``tensorboard`` is installed,
-``tensorboard/``. This module reads and writes them for every program: :func:`build` makes a run's problem and freshly initialised learner from its :class:`Config`,
+``tensorboard/``. This module reads and writes them for every program: :func:`build`
+makes a run's problem and freshly initialised learner from its :class:`Config`,
 :func:`load_for_evaluation` the trained learner from a checkpoint, :func:`settings` a run's
 settings from the command line, a ``--config`` file and (resuming) the run's own config.json.
 
