@@ -7,9 +7,14 @@
    learn2learn runs MAML — a Python loop over the tasks with autograd.grad(create_graph=True)
    per task — written here in plain PyTorch (learn2learn itself does not install on this
    Python: its sdist needs its Cython sources regenerated) and labelled as such.
-2. Conv4 on 84×84 random images, 5-way 1-shot, 15 query images per class, 4 tasks, 5 inner
-   steps (the paper's miniImageNet setting): MAML and LLAMA, with the projected hours for
-   60,000 iterations.
+2. Conv4 on 84×84 RGB and 28×28 gray random images, 5-way 1-shot, 15 query images per class, 4 tasks,
+   2 and 5 second-order inner steps (``--conv-sizes``, ``--conv-steps``, ``--conv-query``):
+   the per-task loop a user writes in plain PyTorch (``functional_call`` per task,
+   ``autograd.grad(create_graph=True)``), MAML under each convolution strategy (grouped,
+   loop, auto) and LLAMA, interleaved in one process; then each one's peak memory above the
+   process's resident set before its call (CPU: the resident set's high-water mark, reset
+   through ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``), one after another.
+   ``--conv-model resnet12`` runs the same rows for ResNet-12 (``--resnet-widths``).
 3. With ``--resnet-iterations N``: ResNet-12 (64-160-320-640 by default) on 84×84 random
    images, 5-way 1-shot, MAML and LLAMA: seconds per meta-iteration and peak memory (each
    method in a fresh process: its peak resident set on the CPU, ``torch.cuda.max_memory_allocated``
@@ -100,26 +105,85 @@ def sinusoid(device: str, reps: int) -> str:
     return markdown_table(["sinusoid, 25 tasks", "s / meta-iteration", "÷ MAML"], rows)
 
 
-def conv(device: str, iterations: int, filters: int) -> str:
+def per_task_conv_loop(model, batch, lr: float, steps: int):
+    """The best plain-PyTorch MAML a user writes for a convolutional network: one task at a
+    time, torch.func.functional_call, autograd.grad(create_graph=True); returns a step."""
+    xs, ys, xq, yq = batch
+
+    def step():
+        theta = dict(model.named_parameters())
+        total = 0.0
+        for t in range(xs.shape[0]):
+            phi = theta
+            for _ in range(steps):
+                loss = F.cross_entropy(functional_call(model, phi, (xs[t],)), ys[t])
+                grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+                phi = {k: v - lr * g for (k, v), g in zip(phi.items(), grads)}
+            total = total + F.cross_entropy(functional_call(model, phi, (xq[t],)), yq[t])
+        (total / xs.shape[0]).backward()
+    return step
+
+
+def peak_above_start(fn, device: str) -> float:
+    """Bytes of memory one call of ``fn`` adds at its peak: CUDA's allocator statistics, or on the
+    CPU the resident set's high-water mark (reset through /proc/self/clear_refs) above its start."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    before = _resident_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    fn()
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    return hwm - before
+
+
+def conv(device: str, iterations: int, filters: int, size: int, steps: int, query: int, model: str = "conv4",
+         widths=(64, 160, 320, 640)) -> str:
+    """Conv4 (or ResNet-12) meta-iterations, interleaved in one process: the per-task loop,
+    MAML under each convolution strategy, LLAMA; then each one's peak memory, one after another."""
     g = torch.Generator().manual_seed(0)
-    T, ways, shots, query = 4, 5, 1, 15
-    xs = torch.rand(T, ways * shots, 3, 84, 84, generator=g).to(device)
-    xq = torch.rand(T, ways * query, 3, 84, 84, generator=g).to(device)
+    T, ways, shots, channels = 4, 5, 1, 3 if size >= 84 else 1  # miniImageNet's RGB, Omniglot's gray
+    xs = torch.rand(T, ways * shots, channels, size, size, generator=g).to(device)
+    xq = torch.rand(T, ways * query, channels, size, size, generator=g).to(device)
     ys = torch.arange(ways).repeat_interleave(shots).expand(T, -1).contiguous().to(device)
     yq = torch.arange(ways).repeat_interleave(query).expand(T, -1).contiguous().to(device)
     batch = (xs, ys, xq, yq)
-    steps = {}
-    for name, cls in (("MAML", MAML), ("LLAMA (factored)", LLAMA)):
+
+    def network():
+        return conv4(channels, ways, size, filters) if model == "conv4" else resnet12(channels, ways, widths)
+
+    torch.manual_seed(0)
+    loop_model = network().to(device)
+    runs = {"per-task loop (functional_call, plain PyTorch)": per_task_conv_loop(loop_model, batch, 0.01, steps)}
+    learners = {}
+    for name, cls, strategy in (("MAML (grouped)", MAML, "grouped"), ("MAML (loop)", MAML, "loop"),
+                                ("MAML (auto)", MAML, "auto"), ("LLAMA (factored, auto)", LLAMA, "auto")):
         torch.manual_seed(0)
-        learner = cls(conv4(3, ways, 84, filters), inner_lr=0.01, inner_steps=5, loss="cross_entropy").to(device)
-        steps[name] = learner_step(learner, batch, torch.optim.Adam(learner.parameters(), 1e-3))
-    med = interleaved(steps, iterations, 1, device)
-    base = med["MAML"]
-    rows = [[k, fmt_time(v), f"{v / base:.2f}", f"{v * 60000 / 3600:.1f} h"] for k, v in med.items()]
+        learner = cls(network(), inner_lr=0.01, inner_steps=steps, loss="cross_entropy",
+                      conv_strategy=strategy).to(device)
+        learners[name] = learner
+        runs[name] = learner_step(learner, batch, torch.optim.Adam(learner.parameters(), 1e-3))
+    med = interleaved(runs, iterations, 1, device)  # its warm-up makes "auto" measure first
+    peaks = {name: peak_above_start(fn, device) for name, fn in runs.items()}
+    base = med[next(iter(med))]
+    rows = [[k, fmt_time(v), f"{base / v:.2f}×", f"{v / med['MAML (auto)']:.2f}", f"{peaks[k] / 2**20:.0f} MiB"]
+            for k, v in med.items()]
     for r in rows:
         print(" | ".join(r), flush=True)
-    return markdown_table([f"Conv4-{filters} 84×84, 4 tasks × 5-way 1-shot, 5 steps", "s / meta-iteration", "÷ MAML",
-                           "60,000 iterations"], rows)
+    auto = learners["MAML (auto)"].conv_choices()
+    chosen = "; ".join(f"{layer}: " + ", ".join(f"{shape} {how}" for shape, how in shapes.items())
+                       for layer, shapes in auto.items())
+    name = f"Conv4-{filters}" if model == "conv4" else f"ResNet-12 ({'-'.join(map(str, widths))})"
+    return (markdown_table([f"{name} {size}×{size}, {T} tasks × 5-way 1-shot, {query} query per class, "
+                            f"{steps} steps", "s / meta-iteration", "speed ÷ loop's", "÷ MAML (auto)",
+                            "peak memory above start"], rows)
+            + f"\n\nMAML (auto) chose per layer (input [N·T, C, H, W]): {chosen}.")
 
 
 def _resident_bytes() -> int:
@@ -196,6 +260,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=15, help="interleaved repetitions (sinusoid; 0: skip)")
     p.add_argument("--conv-iterations", type=int, default=3, help="timed Conv4 iterations per method (0: skip)")
     p.add_argument("--filters", type=int, default=32)
+    p.add_argument("--conv-sizes", type=int, nargs="+", default=[84, 28], help="Conv4 image sizes")
+    p.add_argument("--conv-steps", type=int, nargs="+", default=[2, 5], help="Conv4 inner steps")
+    p.add_argument("--conv-query", type=int, default=15, help="Conv4 query images per class")
+    p.add_argument("--conv-model", choices=("conv4", "resnet12"), default="conv4",
+                   help="the network of part 2 (resnet12: --resnet-widths)")
     p.add_argument("--resnet-iterations", type=int, default=0, help="timed ResNet-12 iterations per method (0: skip)")
     p.add_argument("--resnet-warmup", type=int, default=1, help="untimed ResNet-12 iterations first")
     p.add_argument("--resnet-tasks", type=int, default=4)
@@ -208,8 +277,10 @@ def main() -> None:
     if args.resnet_worker:
         return resnet_worker(args)
     parts = [sinusoid(args.device, args.reps)] if args.reps else []
-    if args.conv_iterations:
-        parts.append(conv(args.device, args.conv_iterations, args.filters))
+    for size in args.conv_sizes if args.conv_iterations else ():
+        for steps in args.conv_steps:
+            parts.append(conv(args.device, args.conv_iterations, args.filters, size, steps, args.conv_query,
+                              args.conv_model, args.resnet_widths))
     if parts and not args.no_write:
         write_block("bench_meta", "\n\n".join(parts), args.device)
     if args.resnet_iterations:

@@ -8,7 +8,8 @@ adapted layers and its BatchNorm layers compute per task through *stand-ins*:
 
 - an adapted ``nn.Linear``: one batched matmul with the per-task weights [tasks, out, in];
 - an adapted ``nn.Conv2d``: one grouped convolution (groups = tasks) with the per-task
-  weights [tasks, C_out, C_in, k_h, k_w];
+  weights [tasks, C_out, C_in, k_h, k_w], or a plain convolution per task, whichever is
+  faster for the layer's shapes (:class:`ConvPlanner`; ``conv_strategy`` fixes it);
 - every BatchNorm (1d, 2d, 3d): normalisation with each task's own batch statistics, the
   channels (task, channel) of one ``F.batch_norm`` call.
 
@@ -60,6 +61,9 @@ the locations of a convolution (``docs/design.md`` §2).
 from __future__ import annotations
 
 import functools
+import logging
+import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -68,7 +72,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .options import ConvStrategy, ConvStrategyLike, parse
+
 _BATCHNORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+_log = logging.getLogger("fastlaplace")
 
 Selection = None | str | Iterable[str] | Callable[[str, nn.Module], bool]
 
@@ -104,10 +112,11 @@ class LayerRecord:
 class _Call:
     """The state of one call: per-task parameters, sizes, layout and the recorded rows."""
 
-    __slots__ = ("params", "tasks", "examples", "example_major", "record", "records", "called")
+    __slots__ = ("params", "tasks", "examples", "example_major", "record", "records", "called", "convs")
 
-    def __init__(self, params: dict[str, Tensor], tasks: int, examples: int, example_major: bool, record: bool):
-        self.params, self.tasks, self.examples = params, tasks, examples
+    def __init__(self, params: dict[str, Tensor], tasks: int, examples: int, example_major: bool, record: bool,
+                 convs: ConvPlanner):
+        self.params, self.tasks, self.examples, self.convs = params, tasks, examples, convs
         self.example_major, self.record = example_major, record
         self.records: list[LayerRecord] = []
         self.called: set[str] = set()
@@ -161,13 +170,11 @@ def _conv2d(call: _Call, name: str, module: nn.Conv2d, x: Tensor) -> Tensor:
         raise _bad_input(call, name, module, x, "4")
     call.called.add(name)
     w, b = call.params[param_key(name, "weight")], call.params.get(param_key(name, "bias"))
-    C = x.shape[1]
     padding = module.padding
     if module.padding_mode != "zeros":  # as nn.Conv2d does: pad by the mode, then convolve unpadded
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         padding = 0
-    y = F.conv2d(x.reshape(N, T * C, *x.shape[2:]), w.reshape(-1, *w.shape[2:]),  # [N·T, C] = [N, T·C]
-                 None if b is None else b.reshape(-1), module.stride, padding, module.dilation, T)
+    y = call.convs(name, x, w, b, T, module.stride, padding, module.dilation)  # [N, T·C_out, H', W']
     if call.record:
         if padding == "valid":
             padding = 0
@@ -177,6 +184,90 @@ def _conv2d(call: _Call, name: str, module: nn.Conv2d, x: Tensor) -> Tensor:
         a = patches.reshape(N, T, *patches.shape[1:]).permute(1, 0, 3, 2).reshape(T, -1, patches.shape[1])
         call.records.append(LayerRecord(name, a, y, b is not None, "conv", T))
     return y.reshape(N * T, -1, *y.shape[2:])
+
+
+def _conv_grouped(x: Tensor, w: Tensor, b: Tensor | None, tasks: int, stride, padding, dilation) -> Tensor:
+    """One grouped convolution: rows [N·T, C] are, without a copy, channels [N, T·C]."""
+    x = x.reshape(x.shape[0] // tasks, -1, *x.shape[2:])
+    return F.conv2d(x, w.flatten(0, 1), None if b is None else b.flatten(), stride, padding, dilation, tasks)
+
+
+def _conv_loop(x: Tensor, w: Tensor, b: Tensor | None, tasks: int, stride, padding, dilation) -> Tensor:
+    """A plain convolution per task on its (strided) rows, the outputs stacked as [N, T·C_out]."""
+    x = x.reshape(x.shape[0] // tasks, tasks, *x.shape[1:])
+    ys = [F.conv2d(x[:, t], w[t], None if b is None else b[t], stride, padding, dilation) for t in range(tasks)]
+    return torch.stack(ys, 1).flatten(1, 2)
+
+
+_CONVOLUTIONS = {ConvStrategy.GROUPED: _conv_grouped, ConvStrategy.LOOP: _conv_loop}
+
+
+class ConvPlanner:
+    """How the task-batched convolutions of one :class:`TaskBatchedNetwork` run.
+
+    ``"grouped"`` and ``"loop"`` fix the strategy; ``"auto"`` times both, forward and
+    backward, on the first call of each (layer shape, input shape and strides, device,
+    dtype), keeps the faster and reuses it for the life of this object, which belongs to
+    the network (so to its learner: two learners measure for themselves; nothing is shared
+    through the process). Measuring costs a few forward and backward passes of the layer
+    once per shape, with a host synchronisation on CUDA; under ``torch.compile`` an
+    unmeasured shape runs ``"grouped"``. Strategies agree up to floating-point rounding.
+
+    :attr:`choices` records what each layer ran (fixed or measured), per input shape
+    ("[N·T, C, H, W]"), for the run's folder; each new entry is also logged (``logging``,
+    logger ``fastlaplace``).
+    """
+
+    def __init__(self, strategy: ConvStrategyLike = "auto", repeats: int = 2):
+        self.strategy = parse(ConvStrategy, strategy, "conv_strategy")
+        self.repeats = repeats
+        self._cache: dict[tuple, ConvStrategy] = {}
+        self.choices: dict[str, dict[str, str]] = {}  # layer -> input shape -> strategy
+
+    def __call__(self, name: str, x: Tensor, w: Tensor, b: Tensor | None, tasks: int, stride, padding,
+                 dilation) -> Tensor:
+        """The convolution of rows ``x`` [N·T, C, H, W] (example-major) with per-task ``w``
+        [T, C_out, C, k_h, k_w] and ``b`` [T, C_out]: [N, T·C_out, H', W']."""
+        strategy = self.strategy
+        if strategy is ConvStrategy.AUTO:
+            key = (tuple(x.shape), x.stride(), tuple(w.shape), b is not None, stride, padding, dilation, x.device,
+                   x.dtype, tasks)
+            strategy = self._cache.get(key)
+            if strategy is None:
+                if torch.compiler.is_compiling():
+                    strategy = ConvStrategy.GROUPED
+                else:
+                    strategy = self._cache[key] = self._measure(x, w, b, (tasks, stride, padding, dilation))
+        if not torch.compiler.is_compiling():
+            shape = str(list(x.shape))
+            if self.choices.get(name, {}).get(shape) != strategy.value:
+                self.choices.setdefault(name, {})[shape] = strategy.value
+                _log.info("fastlaplace: convolution %r on input %s runs %r", name, shape, strategy.value)
+        return _CONVOLUTIONS[strategy](x, w, b, tasks, stride, padding, dilation)
+
+    def _measure(self, x: Tensor, w: Tensor, b: Tensor | None, args: tuple) -> ConvStrategy:
+        """The strategy with the shortest forward and backward (best of ``repeats`` after a warm-up)."""
+        cuda = x.device.type == "cuda"
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.detach().clone().requires_grad_(x.requires_grad)
+            w = w.detach().clone().requires_grad_()
+            b = None if b is None else b.detach().clone().requires_grad_()
+            wrt = [t for t in (x, w, b) if t is not None and t.requires_grad]
+            best, best_time = ConvStrategy.GROUPED, math.inf
+            for strategy, fn in _CONVOLUTIONS.items():
+                times = []
+                for _ in range(1 + self.repeats):
+                    if cuda:
+                        torch.cuda.synchronize(x.device)
+                    start = time.perf_counter()
+                    y = fn(x, w, b, *args)
+                    torch.autograd.grad(y, wrt, torch.ones_like(y))
+                    if cuda:
+                        torch.cuda.synchronize(x.device)
+                    times.append(time.perf_counter() - start)
+                if min(times[1:]) < best_time:
+                    best, best_time = strategy, min(times[1:])
+        return best
 
 
 def _batch_norm(call: _Call, name: str, module: _BatchNorm, x: Tensor) -> Tensor:
@@ -204,9 +295,12 @@ class TaskBatchedNetwork:
         adapt: which Linear and Conv2d layers are adapted: ``None`` (all), module names
             (a container's name selects the layers inside it), or a predicate
             ``(name, module) -> bool`` called on every Linear and Conv2d.
+        conv_strategy: how the adapted convolutions run, ``"grouped"``, ``"loop"`` or
+            ``"auto"`` (measured per layer shape; see :class:`ConvPlanner`, held as
+            :attr:`convs`).
     """
 
-    def __init__(self, model: nn.Module, adapt: Selection = None):
+    def __init__(self, model: nn.Module, adapt: Selection = None, conv_strategy: ConvStrategyLike = "grouped"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastlaplace: the model must be an nn.Module, got {type(model).__name__}")
         modules = list(model.named_modules())
@@ -218,6 +312,7 @@ class TaskBatchedNetwork:
                 raise ValueError(f"fastlaplace: {_describe(name, module)} has uninitialised (lazy) parameters; "
                                  "run the model once on an example batch before meta-learning it")
         self.model = model
+        self.convs = ConvPlanner(conv_strategy)
         self.adapted: list[tuple[str, nn.Module]] = _select(modules, adapt)
         if not self.adapted:
             raise ValueError("fastlaplace: adapt selects no layer: at least one nn.Linear or nn.Conv2d must be adapted")
@@ -266,7 +361,7 @@ class TaskBatchedNetwork:
         ``params`` (each [tasks, *shape], keyed as :meth:`adapted_parameters`); with
         ``record``, also the K-FAC rows of every call of every adapted layer."""
         T, N = x.shape[:2]
-        call = _Call(params, T, N, self.example_major, record)
+        call = _Call(params, T, N, self.example_major, record, self.convs)
         rows = x.transpose(0, 1).reshape(N * T, *x.shape[2:]) if self.example_major else x.reshape(T * N, *x.shape[2:])
         with self._stand_ins(call):
             out = self.model(rows)

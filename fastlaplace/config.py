@@ -20,7 +20,7 @@ from pathlib import Path
 from types import UnionType
 
 from .cli import MAXIMA, UsageError, check_device, check_seed, positive_float, positive_int
-from .options import FisherType, LogdetMethod, choices
+from .options import ConvStrategy, FisherType, LogdetMethod, choices
 
 METHODS = ("maml", "fomaml", "llama")
 DATASETS = ("sinusoid", "digits", "omniglot", "miniimagenet")
@@ -88,6 +88,10 @@ class Config:
                           choices=choices(FisherType))
     seed: int = setting(0, "seed of the initialisation and the training tasks", group="problem", metavar="S")
     device: str = setting("cpu", "cpu, cuda or cuda:N", group="run", metavar="DEVICE", resume=MAY_CHANGE)
+    conv_strategy: str = setting(
+        "grouped", "how the adapted convolutions run over the tasks: grouped, loop, or auto (the faster, timed per "
+        "layer shape on first use: not bit-reproducible; recorded in the run's conv_strategy.json)", group="run",
+        choices=choices(ConvStrategy), resume=MAY_CHANGE)
     out: str | None = setting(None, "output folder (default runs/DATASET-METHOD-seedS)", group="run",
                               metavar="DIR", resume=FROM_USER)
     checkpoint_every: int = setting(500, "iterations between checkpoints", group="run", metavar="N",

@@ -33,6 +33,12 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
+def _all_finite(x: Tensor) -> bool:
+    """One read of ``x`` (its sum) in the usual case; the elementwise check only when the sum
+    is not finite (a NaN or Inf, or finite values whose sum overflows)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 class MAML(nn.Module):
     """ML-POINT: φ̂ = θ after K steps of gradient descent on the support loss; the task
     objective is the query loss at φ̂ (Subroutine 3).
@@ -56,17 +62,25 @@ class MAML(nn.Module):
             module names (a container's name selects the layers inside it; e.g.
             ``["head"]``, as ANIL), or a predicate ``(name, module) -> bool``. The other
             layers run with θ; LLAMA's Laplace term and posterior cover the adapted ones.
+        conv_strategy: how the adapted convolutions run for all tasks at once:
+            ``"grouped"`` (one grouped convolution), ``"loop"`` (a plain convolution per
+            task) or ``"auto"`` (the faster, timed once per layer shape on first use; see
+            :class:`fastlaplace.batched.ConvPlanner`). The strategies agree up to rounding;
+            ``"auto"``'s choice depends on timings, so two runs with one seed may then differ
+            in the last bits (like ``cudnn.benchmark``): the default is the fixed
+            ``"grouped"``. :meth:`conv_choices` says what ran.
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
-                 first_order: bool = False, loss: str = "mse", check_finite: bool = True, adapt=None):
+                 first_order: bool = False, loss: str = "mse", check_finite: bool = True, adapt=None,
+                 conv_strategy: str = "grouped"):
         super().__init__()
         _check_positive("inner_lr", inner_lr)
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
         loss = parse(Loss, loss, "loss").value
         self.model = model
-        self.net = TaskBatchedNetwork(model, adapt)
+        self.net = TaskBatchedNetwork(model, adapt, conv_strategy)
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.first_order = first_order
@@ -77,6 +91,10 @@ class MAML(nn.Module):
     def likelihood(self) -> str:
         """The curvature's name for the loss's negative log likelihood (``"gaussian"`` or ``"categorical"``)."""
         return Loss(self.loss).likelihood.value
+
+    def conv_choices(self) -> dict[str, dict[str, str]]:
+        """The strategy each adapted convolution ran, per input shape [N·T, C, H, W], so far."""
+        return {name: dict(shapes) for name, shapes in self.net.convs.choices.items()}
 
     # ------------------------------------------------------------------ helpers
     def task_losses(self, out: Tensor, y: Tensor) -> Tensor:
@@ -100,7 +118,7 @@ class MAML(nn.Module):
         param = next(iter(self.net.adapted_parameters().values()))
         if x.device != param.device:
             raise ValueError(f"{what}: inputs are on {x.device} but the model is on {param.device}")
-        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        if self.check_finite and not torch.compiler.is_compiling() and not _all_finite(x):
             raise ValueError(f"{what}: inputs contain NaN or Inf")
 
     def _check_episode(self, x_support, y_support, x_query, y_query) -> None:
@@ -189,8 +207,10 @@ class LLAMA(MAML):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, loss: str = "mse", eta: float = 1e-6, tau: float = 1e-3,
-                 logdet_method: str = "factored", fisher: str = "auto", check_finite: bool = True, adapt=None):
-        super().__init__(model, inner_lr, inner_steps, first_order, loss, check_finite, adapt=adapt)
+                 logdet_method: str = "factored", fisher: str = "auto", check_finite: bool = True, adapt=None,
+                 conv_strategy: str = "grouped"):
+        super().__init__(model, inner_lr, inner_steps, first_order, loss, check_finite, adapt=adapt,
+                         conv_strategy=conv_strategy)
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         _check_positive("tau", tau)

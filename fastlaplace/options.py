@@ -64,11 +64,20 @@ class Prior(Option):
     EARLY_STOPPING_FIRST_ORDER = "early_stopping_first_order"  # τ = 1/(s·α·K)
 
 
+class ConvStrategy(Option):
+    """How a task-batched convolution runs (:class:`fastlaplace.batched.ConvPlanner`)."""
+
+    GROUPED = "grouped"  # one grouped convolution, groups = tasks
+    LOOP = "loop"  # one plain convolution per task, the outputs stacked
+    AUTO = "auto"  # the faster of the two, measured once per layer shape (the default)
+
+
 # For type hints: what a caller may pass (the member or its string).
 LogdetMethodLike = LogdetMethod | Literal["factored", "exact"]
 FisherTypeLike = FisherType | Literal["auto", "gauss_newton", "sampled", "empirical"]
 LossLike = Loss | Literal["mse", "cross_entropy"]
 PriorLike = Prior | Literal["early_stopping", "early_stopping_first_order"]
+ConvStrategyLike = ConvStrategy | Literal["grouped", "loop", "auto"]
 
 E = TypeVar("E", bound=Option)
 

@@ -2,9 +2,11 @@
 
 ``python -m fastlaplace.train`` writes to its output folder ``config.json`` (the resolved
 settings), ``metrics.jsonl`` (one JSON line per logged iteration), ``checkpoint.pt`` (the one
-before kept as ``checkpoint.prev.pt``), ``results.json`` and, when ``tensorboard`` is
-installed, ``tensorboard/``. This module reads and writes them for every program:
-:func:`build` makes a run's problem and freshly initialised learner from its :class:`Config`,
+before kept as ``checkpoint.prev.pt``), ``results.json``, for a network with adapted
+convolutions ``conv_strategy.json`` (the strategy each ran,
+:meth:`fastlaplace.MAML.conv_choices`) and, when ``tensorboard`` is installed,
+``tensorboard/``. This module reads and writes them for every program: :func:`build`
+makes a run's problem and freshly initialised learner from its :class:`Config`,
 :func:`load_for_evaluation` the trained learner from a checkpoint, :func:`settings` a run's
 settings from the command line, a ``--config`` file and (resuming) the run's own config.json.
 
@@ -38,8 +40,10 @@ from .problems import SinusoidProblem
 
 FORMAT = 1
 CHECKPOINT, SETTINGS, METRICS, RESULTS = "checkpoint.pt", "config.json", "metrics.jsonl", "results.json"
+CONV_STRATEGY = "conv_strategy.json"
 TENSORBOARD = "tensorboard"  # the folder of TensorBoard's event files
-STALE = (RESULTS, METRICS, SETTINGS)  # another run's files: a new run replaces them only with --overwrite
+# Another run's files: a new run replaces them only with --overwrite.
+STALE = (RESULTS, METRICS, SETTINGS, CONV_STRATEGY)
 
 
 class CheckpointError(ValueError):
@@ -57,7 +61,7 @@ def run_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     checkpoint = folder / CHECKPOINT
     return [checkpoint, previous(checkpoint), checkpoint.with_name(CHECKPOINT + ".corrupt"),
-            *(folder / name for name in (SETTINGS, METRICS, RESULTS, TENSORBOARD))]
+            *(folder / name for name in (SETTINGS, METRICS, RESULTS, CONV_STRATEGY, TENSORBOARD))]
 
 
 def checkpoint_inputs(*checkpoints: str | None) -> list[Path]:
@@ -269,7 +273,7 @@ def make_problem(cfg: Config):
 
 def make_learner(cfg: Config, model: torch.nn.Module) -> MAML:
     """MAML, first-order MAML or LLAMA around ``model``, as configured."""
-    common = dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
+    common = dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, conv_strategy=cfg.conv_strategy,
                   loss="mse" if cfg.dataset == "sinusoid" else "cross_entropy")
     if cfg.method == "llama":
         return LLAMA(model, eta=cfg.eta, tau=cfg.tau, logdet_method=cfg.logdet_method, fisher=cfg.fisher, **common)

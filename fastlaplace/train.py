@@ -5,13 +5,15 @@ over 600 new tasks after 1 and 10 inner steps. Every run writes to its output fo
 ``config.json``, ``metrics.jsonl`` (one line per logged iteration), ``checkpoint.pt``
 (written atomically with a checksum, the previous one kept as ``checkpoint.prev.pt``;
 ``--resume`` continues from it and ends with the same result as an uninterrupted run with
-the same seed) and ``results.json``; and TensorBoard event files when ``tensorboard`` is
-installed. A checkpoint is only written when the parameters, gradients and optimiser state
-are all finite. ``--resume`` takes the run's settings from its folder; the learning rates,
-the number of iterations, the device and the logging cadence may be changed (the change is
-logged), anything that would change the problem is refused, and fewer iterations than done
-are refused (nothing is written). A new run refuses a folder holding a checkpoint, or
-another run's results, metrics or settings unless ``--overwrite``.
+the same seed), ``results.json``, ``conv_strategy.json`` for a network with adapted
+convolutions (what ``--conv-strategy`` ran for each; also printed once); and TensorBoard
+event files when ``tensorboard`` is installed. A checkpoint is only written when the
+parameters, gradients and optimiser state are all finite. ``--resume`` takes the run's
+settings from its folder; the learning rates, the number of iterations, the device, the
+convolution strategy and the logging cadence may be changed (the change is logged),
+anything that would change the problem is refused, and fewer iterations than done are
+refused (nothing is written). A new run refuses a folder holding a checkpoint, or another
+run's results, metrics or settings unless ``--overwrite``.
 
 ``torchrun --nproc_per_node N -m fastlaplace.train ...`` splits each meta-batch over N
 processes (Gloo on the CPU, NCCL on CUDA; see :mod:`fastlaplace.distributed` and the README's
@@ -49,6 +51,7 @@ from .evaluate import evaluate, evaluation_group
 from .progress import progress_bar
 from .runs import (
     CHECKPOINT,
+    CONV_STRATEGY,
     METRICS,
     RESULTS,
     SETTINGS,
@@ -113,6 +116,7 @@ class Trainer:
         self.good: tuple[Path, int] | None = None  # the last checkpoint known to be intact, and its iteration
         self.saved_at: int | None = None  # the iteration this process last saved
         self.writer = None  # TensorBoard's, on rank 0 when tensorboard is installed
+        self.conv_choices: dict = {}  # the convolutions' strategies last recorded
 
     # ------------------------------------------------------------------------ restore or start
     @classmethod
@@ -199,6 +203,7 @@ class Trainer:
                 enabled=progress and main) as bar:
             for iteration in range(self.iteration + 1, cfg.iterations + 1):
                 step = self.step(iteration, stop)
+                self.record_conv_choices()
                 running = step.loss if running is None else 0.98 * running + 0.02 * step.loss
                 bar.set_postfix(loss=running, refresh=False)
                 bar.update()
@@ -257,6 +262,18 @@ class Trainer:
             for k, v in row.items():
                 if k != "iteration":
                     self.writer.add_scalar(f"train/{k}", v, iteration)
+
+    def record_conv_choices(self) -> None:
+        """Rank 0, when the convolutions' strategies (``--conv-strategy``) gained a choice:
+        printed and written to conv_strategy.json (a dict compared per iteration, no more)."""
+        choices = self.learner.conv_choices()
+        if not self.ctx.is_main or choices == self.conv_choices:
+            return
+        self.conv_choices = choices
+        write_json(self.out / CONV_STRATEGY, {"conv_strategy": self.cfg.conv_strategy, "layers": choices})
+        summary = "; ".join(f"{layer} {shape}: {how}" for layer, shapes in choices.items()
+                            for shape, how in shapes.items())
+        print(f"convolutions ({self.cfg.conv_strategy}): {summary}", file=sys.stderr)
 
     def save(self, iteration: int) -> None:
         """A checkpoint (rank 0 writes it; every rank's generators are in it), only when the

@@ -229,3 +229,8 @@ def test_bad_batches_raise():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         learner.meta_loss(bad, ys, xq, yq)
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        learner.meta_loss(bad, ys, xq, yq)
+    huge = torch.full_like(xs, torch.finfo(xs.dtype).max)  # finite, but its sum overflows: accepted
+    assert torch.isfinite(learner.adapt(huge, ys, steps=0)["0.weight"]).all()

@@ -2,6 +2,7 @@
 nested), batched over tasks, against a plain per-task autograd loop and module hooks."""
 
 import copy
+import logging
 from collections import OrderedDict
 
 import pytest
@@ -12,9 +13,10 @@ from torch.func import functional_call
 
 from fastlaplace import LLAMA, MAML, resnet12
 from fastlaplace import reference as ref
-from fastlaplace.batched import TaskBatchedNetwork, param_key
+from fastlaplace.batched import ConvPlanner, TaskBatchedNetwork, param_key
 from fastlaplace.curvature import support_rows
 from fastlaplace.models import ResNet12
+from fastlaplace.options import ConvStrategy
 
 F64 = torch.float64
 
@@ -128,6 +130,12 @@ CASES = {  # network, batch, loss, Fisher
 }
 
 
+CONV_CASES = ("residual", "resnet12")
+# Each convolutional network under both strategies (they must agree), the others once.
+STRATEGY_CASES = [(case, strategy) for case in CASES
+                  for strategy in (("grouped", "loop") if case in CONV_CASES else ("auto",))]
+
+
 def build(case, seed=0):
     make, batch, loss, fisher = CASES[case]
     torch.manual_seed(seed)
@@ -208,11 +216,11 @@ def make_learner(cls, model, loss, fisher, **kwargs):
 # ----------------------------------------------------------------------------- meta-gradients
 
 @pytest.mark.parametrize("cls", [MAML, LLAMA])
-@pytest.mark.parametrize("case", list(CASES))
-def test_meta_gradient_equals_per_task_loop(case, cls):
+@pytest.mark.parametrize("case,strategy", STRATEGY_CASES)
+def test_meta_gradient_equals_per_task_loop(case, strategy, cls):
     model, batch, loss, fisher = build(case)
-    learner = make_learner(cls, model, loss, fisher, logdet_method="exact") if cls is LLAMA else \
-        make_learner(cls, model, loss, fisher)
+    learner = make_learner(cls, model, loss, fisher, logdet_method="exact", conv_strategy=strategy) \
+        if cls is LLAMA else make_learner(cls, model, loss, fisher, conv_strategy=strategy)
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     batched = learner.meta_loss(*batch)
     looped = per_task_objective(model, batch, loss, learner.net.adapted, 0.05, 2,
@@ -249,10 +257,10 @@ def test_batchnorm_uses_task_statistics_in_eval_mode_and_leaves_running_statisti
 
 # ----------------------------------------------------------------------------- K-FAC rows
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_kfac_rows_equal_module_hooks(case):
+@pytest.mark.parametrize("case,strategy", STRATEGY_CASES)
+def test_kfac_rows_equal_module_hooks(case, strategy):
     model, (xs, ys, _, _), loss, fisher = build(case)
-    net = TaskBatchedNetwork(model)
+    net = TaskBatchedNetwork(model, conv_strategy=strategy)
     g = torch.Generator().manual_seed(1)
     params = {k: (p.unsqueeze(0) + 0.1 * torch.randn(xs.shape[0], *p.shape, generator=g, dtype=F64))
               for k, p in net.adapted_parameters().items()}
@@ -266,6 +274,62 @@ def test_kfac_rows_equal_module_hooks(case):
             assert record.name == name and record.bias == bias
             torch.testing.assert_close(a[t], a_t, rtol=1e-12, atol=1e-12, msg=lambda m: f"a of {name}: {m}")
             torch.testing.assert_close(g_rows[t], g_t, rtol=1e-10, atol=1e-12, msg=lambda m: f"g of {name}: {m}")
+
+
+def test_auto_conv_strategy_measures_once_per_shape_and_records_its_choices(monkeypatch, caplog):
+    model, batch, loss, _ = build("residual")
+    measured = []
+
+    def measure(self, x, w, b, args):
+        measured.append((tuple(x.shape), tuple(w.shape)))
+        return ConvStrategy.LOOP
+
+    monkeypatch.setattr(ConvPlanner, "_measure", measure)
+    learner = MAML(model, inner_lr=0.05, inner_steps=2, loss=loss)  # "auto" is the default
+    with caplog.at_level(logging.INFO, logger="fastlaplace"):
+        learner.meta_loss(*batch)
+        learner.meta_loss(*batch)
+    T, N, M = batch[0].shape[0], batch[0].shape[1], batch[2].shape[1]
+    assert len(measured) == len(set(measured)) == 2 * 4  # (support, query) × four layers; not again
+    choices = learner.conv_choices()
+    assert list(choices) == ["stem", "conv1", "conv2", "shortcut"]
+    assert choices["stem"] == {str([N * T, 1, 4, 4]): "loop", str([M * T, 1, 4, 4]): "loop"}
+    assert sum("runs 'loop'" in r.getMessage() for r in caplog.records) == 4 * 2  # each layer and shape once
+    fixed = MAML(model, inner_lr=0.05, inner_steps=2, loss=loss, conv_strategy="grouped")
+    fixed.meta_loss(*batch)
+    assert len(measured) == 8 and set(fixed.conv_choices()["stem"].values()) == {"grouped"}
+    with pytest.raises(ValueError, match=r"conv_strategy must be one of \('grouped', 'loop', 'auto'\)"):
+        MAML(model, conv_strategy="unfold")
+
+
+def test_auto_conv_strategy_measures_for_real():
+    model, batch, loss, _ = build("residual")
+    learner = MAML(model, inner_lr=0.05, inner_steps=1, loss=loss)
+    reference = MAML(model, inner_lr=0.05, inner_steps=1, loss=loss, conv_strategy="grouped")
+    torch.testing.assert_close(learner.meta_loss(*batch), reference.meta_loss(*batch), rtol=1e-12, atol=1e-12)
+    assert all(set(shapes.values()) <= {"grouped", "loop"} for shapes in learner.conv_choices().values())
+    fresh = MAML(model, inner_lr=0.05, inner_steps=1, loss=loss)
+    with torch.inference_mode():  # measured with gradients all the same, on a copy of the inputs
+        params = fresh.adapt(*batch[:2])
+        torch.testing.assert_close(fresh.predict(params, batch[2]), reference.predict(params, batch[2]))
+    assert len(fresh.conv_choices()["stem"]) == 2
+
+
+def test_conv_strategies_agree(device):
+    """On each device, in float64: LLAMA's objective, its meta-gradient and the K-FAC rows."""
+    model, batch, loss, fisher = build("resnet12")
+    model, batch = model.to(device), tuple(t.to(device) for t in batch)
+    results = {}
+    for strategy in ("grouped", "loop", "auto"):
+        learner = make_learner(LLAMA, model, loss, fisher, conv_strategy=strategy)
+        objective = learner.meta_loss(*batch)
+        params = {k: v.detach() for k, v in learner.adapt(*batch[:2]).items()}
+        rows = support_rows(learner.net, params, *batch[:2], "categorical", fisher)
+        results[strategy] = [objective, *torch.autograd.grad(objective, list(model.parameters())),
+                             *(t for _, a, g in rows for t in (a, g))]
+    for strategy in ("loop", "auto"):
+        for want, got in zip(results["grouped"], results[strategy]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_layer_called_twice_has_the_rows_of_both_calls():

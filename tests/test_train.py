@@ -215,3 +215,17 @@ def test_evaluation_group_shrinks_to_the_memory(monkeypatch):
     monkeypatch.setattr("fastlaplace.cli.available_memory", lambda device: one - 1)
     with pytest.raises(UsageError, match="one task at a time"):
         evaluate_mod.evaluation_group(cfg, 600, "--tasks", "cpu")
+
+
+def test_conv_strategy_is_recorded_and_may_change_on_resume(tmp_path):
+    cfg = small_config(tmp_path, dataset="digits", method="maml", iterations=2, meta_batch=2, query=1, filters=4,
+                       checkpoint_every=1, conv_strategy="loop")
+    train(cfg, progress=False, evaluate_at_end=False)
+    recorded = json.loads((tmp_path / "run" / "conv_strategy.json").read_text())
+    assert recorded["conv_strategy"] == "loop" and list(recorded["layers"]) == ["0", "4", "8", "12"]
+    assert all(set(shapes.values()) == {"loop"} for shapes in recorded["layers"].values())
+    resumed = small_config(tmp_path, dataset="digits", method="maml", iterations=3, meta_batch=2, query=1,
+                           filters=4, checkpoint_every=1, conv_strategy="auto")
+    train(resumed, resume=True, progress=False, evaluate_at_end=False)
+    recorded = json.loads((tmp_path / "run" / "conv_strategy.json").read_text())
+    assert recorded["conv_strategy"] == "auto" and list(recorded["layers"]) == ["0", "4", "8", "12"]
