@@ -285,7 +285,7 @@ def test_auto_conv_strategy_measures_once_per_shape_and_records_its_choices(monk
         return ConvStrategy.LOOP
 
     monkeypatch.setattr(ConvPlanner, "_measure", measure)
-    learner = MAML(model, inner_lr=0.05, inner_steps=2, loss=loss)  # "auto" is the default
+    learner = MAML(model, inner_lr=0.05, inner_steps=2, loss=loss, conv_strategy="auto")
     with caplog.at_level(logging.INFO, logger="fastlaplace"):
         learner.meta_loss(*batch)
         learner.meta_loss(*batch)
@@ -304,11 +304,11 @@ def test_auto_conv_strategy_measures_once_per_shape_and_records_its_choices(monk
 
 def test_auto_conv_strategy_measures_for_real():
     model, batch, loss, _ = build("residual")
-    learner = MAML(model, inner_lr=0.05, inner_steps=1, loss=loss)
+    learner = MAML(model, inner_lr=0.05, inner_steps=1, loss=loss, conv_strategy="auto")
     reference = MAML(model, inner_lr=0.05, inner_steps=1, loss=loss, conv_strategy="grouped")
     torch.testing.assert_close(learner.meta_loss(*batch), reference.meta_loss(*batch), rtol=1e-12, atol=1e-12)
     assert all(set(shapes.values()) <= {"grouped", "loop"} for shapes in learner.conv_choices().values())
-    fresh = MAML(model, inner_lr=0.05, inner_steps=1, loss=loss)
+    fresh = MAML(model, inner_lr=0.05, inner_steps=1, loss=loss, conv_strategy="auto")
     with torch.inference_mode():  # measured with gradients all the same, on a copy of the inputs
         params = fresh.adapt(*batch[:2])
         torch.testing.assert_close(fresh.predict(params, batch[2]), reference.predict(params, batch[2]))
