@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from . import distributed
-from .cli import EXPECTED, UsageError, check_memory, errors_as_messages, one_line, refuse_inputs
+from .cli import EXPECTED, UsageError, check_memory, errors_as_messages, one_line
 from .config import (
     IMAGE_DATASETS_ON_DISK,
     Config,
@@ -135,8 +135,9 @@ class Trainer:
                                  f"fastlaplace.evaluate {used})")
 
         def open_run():
-            if cfg.dataset in IMAGE_DATASETS_ON_DISK:
-                refuse_inputs("--out", cfg.out, [cfg.data_root])
+            if cfg.dataset in IMAGE_DATASETS_ON_DISK and Path(cfg.out).resolve() == Path(cfg.data_root).resolve():
+                # A run's folder of its own (a subfolder of the data is fine: no file names are shared).
+                raise UsageError(f"--out {cfg.out!r} is the data folder --data-root: choose a folder for the run")
             latest = open_output(Path(cfg.out), resume, cfg.overwrite, accept)
             if latest is None:
                 return None
