@@ -72,6 +72,11 @@ def _squares(B: int, *orders: int):
     return lambda gen: tuple(torch.randn(B, d, d + 3, generator=gen, dtype=torch.float64) for d in orders)
 
 
+def _damped(X: Tensor) -> Tensor:
+    """Positive definite only with the damping (0.2) that damped_cholesky adds."""
+    return _gram(X) - 0.05 * torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
+
+
 def cases() -> list[Case]:
     """Every op at shapes that take each of its paths (``csrc/fused.h``: fused for orders ≤ 64)."""
     out = []
@@ -81,10 +86,9 @@ def cases() -> list[Case]:
                             lambda a, g, bias=bias: ops.kron_factors(a, g, bias),
                             lambda a, g, bias=bias: ref.kron_factors(a, g, bias)))
     for d in (6, 70):
-        damped = lambda X: _gram(X) - 0.05 * torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
         out.append(Case(f"damped_cholesky d={d}", _squares(2, d),
-                        lambda X: ops.damped_cholesky(damped(X), 0.2, check=False),
-                        lambda X: ref.damped_cholesky(damped(X), 0.2)))
+                        lambda X: ops.damped_cholesky(_damped(X), 0.2, check=False),
+                        lambda X: ref.damped_cholesky(_damped(X), 0.2)))
     for method in ("factored", "exact"):
         for (dA, dG), path in (((5, 4), "fused"), ((70, 3), "composite")):
             out.append(Case(f"kron_logdet {method} {path} ({dA}x{dG})", _squares(3 if path == "fused" else 2, dA, dG),
@@ -155,10 +159,10 @@ def _sync_free(fn) -> str | None:
 
 def sync_rows(device: torch.device) -> list[Row]:
     rows = []
+    weights = [torch.ones((), device=device)] * 3
     for case in cases():
         inputs = tuple(t.float().to(device) for t in case.make(torch.Generator().manual_seed(0)))
-        weights = [torch.ones((), device=device)] * 3
-        err = _sync_free(lambda: _values_and_grads(case.ours, inputs, weights))
+        err = _sync_free(lambda f=case.ours, x=inputs: _values_and_grads(f, x, weights))
         rows.append(Row(str(device), f"no host sync: {case.name}", "float32", err is None, err or "none"))
     step = _meta_iteration(LLAMA, device)
     err = _sync_free(step)
@@ -245,11 +249,15 @@ def devices(asked: list[str] | None) -> list[torch.device]:
 
 
 def environment() -> dict:
-    info = {"fastlaplace": __version__, "build": ops.build_info(), "torch": torch.__version__,
+    gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
+    return {"fastlaplace": __version__, "build": ops.build_info(), "torch": torch.__version__,
             "torch_cuda": torch.version.cuda, "python": sys.version.split()[0],
-            "cuda_devices": [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-                             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []}
-    return info
+            "cuda_devices": [_describe_gpu(i) for i in gpus]}
+
+
+def _describe_gpu(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
 
 
 def run(devs: list[torch.device], timings: bool = True) -> list[Row]:
@@ -281,8 +289,8 @@ def verdict(rows: list[Row]) -> str:
     failed = [r for r in checks if not r.ok]
     where = ", ".join(dict.fromkeys(r.device for r in rows))
     if failed:
-        names = "; ".join(f"{r.device} {r.check} {r.dtype}" for r in failed[:5])
-        return f"verdict: FAILED, {len(failed)} of {len(checks)} checks disagree ({names}{', ...' if len(failed) > 5 else ''})"
+        names = "; ".join(f"{r.device} {r.check} {r.dtype}" for r in failed[:5]) + ("; ..." if len(failed) > 5 else "")
+        return f"verdict: FAILED, {len(failed)} of {len(checks)} checks disagree ({names})"
     return f"verdict: OK, all {len(checks)} checks agree on {where}"
 
 
