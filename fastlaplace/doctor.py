@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -106,7 +107,8 @@ def _normwise(x: Tensor, y: Tensor) -> float:
     x, y = x.detach().cpu().double(), y.detach().cpu().double()
     if x.shape != y.shape:
         return float("inf")
-    return float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) if y.numel() else 0.0
+    error = float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) if y.numel() else 0.0
+    return error if math.isfinite(error) else float("inf")  # NaN compares as nothing: fail it loudly
 
 
 def _values_and_grads(fn, inputs: tuple[Tensor, ...], weights: list[Tensor]) -> list[Tensor]:
@@ -119,8 +121,7 @@ def _values_and_grads(fn, inputs: tuple[Tensor, ...], weights: list[Tensor]) -> 
 
 def check_case(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Row:
     gen = torch.Generator().manual_seed(seed)
-    inputs64 = case.make(gen)
-    inputs = tuple(t.to(dtype) for t in inputs64)
+    inputs = tuple(t.to(dtype) for t in case.make(gen))
     # The reference sees the same (rounded) inputs: only the kernels' own error is measured.
     want = case.reference(*(t.double() for t in inputs))
     weights = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in want]
@@ -243,8 +244,9 @@ def _fmt(seconds: float) -> str:
 
 
 def devices(asked: list[str] | None) -> list[torch.device]:
-    if asked:
-        return [torch.device(d) for d in asked]
+    if asked:  # "cuda" as the device its tensors report, cuda:0 (or the current one)
+        asked = [torch.device(d) for d in asked]
+        return [torch.device("cuda", torch.cuda.current_device()) if d == torch.device("cuda") else d for d in asked]
     return [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
 
 
