@@ -74,6 +74,12 @@ def test_stages_left_without_time_are_not_run_and_do_not_fail(tmp_path):
     assert status["build"] == "pass" and {status[s] for s in STAGES[2:]} == {"not-run"}
 
 
+def test_a_stage_cut_short_by_the_budget_is_not_run(tmp_path):
+    rc, status = run_check(tmp_path, budget=5, doctor="sleep 30")
+    assert rc == 0 and status["doctor"] == "not-run", status
+    assert "budget" in (tmp_path / "summary.txt").read_text()
+
+
 def test_a_missing_sanitizer_is_not_run(tmp_path):
     rc, status = run_check(tmp_path, memcheck="", racecheck="")
     assert rc == 0 and status["memcheck"] == status["racecheck"] == "not-run"
