@@ -6,8 +6,9 @@ Prints how the kernels were built and the devices, then checks every op on every
 against the float64 CPU reference (:mod:`fastlaplace.reference`) at shapes that take each
 path (fused for orders ≤ 64, composite above; factored and exact; float32 and float64;
 values and gradients); on CUDA, that no op and no LLAMA meta-iteration synchronises with the
-host. Then it times one sinusoid meta-iteration of MAML and LLAMA, and the log-det of the
-sinusoid network's layers next to the best plain-PyTorch version. One table, one verdict
+host. Then it times one sinusoid meta-iteration of MAML and LLAMA (on CUDA also as the CUDA
+graph of ``--cuda-graph``), and the log-det of the sinusoid network's layers next to the best
+plain-PyTorch version. One table, one verdict
 line; the exit status is 1 when anything disagrees. ``--json PATH`` writes the figures.
 """
 
@@ -28,6 +29,7 @@ from torch import Tensor
 from . import __version__, cli, ops
 from . import reference as ref
 from .data import SinusoidTasks
+from .graphs import GraphStep
 from .meta import LLAMA, MAML
 from .models import sinusoid_mlp
 
@@ -186,12 +188,17 @@ def _launches(fn) -> int:
 # Timings: the sinusoid problem of the paper (25 tasks, 10 + 10 points, 1-40-40-1, one step)
 
 
-def _meta_iteration(kind: type[MAML], device: torch.device) -> Callable[[], None]:
+def _sinusoid(kind: type[MAML], device: torch.device):
+    """A learner on ``device``, its optimiser and one meta-batch (on the CPU)."""
     torch.manual_seed(0)
     learner = kind(sinusoid_mlp(), inner_lr=0.01, inner_steps=1, check_finite=False).to(device)
     b = SinusoidTasks().sample(25, torch.Generator().manual_seed(0))
-    batch = [t.to(device) for t in (b.x_support, b.y_support, b.x_query, b.y_query)]
-    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    return learner, torch.optim.Adam(learner.parameters(), lr=1e-3), (b.x_support, b.y_support, b.x_query, b.y_query)
+
+
+def _meta_iteration(kind: type[MAML], device: torch.device) -> Callable[[], None]:
+    learner, opt, batch = _sinusoid(kind, device)
+    batch = [t.to(device) for t in batch]
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -233,7 +240,24 @@ def timing_rows(device: torch.device) -> list[Row]:
     rows.append(Row(str(device), "time: sinusoid log det fwd+bwd (3 layers)", "float32", None,
                     f"{_fmt(ours)}, best plain PyTorch {_fmt(plain)}: {plain / ours:.1f}x", seconds=ours))
     rows.append(Row(str(device), "time: same, best plain PyTorch", "float32", None, _fmt(plain), seconds=plain))
+    if device.type == "cuda":
+        rows.append(graph_row(device, reps))
     return rows
+
+
+def graph_row(device: torch.device, reps: int) -> Row:
+    """The LLAMA meta-iteration as ``--cuda-graph`` runs it: captured, then replayed (each
+    replay copying a meta-batch in from the CPU)."""
+    learner, opt, batch = _sinusoid(LLAMA, device)
+    name = "time: sinusoid LLAMA meta-iteration, --cuda-graph"
+    try:
+        graph = GraphStep(learner, opt, None, batch)
+        seconds = _seconds(lambda: graph.step(batch), device, reps)
+        launches = _launches(lambda: graph.step(batch))
+    except Exception as exc:  # --cuda-graph does not work here: a failed check, reported
+        return Row(str(device), name, "float32", False, f"raised {type(exc).__name__}: {cli.one_line(exc)}")
+    return Row(str(device), name, "float32", True, f"{_fmt(seconds)}, {launches} GPU operations per meta-iteration",
+               seconds=seconds)
 
 
 def _fmt(seconds: float) -> str:
