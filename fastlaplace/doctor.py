@@ -190,8 +190,10 @@ def _launches(fn) -> int:
 
 def _sinusoid(kind: type[MAML], device: torch.device):
     """A learner on ``device``, its optimiser and one meta-batch (on the CPU)."""
-    torch.manual_seed(0)
-    learner = kind(sinusoid_mlp(), inner_lr=0.01, inner_steps=1, check_finite=False).to(device)
+    with torch.random.fork_rng(devices=[]):  # the same network every time, the caller's generator untouched
+        torch.manual_seed(0)
+        model = sinusoid_mlp()
+    learner = kind(model, inner_lr=0.01, inner_steps=1, check_finite=False).to(device)
     b = SinusoidTasks().sample(25, torch.Generator().manual_seed(0))
     return learner, torch.optim.Adam(learner.parameters(), lr=1e-3), (b.x_support, b.y_support, b.x_query, b.y_query)
 
