@@ -65,7 +65,7 @@ trap killed TERM INT
 stage() {
   local name=$1 limit=$2 default=$3 judge=${4:-}
   local var="GPU_CHECK_${name^^}" left=$((BUDGET - ($(date +%s) - START)))
-  local cmd=${!var:-$default} log="$OUT/$name.log"
+  local cmd=${!var-$default} log="$OUT/$name.log"  # set but empty: no command (a missing tool)
   if [[ -z $cmd ]]; then
     STATUS[$name]=not-run; DETAIL[$name]="tool missing"
   elif ((left < MIN_STAGE)); then
