@@ -17,7 +17,8 @@
 # runs past its own limit is a fail. Every stage writes its log
 # (and figures: doctor.json, RESULTS.md) under $OUT as it ends, and summary.txt is rewritten after
 # each stage, so a run cut short keeps what it measured. Python runs outside the repository, so
-# that the installed package is what is checked.
+# that the installed package is what is checked. A second call on the same machine compiles
+# nothing: the build finds its kernels in build/kernel-cache (CMakeLists.txt).
 #
 # For the check's own test, GPU_CHECK_<STAGE> (e.g. GPU_CHECK_DOCTOR='exit 1') replaces a stage's
 # command, and GPU_CHECK_MIN_STAGE (default 20) is the fewest seconds a stage is started with.
