@@ -101,6 +101,8 @@ class Config:
     eval_tasks: int = setting(600, "test tasks of the final evaluation", group="run", metavar="N",
                               resume=MAY_CHANGE)
     eval_seed: int = setting(1_000_003, "seed of the test tasks", group="run", flag=False)
+    cuda_graph: bool = setting(False, "capture the meta-iteration once as a CUDA graph and replay it (CUDA, one "
+                                      "process; see fastlaplace.graphs)", group="run", resume=MAY_CHANGE)
     # sinusoid
     x_range: list[float] = setting(help="sinusoid input range", group="sinusoid", metavar=("LO", "HI"), nargs=2,
                                    default_factory=lambda: [-10.0, 10.0])
@@ -159,6 +161,8 @@ class Config:
         if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or not lo_hi[0] < lo_hi[1]:
             raise UsageError(f"--x-range must be two finite numbers LO < HI, got {lo_hi!r}")
         check_device(self.device)
+        if self.cuda_graph and not self.device.startswith("cuda"):
+            raise UsageError(f"--cuda-graph needs --device cuda (CUDA graphs exist only on a GPU), got {self.device!r}")
         check_seed("--seed", self.seed)
         check_seed("eval_seed", self.eval_seed)
         if (self.model == "mlp") != (self.dataset == "sinusoid"):

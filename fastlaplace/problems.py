@@ -25,7 +25,10 @@ class Batch(NamedTuple):
     y_query: Tensor
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in self))
+        # From pinned memory, as a copy from pageable memory would wait for the GPU.
+        pin = torch.device(device).type == "cuda"
+        return Batch(*((t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
+                       for t in self))
 
 
 @dataclass

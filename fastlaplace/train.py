@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import distributed
+from . import distributed, graphs
 from .cli import EXPECTED, UsageError, check_memory, errors_as_messages, one_line
 from .config import (
     IMAGE_DATASETS_ON_DISK,
@@ -94,8 +94,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
 class Step(NamedTuple):
     """One meta-iteration's losses (averaged over the ranks) and whether to stop after it."""
 
-    loss: float
-    query_loss: float
+    loss: float | None  # None: not read from the device at this iteration (--cuda-graph)
+    query_loss: float | None
     logdet: float | None  # LLAMA's mean log det Ĥ
     stopping: bool
 
@@ -117,6 +117,9 @@ class Trainer:
         self.saved_at: int | None = None  # the iteration this process last saved
         self.writer = None  # TensorBoard's, on rank 0 when tensorboard is installed
         self.conv_choices: dict = {}  # the convolutions' strategies last recorded
+        self.graph: graphs.GraphStep | None = None  # --cuda-graph: captured at the first step
+        if cfg.cuda_graph and ctx.distributed:
+            raise UsageError("--cuda-graph runs in one process: leave it out under torchrun")
 
     # ------------------------------------------------------------------------ restore or start
     @classmethod
@@ -205,8 +208,9 @@ class Trainer:
             for iteration in range(self.iteration + 1, cfg.iterations + 1):
                 step = self.step(iteration, stop)
                 self.record_conv_choices()
-                running = step.loss if running is None else 0.98 * running + 0.02 * step.loss
-                bar.set_postfix(loss=running, refresh=False)
+                if step.loss is not None:
+                    running = step.loss if running is None else 0.98 * running + 0.02 * step.loss
+                    bar.set_postfix(loss=running, refresh=False)
                 bar.update()
                 self.log(iteration, step, metrics, time.perf_counter() - t0)
                 if iteration % cfg.checkpoint_every == 0 or step.stopping:
@@ -223,31 +227,48 @@ class Trainer:
     def step(self, iteration: int, stop: _StopFlag) -> Step:
         """One meta-iteration: this rank's share of a meta-batch, its meta-gradient averaged
         over the ranks (with the losses and the stop flag), checked, and Adam's step."""
+        if self.cfg.cuda_graph:
+            return self._graph_step(iteration, stop)
         batch = self.problem.sample("train", self.local_batch, self.task_gen).to(self.device)
         parts = self.learner.meta_objective(*batch, generator=self.fisher_gen)
         logdet = parts.loss.new_zeros(()) if parts.logdet is None else parts.logdet.detach().mean()
         summary = torch.stack([parts.loss.detach(), parts.query_loss.detach().mean(), logdet])
-        if not self.ctx.distributed:
-            loss, query_loss, mean_logdet = summary.tolist()  # one host sync for the loss check and the log
-            if not math.isfinite(loss):
-                raise self._diverged(f"the meta-loss became {loss}", iteration)
-            self.optimizer.zero_grad(set_to_none=True)
-            parts.loss.backward()
-            stopping = stop.stop
-        else:  # the losses and the stop flag travel with the meta-gradients: every rank decides alike
-            self.optimizer.zero_grad(set_to_none=True)
-            parts.loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        parts.loss.backward()
+        if self.ctx.distributed:  # the losses and the stop flag travel with the meta-gradients: all decide alike
             extras = torch.cat([summary, summary.new_zeros(1) + float(stop.stop)]).double()
-            loss, query_loss, mean_logdet, stopped = distributed.average_gradients(self.learner.parameters(),
-                                                                                   extras).tolist()
-            stopping = stopped > 0
-            if not math.isfinite(loss):
-                raise self._diverged(f"the meta-loss became {loss}", iteration)
-        if not _all_finite([p.grad for p in self.learner.parameters() if p.grad is not None]):
+            summary = distributed.average_gradients(self.learner.parameters(), extras)
+        grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
+        flags = torch.cat([summary.double(), graphs.any_nonfinite(grads).double()])
+        # One host sync for the losses, the stop flag and the finite checks.
+        loss, query_loss, mean_logdet, *rest, nonfinite = flags.tolist()
+        stopping = rest[0] > 0 if self.ctx.distributed else stop.stop
+        if not math.isfinite(loss):
+            raise self._diverged(f"the meta-loss became {loss}", iteration)
+        if nonfinite:
             raise self._diverged("the meta-gradient became non-finite (not applied)", iteration)
         self.optimizer.step()
         self.iteration = iteration
         return Step(loss, query_loss, None if parts.logdet is None else mean_logdet, stopping)
+
+    def _graph_step(self, iteration: int, stop: _StopFlag) -> Step:
+        """The step replayed as a CUDA graph (:mod:`fastlaplace.graphs`); the losses and the
+        finite flag are read from the device only where they are needed: to log, to save, to
+        stop and at the end."""
+        batch = self.problem.sample("train", self.local_batch, self.task_gen)
+        if self.graph is None:
+            self.graph = graphs.GraphStep(self.learner, self.optimizer, self.fisher_gen, batch)
+        self.graph.step(batch)
+        cfg = self.cfg
+        self.iteration = iteration
+        if not (stop.stop or iteration == cfg.iterations or iteration % cfg.log_every == 0
+                or iteration % cfg.checkpoint_every == 0):
+            return Step(None, None, None, False)
+        loss, query_loss, logdet, finite = self.graph.read()
+        if not finite:
+            raise self._diverged("the meta-loss or meta-gradient became non-finite (--cuda-graph reads them at "
+                                 "each logged iteration)", iteration)
+        return Step(loss, query_loss, None if self.cfg.method != "llama" else logdet, stop.stop)
 
     def log(self, iteration: int, step: Step, metrics, seconds: float) -> None:
         """Rank 0, every ``log_every`` iterations and at the last: a line of metrics.jsonl and
@@ -279,7 +300,8 @@ class Trainer:
     def save(self, iteration: int) -> None:
         """A checkpoint (rank 0 writes it; every rank's generators are in it), only when the
         parameters and the optimiser state are finite."""
-        tensors = [*self.learner.parameters(), *_tensors(self.optimizer.state_dict()["state"])]
+        optimizer_state = graphs.portable_optimizer_state(self.optimizer)  # alike with and without --cuda-graph
+        tensors = [*self.learner.parameters(), *_tensors(optimizer_state["state"])]
         if not _all_finite(tensors):  # the same on every rank: the parameters are the same
             raise self._diverged("the parameters or the optimiser state became non-finite (not saved)", iteration)
         if self.ctx.distributed:
@@ -288,7 +310,7 @@ class Trainer:
         path = self.out / CHECKPOINT
         if self.ctx.is_main:
             state = dict(config=dataclasses.asdict(self.cfg), iteration=iteration, learner=self.learner.state_dict(),
-                         optimizer=self.optimizer.state_dict(), task_generator=self.task_gen.get_state(),
+                         optimizer=optimizer_state, task_generator=self.task_gen.get_state(),
                          fisher_generator=self.fisher_gen.get_state().cpu())
             if self.ctx.distributed:
                 state.update(world_size=self.ctx.world_size, task_generators=task_states,

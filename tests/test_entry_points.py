@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ["fastlaplace.train", "fastlaplace.evaluate", "fastlaplace.uncertainty", "fastlaplace.plot"]
+ENTRY_POINTS = ["fastlaplace.train", "fastlaplace.evaluate", "fastlaplace.uncertainty", "fastlaplace.plot",
+                "fastlaplace.doctor"]
 
 
 def run_from_root(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
