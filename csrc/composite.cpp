@@ -136,6 +136,12 @@ Tensor factor_of(const Tensor& x, bool bias) {
   return std::get<0>(call_kron_factors(x, probe, bias));
 }
 
+// The factors' formation (O(R·d²), in the input's dtype with sums in double) aside, this
+// path computes in double, as the fused one does: in float32, λ = π√(τ/c) overflowed for
+// extreme c and the damped factors lost the digits the precision guard counts on. The
+// decompositions are O(d³), small beside the formation at the orders that come here.
+Tensor to_double(const Tensor& t) { return t.to(at::kDouble); }
+
 // The matrices carrying the spectra of a layer's two factors: each factor itself, or with
 // fewer rows than columns its R×R Gram matrix (same nonzero eigenvalues, docs/design.md §2).
 // One kron_factors call serves both sides when neither is a Gram matrix.
@@ -145,17 +151,11 @@ std::tuple<Tensor, Tensor> spectrum_carriers(const Tensor& a, const Tensor& g, b
   const bool gramA = R < a.size(2) + (bias ? 1 : 0), gramG = R < g.size(2);
   if (!gramA && !gramG) {
     auto [KA, KG] = call_kron_factors(a, g, bias);
-    return {KA.to(at::kDouble), KG.to(at::kDouble)};
+    return {to_double(KA), to_double(KG)};
   }
-  return {gramA ? gram(a.to(at::kDouble), bias) : factor_of(a, bias).to(at::kDouble),
-          gramG ? gram(g.to(at::kDouble), false) : factor_of(g, false).to(at::kDouble)};
+  return {gramA ? gram(to_double(a), bias) : to_double(factor_of(a, bias)),
+          gramG ? gram(to_double(g), false) : to_double(factor_of(g, false))};
 }
-
-// The factors' formation (O(R·d²), in the input's dtype with sums in double) aside, this
-// path computes in double, as the fused one does: in float32, λ = π√(τ/c) overflowed for
-// extreme c and the damped factors lost the digits the precision guard counts on. The
-// decompositions are O(d³), small beside the formation at the orders that come here.
-Tensor to_double(const Tensor& t) { return t.to(at::kDouble); }
 
 // The precision guard of csrc/kfac_math.h (docs/design.md §2): NaN where the estimated
 // rounding error err exceeds its tolerance.

@@ -218,7 +218,7 @@ class ConvPlanner:
     logger ``fastlaplace``).
     """
 
-    def __init__(self, strategy: ConvStrategyLike = "auto", repeats: int = 2):
+    def __init__(self, strategy: ConvStrategyLike = "grouped", repeats: int = 2):
         self.strategy = parse(ConvStrategy, strategy, "conv_strategy")
         self.repeats = repeats
         self._cache: dict[tuple, ConvStrategy] = {}

@@ -113,21 +113,26 @@ def _normwise(x: Tensor, y: Tensor) -> float:
     return error if math.isfinite(error) else float("inf")  # NaN compares as nothing: fail it loudly
 
 
+def _with_grads(outs, inputs: tuple[Tensor, ...], weights: list[Tensor]) -> list[Tensor]:
+    """The outputs and the gradients of Σ wᵢ·outᵢ with respect to the inputs."""
+    total = sum((o * w.to(o)).sum() for o, w in zip(outs, weights))
+    return [*outs, *torch.autograd.grad(total, inputs)]
+
+
 def _values_and_grads(fn, inputs: tuple[Tensor, ...], weights: list[Tensor]) -> list[Tensor]:
     """fn's outputs and the gradients of Σ wᵢ·outᵢ with respect to the inputs."""
     inputs = tuple(t.detach().requires_grad_() for t in inputs)
-    outs = fn(*inputs)
-    total = sum((o * w.to(o)).sum() for o, w in zip(outs, weights))
-    return [*outs, *torch.autograd.grad(total, inputs)]
+    return _with_grads(fn(*inputs), inputs, weights)
 
 
 def check_case(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Row:
     gen = torch.Generator().manual_seed(seed)
     inputs = tuple(t.to(dtype) for t in case.make(gen))
     # The reference sees the same (rounded) inputs: only the kernels' own error is measured.
-    want = case.reference(*(t.double() for t in inputs))
-    weights = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in want]
-    want = _values_and_grads(case.reference, tuple(t.double() for t in inputs), weights)
+    exact = tuple(t.double().requires_grad_() for t in inputs)
+    outs = case.reference(*exact)
+    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    want = _with_grads(outs, exact, weights)
     try:
         got = _values_and_grads(case.ours, tuple(t.to(device) for t in inputs), weights)
     except Exception as exc:  # a kernel that raises is a failed check, reported, not a crash

@@ -64,13 +64,14 @@ def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: i
             n = min(chunk, tasks - done)
             batch = problem.sample(split, n, generator)  # every rank draws every chunk: the same tasks
             if len(sizes) % ctx.world_size == ctx.rank:
-                for lo in range(0, n, group or n):
-                    part = Batch(*(t[lo:lo + (group or n)] for t in batch)).to(device)
+                size = group or n
+                for lo in range(0, n, size):
+                    part = Batch(*(t[lo:lo + size] for t in batch)).to(device)
                     for s in steps:
                         params = learner.adapt(part.x_support, part.y_support, steps=s)
                         values[s].append(problem.metric(learner.predict(params, part.x_query), part.y_query))
                 if ctx.distributed:
-                    parts = len(range(0, n, group or n))
+                    parts = -(-n // size)  # this chunk's entries in values[s]
                     mine.append(torch.stack([torch.cat(values[s][-parts:]) for s in steps]).double().cpu().reshape(-1))
             sizes.append(n)
             done += n
@@ -90,8 +91,8 @@ def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: i
 def evaluation_group(cfg: Config, tasks: int, tasks_flag: str, device) -> int:
     """How many tasks to adapt at once: a whole chunk, or fewer where its estimated memory
     exceeds the device's. An error only when a single task cannot fit."""
-    group = min(CHUNK, tasks)
-    while group > 1 and cfg.batch_memory(group, 0, graph=False)[1] > available_memory(device):
+    group, have = min(CHUNK, tasks), available_memory(device)
+    while group > 1 and cfg.batch_memory(group, 0, graph=False)[1] > have:
         group = (group + 1) // 2
     what, needed = cfg.batch_memory(group, 0, graph=False)
     check_memory(f"the evaluation of {what} (one task at a time; {tasks_flag})", needed, device)

@@ -11,7 +11,7 @@ synchronisation and happens only when the caller asks (to log, save or stop): a 
 flag records whether a loss or a gradient was non-finite since the last read.
 
 Requirements: CUDA, one process, the same shapes every iteration (true of every built-in
-data set). Written without a GPU at hand: ``tests/test_cuda.py`` checks it against the
+data set). Written without a GPU at hand: ``tests/test_graphs.py`` checks it against the
 uncaptured step when one is present.
 """
 

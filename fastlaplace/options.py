@@ -69,7 +69,7 @@ class ConvStrategy(Option):
 
     GROUPED = "grouped"  # one grouped convolution, groups = tasks
     LOOP = "loop"  # one plain convolution per task, the outputs stacked
-    AUTO = "auto"  # the faster of the two, measured once per layer shape (the default)
+    AUTO = "auto"  # the faster of the two, measured once per layer shape (not bit-reproducible)
 
 
 # For type hints: what a caller may pass (the member or its string).

@@ -150,21 +150,22 @@ def _check_finite(state: dict, path: Path) -> None:
     :class:`CheckpointError`, which ``--resume`` passes over for the previous checkpoint."""
     parts = {"parameters": state["learner"], "optimiser state": state.get("optimizer")}
     for part, tree in parts.items():
-        for name, tensor in _named_tensors(tree):
+        for name, tensor in named_tensors(tree):
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ValueError(f"{path} holds non-finite values (NaN or infinity) in its {part} ({name}); "
                                  "fastlaplace.train never saves such a checkpoint: use the previous one or train again")
 
 
-def _named_tensors(tree, prefix: str = ""):
+def named_tensors(tree, prefix: str = ""):
+    """(dotted name, tensor) of every tensor in nested dicts, lists and tuples (a state dict)."""
     if isinstance(tree, torch.Tensor):
         yield prefix or "tensor", tree
     elif isinstance(tree, dict):
         for k, v in tree.items():
-            yield from _named_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+            yield from named_tensors(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(tree, (list, tuple)):
         for i, v in enumerate(tree):
-            yield from _named_tensors(v, f"{prefix}[{i}]")
+            yield from named_tensors(v, f"{prefix}[{i}]")
 
 
 def read_latest(path: Path, log=None) -> tuple[dict, Path] | None:

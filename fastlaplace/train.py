@@ -58,6 +58,7 @@ from .runs import (
     TENSORBOARD,
     CheckpointError,
     build,
+    named_tensors,
     open_output,
     save_checkpoint,
     settings,
@@ -301,7 +302,7 @@ class Trainer:
         """A checkpoint (rank 0 writes it; every rank's generators are in it), only when the
         parameters and the optimiser state are finite."""
         optimizer_state = graphs.portable_optimizer_state(self.optimizer)  # alike with and without --cuda-graph
-        tensors = [*self.learner.parameters(), *_tensors(optimizer_state["state"])]
+        tensors = [*self.learner.parameters(), *(t for _, t in named_tensors(optimizer_state["state"]))]
         if not _all_finite(tensors):  # the same on every rank: the parameters are the same
             raise self._diverged("the parameters or the optimiser state became non-finite (not saved)", iteration)
         if self.ctx.distributed:
@@ -397,16 +398,6 @@ def _check_memory(cfg: Config, local_tasks: int, device) -> None:
     check_memory(f"one meta-batch of --meta-batch {cfg.meta_batch} ({local_tasks} in this process) tasks of {what}"
                  f" and --inner-steps {cfg.inner_steps}", needed, device)
     evaluation_group(cfg, cfg.eval_tasks, "--eval-tasks", device)
-
-
-def _tensors(tree) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _tensors(v)]
-    if isinstance(tree, (list, tuple)):
-        return [t for v in tree for t in _tensors(v)]
-    return []
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
