@@ -60,12 +60,14 @@ the locations of a convolution (``docs/design.md`` §2).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +89,24 @@ def param_key(layer: str, what: str) -> str:
     return f"{layer}.{what}" if layer else what
 
 
+@contextlib.contextmanager
+def autograd_enabled():
+    """Gradients on, also under ``torch.no_grad()`` or ``torch.inference_mode()``: the inner
+    loop and K-FAC's g rows are gradients even when the caller only evaluates."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def normal_tensor(t: Tensor) -> Tensor:
+    """``t``, cloned into an ordinary tensor if it was made under inference mode (autograd
+    cannot save inference tensors for backward). Call inside :func:`autograd_enabled`.
+    Under ``torch.compile`` it is always cloned: Dynamo cannot trace ``is_inference()`` (a
+    graph break), and a clone is what an inference tensor needs (a support set: cheap)."""
+    if torch.compiler.is_compiling():
+        return t.clone()
+    return t.clone() if t.is_inference() else t
+
+
 @dataclass
 class LayerRecord:
     """Rows of one call of an adapted layer for K-FAC: ``a`` [tasks, rows, d_in] (the inputs,
@@ -97,16 +117,35 @@ class LayerRecord:
     a: Tensor
     s: Tensor
     bias: bool
-    kind: str = "linear"  # "linear": s is [tasks, rows, d_out]; "conv": s is [N, tasks·C_out, H, W]
-    tasks: int = 0
+    kind: LayerKind
+    tasks: int
 
     def g_rows(self, grad_s: Tensor) -> Tensor:
         """Reshape ∂loss/∂s to rows [tasks, rows, d_out] matching ``a``."""
-        if self.kind == "linear":
-            return grad_s
-        N, T = grad_s.shape[0], self.tasks
-        C = grad_s.shape[1] // T
-        return grad_s.reshape(N, T, C, -1).permute(1, 0, 3, 2).reshape(T, -1, C)
+        return self.kind.g_rows(grad_s, self.tasks)
+
+
+class LayerRows(NamedTuple):
+    """K-FAC's rows of one adapted layer, from all its calls: the inputs ``a`` [tasks, rows,
+    d_in] and the gradients ``g`` [tasks, rows, d_out] of the loss with respect to its
+    outputs, a row being an (example, location) pair; ``record`` is its first call's."""
+
+    record: LayerRecord
+    a: Tensor
+    g: Tensor
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def bias(self) -> bool:
+        return self.record.bias
+
+    @property
+    def c(self) -> float:
+        """c of c·A⊗G: the rows of a task (examples × locations), as A and G are means over them."""
+        return float(self.g.shape[1])
 
 
 class _Call:
@@ -149,7 +188,7 @@ def _linear(call: _Call, name: str, module: nn.Linear, x: Tensor) -> Tensor:
         xt = x.view(T, -1, d_in) if x.is_contiguous() else x.reshape(T, -1, d_in)
     s = xt @ w.mT if b is None else torch.baddbmm(b.unsqueeze(1), xt, w.mT)
     if call.record:
-        call.records.append(LayerRecord(name, xt, s, b is not None, "linear", T))
+        call.records.append(LayerRecord(name, xt, s, b is not None, LINEAR, T))
     if call.example_major:
         return s.reshape(T, N, -1, s.shape[-1]).transpose(0, 1).reshape(*x.shape[:-1], s.shape[-1])
     return s.view(-1, s.shape[-1]) if x.dim() == 2 else s.view(*x.shape[:-1], s.shape[-1])
@@ -182,8 +221,56 @@ def _conv2d(call: _Call, name: str, module: nn.Conv2d, x: Tensor) -> Tensor:
             x, padding = F.pad(x, _same_padding(module)), 0
         patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # [N·T, D, L]
         a = patches.reshape(N, T, *patches.shape[1:]).permute(1, 0, 3, 2).reshape(T, -1, patches.shape[1])
-        call.records.append(LayerRecord(name, a, y, b is not None, "conv", T))
+        call.records.append(LayerRecord(name, a, y, b is not None, CONV2D, T))
     return y.reshape(N * T, -1, *y.shape[2:])
+
+
+def _conv_g_rows(grad_s: Tensor, tasks: int) -> Tensor:
+    """∂loss/∂s of a convolution, [N, tasks·C_out, H', W'], as rows [tasks, N·H'·W', C_out]."""
+    N, C = grad_s.shape[0], grad_s.shape[1] // tasks
+    return grad_s.reshape(N, tasks, C, -1).permute(1, 0, 3, 2).reshape(tasks, -1, C)
+
+
+def _check_groups(name: str, module: nn.Conv2d) -> None:
+    if module.groups != 1:
+        raise TypeError(f"fastlaplace: {_describe(name, module)} is a grouped convolution (groups={module.groups}), "
+                        "which cannot be adapted (its K-FAC block is not one Kronecker product); exclude it with "
+                        "adapt= (it then stays shared and meta-learned)")
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """A type of layer that MAML can adapt per task: a row of :data:`LAYER_KINDS`.
+
+    ``forward(call, name, module, x)`` stands in for the module's forward with per-task
+    weights (and records its K-FAC rows when the call records them); ``g_rows(grad_s, tasks)``
+    turns ∂loss/∂s, s being the outputs as the stand-in made them, into rows [tasks, rows,
+    d_out] matching ``a``; ``example_major``: the stand-in needs the examples ordered
+    example-major (see the module's docstring); ``own``: the methods a subclass must not
+    override (the stand-in would bypass them); ``check(name, module)`` refuses a module of
+    the type that cannot be adapted.
+    """
+
+    module: type[nn.Module]
+    forward: Callable[..., Tensor]
+    g_rows: Callable[[Tensor, int], Tensor]
+    example_major: bool = False
+    own: tuple[str, ...] = ("forward",)
+    check: Callable[[str, nn.Module], None] | None = None
+
+
+LINEAR = LayerKind(nn.Linear, _linear, lambda grad_s, tasks: grad_s)  # s is already [tasks, rows, d_out]
+CONV2D = LayerKind(nn.Conv2d, _conv2d, _conv_g_rows, example_major=True, own=("forward", "_conv_forward"),
+                   check=_check_groups)
+LAYER_KINDS: tuple[LayerKind, ...] = (LINEAR, CONV2D)
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The row of :data:`LAYER_KINDS` that ``module`` is an instance of (None: not adaptable)."""
+    for kind in LAYER_KINDS:
+        if isinstance(module, kind.module):
+            return kind
+    return None
 
 
 def _conv_grouped(x: Tensor, w: Tensor, b: Tensor | None, tasks: int, stride, padding, dilation) -> Tensor:
@@ -338,7 +425,8 @@ class TaskBatchedNetwork:
                                     "batch statistics would mix the tasks of a meta-batch")
                 self.norms.append((name, module))
         self.has_batchnorm = bool(self.norms)
-        self.example_major = self.has_batchnorm or any(isinstance(m, nn.Conv2d) for _, m in self.adapted)
+        self.kinds = [layer_kind(m) for _, m in self.adapted]
+        self.example_major = self.has_batchnorm or any(kind.example_major for kind in self.kinds)
 
     @property
     def adapted_layers(self) -> list[str]:
@@ -380,8 +468,8 @@ class TaskBatchedNetwork:
         return out.reshape(T, N, *out.shape[1:]), call.records
 
     def _stand_ins(self, call: _Call):
-        return _StandIns(call, [(m, functools.partial(_conv2d if isinstance(m, nn.Conv2d) else _linear, call, n, m))
-                                for n, m in self.adapted]
+        return _StandIns(call, [(m, functools.partial(kind.forward, call, n, m))
+                                for (n, m), kind in zip(self.adapted, self.kinds)]
                          + [(m, functools.partial(_batch_norm, call, n, m)) for n, m in self.norms])
 
 
@@ -419,11 +507,11 @@ class _StandIns:
         return False
 
 
-_STAND_INS = (_linear, _conv2d, _batch_norm)
+_STAND_INS = (*(kind.forward for kind in LAYER_KINDS), _batch_norm)
 
 
 def _select(modules: list[tuple[str, nn.Module]], adapt: Selection) -> list[tuple[str, nn.Module]]:
-    candidates = [(n, m) for n, m in modules if isinstance(m, (nn.Linear, nn.Conv2d))]
+    candidates = [(n, m) for n, m in modules if layer_kind(m) is not None]
     if adapt is None:
         return candidates
     if callable(adapt) and not isinstance(adapt, (str, nn.Module)):
@@ -448,13 +536,12 @@ def _select(modules: list[tuple[str, nn.Module]], adapt: Selection) -> list[tupl
 
 
 def _check_adaptable(name: str, module: nn.Module) -> None:
-    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
-    own = [f for f in ("forward", "_conv_forward") if getattr(type(module), f, None) is not getattr(base, f, None)]
+    kind = layer_kind(module)
+    base = kind.module
+    own = [f for f in kind.own if getattr(type(module), f, None) is not getattr(base, f, None)]
     if own:
         raise TypeError(f"fastlaplace: {_describe(name, module)} is a {base.__name__} with its own {own[0]}, which "
                         "cannot run with per-task weights; exclude it with adapt= (it then stays shared and "
                         "meta-learned)")
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        raise TypeError(f"fastlaplace: {_describe(name, module)} is a grouped convolution (groups={module.groups}), "
-                        "which cannot be adapted (its K-FAC block is not one Kronecker product); exclude it with "
-                        "adapt= (it then stays shared and meta-learned)")
+    if kind.check is not None:
+        kind.check(name, module)

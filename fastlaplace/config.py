@@ -1,5 +1,6 @@
-"""Every setting of a training run, defined once: the :class:`Config` dataclass, each data
-set's defaults, the checks, and the command-line flags of ``python -m fastlaplace.train``.
+"""Every setting of a training run, defined once: the :class:`Config` dataclass, the checks,
+and the command-line flags of ``python -m fastlaplace.train``. Each data set's defaults are
+its :class:`fastlaplace.datasets.DatasetSpec`'s.
 
 Each field of :class:`Config` carries its flag's help text (and choices, metavar, nargs) in
 its metadata, and what a resumed run may do with it; :func:`add_arguments` builds the flags
@@ -20,29 +21,12 @@ from pathlib import Path
 from types import UnionType
 
 from .cli import MAXIMA, UsageError, check_device, check_seed, positive_float, positive_int
+from .datasets import DATASETS
+from .methods import METHODS
+from .models import MODELS
 from .options import ConvStrategy, FisherType, LogdetMethod, choices
 
-METHODS = ("maml", "fomaml", "llama")
-DATASETS = ("sinusoid", "digits", "omniglot", "miniimagenet")
-MODELS = ("mlp", "conv4", "resnet12")  # mlp: sinusoid only; conv4, resnet12: image data sets
 LOGDET_METHODS = choices(LogdetMethod)
-IMAGE_DATASETS_ON_DISK = ("omniglot", "miniimagenet")  # the ones read from --data-root
-IMAGE_SHAPES = {"digits": (1, 16, 16), "omniglot": (1, 28, 28), "miniimagenet": (3, 84, 84)}  # as the readers give
-
-# Each data set's defaults: the paper's (miniImageNet), Finn et al.'s (Omniglot), ours (digits).
-DATASET_DEFAULTS: dict[str, dict] = {
-    "sinusoid": dict(iterations=10000, meta_batch=25, meta_lr=1e-3, inner_lr=0.01, inner_steps=1,
-                     test_inner_steps=[1, 10], eta=1e-6, tau=1e-3, model="mlp"),
-    "miniimagenet": dict(iterations=60000, meta_batch=4, meta_lr=1e-3, inner_lr=0.01, inner_steps=5,
-                         test_inner_steps=[10], ways=5, shots=1, query=15, eta=1e-6, tau=1e-3, filters=64,
-                         model="conv4"),
-    "omniglot": dict(iterations=60000, meta_batch=32, meta_lr=1e-3, inner_lr=0.4, inner_steps=1,
-                     test_inner_steps=[3], ways=5, shots=1, query=1, eta=1e-6, tau=1e-3, filters=64,
-                     model="conv4"),
-    "digits": dict(iterations=1000, meta_batch=4, meta_lr=1e-3, inner_lr=0.1, inner_steps=3,
-                   test_inner_steps=[5], ways=5, shots=1, query=5, eta=1e-6, tau=1e-3, filters=32,
-                   model="conv4"),
-}
 
 # What ``--resume`` does with a setting (the field's ``resume`` metadata):
 SAME = "same"  # the default: it defines the problem, so it must equal the saved run's
@@ -65,10 +49,12 @@ def setting(default=None, help: str = "", *, group: str, metavar: str | None = N
 
 @dataclass
 class Config:
-    """Every setting of a run; ``None`` means the data set's default (DATASET_DEFAULTS)."""
+    """Every setting of a run; ``None`` means the data set's default (its ``DatasetSpec``)."""
 
-    dataset: str = setting("sinusoid", "the task distribution", group="problem", choices=DATASETS)
-    method: str = setting("llama", "maml, fomaml (first-order MAML) or llama", group="problem", choices=METHODS)
+    dataset: str = setting("sinusoid", "the task distribution (fastlaplace.datasets)", group="problem",
+                           choices=DATASETS)
+    method: str = setting("llama", "the meta-learner: fomaml is first-order MAML (fastlaplace.methods)",
+                          group="problem", choices=METHODS)
     iterations: int | None = setting(None, "meta-training iterations", group="meta-training", metavar="N",
                                      resume=MAY_CHANGE)
     meta_batch: int | None = setting(None, "tasks per meta-batch, all processes together", group="meta-training",
@@ -116,8 +102,8 @@ class Config:
     query: int | None = setting(None, "query images per class", group="images", metavar="Q")
     filters: int | None = setting(None, "Conv4 filters (32 or 64); ResNet-12: the first block's width F (widths "
                                         "F, 2.5F, 5F, 10F; 64 gives 64-160-320-640)", group="images", metavar="N")
-    model: str | None = setting(None, "the network: conv4 or resnet12 for images, mlp for sinusoid", group="problem",
-                                choices=MODELS)
+    model: str | None = setting(None, "the network: conv4 or resnet12 for images, mlp for sinusoid (each data set "
+                                      "names those it accepts)", group="problem", choices=MODELS)
     allow_pickle: bool = setting(False, "read miniImageNet's pickle files (loading a pickle can run code: only "
                                         "files you trust)", group="images", resume=FROM_USER)
     overwrite: bool = setting(False, "start a new run in DIR although it holds another run's results.json, "
@@ -126,12 +112,12 @@ class Config:
 
     def resolved(self) -> Config:
         """The data set's defaults filled in and the output folder named, then checked."""
-        if self.dataset not in DATASETS:
-            raise UsageError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.method not in METHODS:
-            raise UsageError(f"method must be one of {METHODS}, got {self.method!r}")
+        for registry in (DATASETS, METHODS):
+            if getattr(self, registry.option) not in registry:
+                raise UsageError(f"{registry.option} must be one of {tuple(registry)}, got "
+                                 f"{getattr(self, registry.option)!r}")
         values = dataclasses.asdict(self)
-        for key, default in DATASET_DEFAULTS[self.dataset].items():
+        for key, default in DATASETS[self.dataset].settings().items():
             if values.get(key) is None:
                 values[key] = default
         cfg = Config(**values)
@@ -156,7 +142,7 @@ class Config:
         for f in dataclasses.fields(self):
             allowed = f.metadata["choices"]
             if allowed is not None and getattr(self, f.name) not in allowed:
-                raise UsageError(f"{flag(f.name)} must be one of {allowed}, got {getattr(self, f.name)!r}")
+                raise UsageError(f"{flag(f.name)} must be one of {tuple(allowed)}, got {getattr(self, f.name)!r}")
         lo_hi = self.x_range
         if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or not lo_hi[0] < lo_hi[1]:
             raise UsageError(f"--x-range must be two finite numbers LO < HI, got {lo_hi!r}")
@@ -165,14 +151,16 @@ class Config:
             raise UsageError(f"--cuda-graph needs --device cuda (CUDA graphs exist only on a GPU), got {self.device!r}")
         check_seed("--seed", self.seed)
         check_seed("eval_seed", self.eval_seed)
-        if (self.model == "mlp") != (self.dataset == "sinusoid"):
-            raise UsageError(f"--model {self.model!r} is not for {self.dataset}: use "
-                             + ("mlp" if self.dataset == "sinusoid" else "conv4 or resnet12"))
-        if self.dataset != "sinusoid":
+        spec = DATASETS[self.dataset]
+        if self.model not in spec.models:
+            raise UsageError(f"--model {self.model!r} is not for {self.dataset}: use {' or '.join(spec.models)}")
+        # The episode sizes: set by the data sets that use them (their defaults), else unused.
+        if self.ways is not None:
             positive_int("--ways", self.ways, 2, MAXIMA["ways"])
-            for name in ("shots", "query", "filters"):
+        for name in ("shots", "query", "filters"):
+            if getattr(self, name) is not None:
                 positive_int(flag(name), getattr(self, name), 1, MAXIMA[name])
-        if self.dataset in IMAGE_DATASETS_ON_DISK and not self.data_root:
+        if spec.data_root and not self.data_root:
             raise UsageError(f"--data-root is required for {self.dataset} (see README: Data)")
 
     def batch_memory(self, tasks: int, steps: int, graph: bool = True) -> tuple[str, int]:
@@ -183,17 +171,7 @@ class Config:
         the support set and the one over the query set are kept for the meta-gradient; without
         (evaluation) one pass at a time. Meta-training on sinusoids with 10⁵ support points
         measures 2.0 times this bound for MAML and 3.4 times for LLAMA."""
-        if self.dataset == "sinusoid":  # 1-40-40-1: 81 units
-            support, query, per_example, params = self.support, self.query_points, 2 + 2 * 81, 1761
-            what = f"--support {self.support} + --query-points {self.query_points} points"
-        else:
-            channels, height, width = IMAGE_SHAPES[self.dataset]
-            support, query = self.ways * self.shots, self.ways * self.query
-            # the first convolution's output at full resolution; 9·C·F + 3·9·F² weights in Conv4
-            per_example = channels * height * width + 2 * self.filters * height * width
-            params = 9 * self.filters * (channels + 3 * self.filters)
-            what = (f"--ways {self.ways} × (--shots {self.shots} + --query {self.query}) images, "
-                    f"--filters {self.filters}")
+        what, support, query, per_example, params = DATASETS[self.dataset].footprint(self)
         passes = support * max(steps, 1) + query if graph else max(support, query)
         return what, 4 * (3 * params + tasks * passes * per_example)
 
@@ -259,9 +237,10 @@ def config_from_dict(values, source: str) -> Config:
     if not isinstance(values, dict):
         raise UsageError(f"{source} must be a JSON object of settings, got {type(values).__name__}")
     check_types(values, source)
-    if "model" not in values and values.get("dataset", "sinusoid") in DATASET_DEFAULTS:
+    dataset = values.get("dataset", Config.dataset)
+    if "model" not in values and dataset in DATASETS:
         # saved before the model was a setting: the data set's default network was used
-        values = {**values, "model": DATASET_DEFAULTS[values.get("dataset", "sinusoid")]["model"]}
+        values = {**values, "model": DATASETS[dataset].models[0]}
     return Config(**values)
 
 
@@ -311,7 +290,7 @@ def _default_text(f: dataclasses.Field) -> str:
 
 def _dataset_defaults_text(name: str) -> str:
     """Each data set's default of a field whose own default is ``None``."""
-    per_set = {d: v[name] for d, v in DATASET_DEFAULTS.items() if name in v}
+    per_set = {d: spec.settings()[name] for d, spec in DATASETS.items() if name in spec.settings()}
     if not per_set:
         return ""
     shown = {d: _show(v) for d, v in per_set.items()}

@@ -14,33 +14,13 @@ per-row gradients ``g`` of the negative log likelihood with respect to its outpu
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .batched import LayerRecord, TaskBatchedNetwork
+from .batched import LayerRecord, LayerRows, TaskBatchedNetwork, autograd_enabled, normal_tensor
 from .options import FisherType, Likelihood, LogdetMethodLike, parse
-
-
-@contextlib.contextmanager
-def autograd_enabled():
-    """Gradients on, also under ``torch.no_grad()`` or ``torch.inference_mode()``: the inner
-    loop and K-FAC's g rows are gradients even when the caller only evaluates."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
-def normal_tensor(t: Tensor) -> Tensor:
-    """``t``, cloned into an ordinary tensor if it was made under inference mode (autograd
-    cannot save inference tensors for backward). Call inside :func:`autograd_enabled`.
-    Under ``torch.compile`` it is always cloned: Dynamo cannot trace ``is_inference()`` (a
-    graph break), and a clone is what an inference tensor needs (a support set: cheap)."""
-    if torch.compiler.is_compiling():
-        return t.clone()
-    return t.clone() if t.is_inference() else t
 
 
 def _fisher_loss(out: Tensor, y: Tensor, likelihood: Likelihood, fisher: FisherType,
@@ -78,9 +58,9 @@ def layer_rows(
     fisher: str = "auto",
     create_graph: bool = True,
     generator: torch.Generator | None = None,
-) -> list[tuple[LayerRecord, Tensor, Tensor]]:
-    """(record, a rows, g rows) of every adapted layer, for the first ``y.shape[1]`` examples
-    (a layer called more than once: the rows of all its calls, concatenated).
+) -> list[LayerRows]:
+    """The rows of every adapted layer, for the first ``y.shape[1]`` examples (a layer called
+    more than once: the rows of all its calls, concatenated).
 
     ``out`` and ``records`` come from one recorded forward pass, which may hold more
     examples than ``y`` (LLAMA runs support and query sets through one pass when the
@@ -103,7 +83,7 @@ def layer_rows(
         g_parts.append(g)
     # A layer called several times (shared weights) has its rows from every call, as KFC has
     # those of every location of a convolution.
-    return [(record, a[0] if len(a) == 1 else torch.cat(a, 1), g[0] if len(g) == 1 else torch.cat(g, 1))
+    return [LayerRows(record, a[0] if len(a) == 1 else torch.cat(a, 1), g[0] if len(g) == 1 else torch.cat(g, 1))
             for record, a, g in layers.values()]
 
 
@@ -116,7 +96,7 @@ def support_rows(
     fisher: str = "auto",
     create_graph: bool = True,
     generator: torch.Generator | None = None,
-) -> list[tuple[LayerRecord, Tensor, Tensor]]:
+) -> list[LayerRows]:
     """:func:`layer_rows` of the support set (x, y) at per-task parameters ``params``."""
     with autograd_enabled():
         x, y = normal_tensor(x), normal_tensor(y)
@@ -126,12 +106,11 @@ def support_rows(
     return layer_rows(out, records, y, likelihood, fisher, create_graph, generator)
 
 
-def rows_logdet(rows: list[tuple[LayerRecord, Tensor, Tensor]], tau: float,
-                method: LogdetMethodLike = "factored") -> Tensor:
+def rows_logdet(rows: list[LayerRows], tau: float, method: LogdetMethodLike = "factored") -> Tensor:
     """log det Ĥ per task [tasks]: Σ over layers of log det(c·A⊗G + τI), with c the layer's
     number of rows (examples × locations)."""
     total = None
-    for record, a, g in rows:
-        logdet = ops.kfac_logdet(a, g, float(g.shape[1]), tau, method, bias=record.bias, check=False)
+    for layer in rows:
+        logdet = ops.kfac_logdet(layer.a, layer.g, layer.c, tau, method, bias=layer.bias, check=False)
         total = logdet if total is None else total + logdet
     return total

@@ -33,9 +33,11 @@ process group ``torch.distributed`` holds.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +139,19 @@ def shutdown() -> None:
 
         barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device="cpu", timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Iterator[Context]:
+    """:func:`init` for the length of a block, which leaves the group (:func:`shutdown`) at its
+    end if the block joined it; one already joined is left to whoever joined it. On an error
+    the group is left to the process's end: other ranks may still be in a collective, and
+    ``torchrun`` ends them."""
+    joins = from_env().distributed and not _initialized()
+    ctx = init(device, timeout)
+    yield ctx
+    if joins:
+        shutdown()
 
 
 def _initialized() -> bool:

@@ -59,7 +59,7 @@ class GraphStep:
     """One meta-iteration of ``learner`` and ``optimizer`` (Adam), captured on the first batch.
 
     ``step(batch)`` replays it on a new batch of the same shapes; ``read()`` returns the
-    last iteration's (loss, mean query loss, mean log det) and whether everything stayed
+    last iteration's (loss, mean query loss, mean log det or None) and whether everything stayed
     finite since the previous read. Capturing runs two warm-up iterations (they allocate
     Adam's state and the libraries' workspaces) and then puts the parameters, the optimiser
     state and the generator back as they were: the results equal the uncaptured step's.
@@ -101,6 +101,7 @@ class GraphStep:
         parts = self.learner.meta_objective(*self.inputs, generator=self.generator)
         parts.loss.backward()
         loss = parts.loss.detach()
+        self.has_logdet = parts.logdet is not None  # a learner's objective has one or not, at every step
         logdet = loss.new_zeros(()) if parts.logdet is None else parts.logdet.detach().mean()
         self.summary.copy_(torch.stack([loss, parts.query_loss.detach().mean(), logdet]))
         any_nonfinite([loss.reshape(1), *(p.grad for p in self.params if p.grad is not None)], self.found)
@@ -143,9 +144,10 @@ class GraphStep:
         self.turn ^= 1
         self.graph.replay()
 
-    def read(self) -> tuple[float, float, float, bool]:
-        """(loss, mean query loss, mean log det) of the last iteration, and whether every loss
-        and gradient since the previous read was finite: one host synchronisation."""
+    def read(self) -> tuple[float, float, float | None, bool]:
+        """(loss, mean query loss, mean log det: None without one) of the last iteration, and
+        whether every loss and gradient since the previous read was finite: one host
+        synchronisation."""
         loss, query_loss, logdet, found = torch.cat([self.summary, self.found]).tolist()
         self.found.zero_()
-        return loss, query_loss, logdet, found == 0
+        return loss, query_loss, logdet if self.has_logdet else None, found == 0

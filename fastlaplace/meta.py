@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .batched import TaskBatchedNetwork, param_key
-from .curvature import autograd_enabled, layer_rows, normal_tensor, rows_logdet, support_rows
+from .batched import TaskBatchedNetwork, autograd_enabled, normal_tensor, param_key
+from .curvature import layer_rows, rows_logdet, support_rows
 from .options import FisherType, LogdetMethod, Loss, Prior, parse, posterior_method
 from .posterior import LaplacePosterior, LayerPosterior
 from .prior import direction_precisions, first_order_tau, inner_loss_scale

@@ -1,20 +1,21 @@
 """The networks of the paper's experiments (``nn.Sequential`` modules) and the few-shot
-ResNet-12. Any other ``nn.Module`` works with :class:`fastlaplace.MAML` and
-:class:`fastlaplace.LLAMA` as well (README: "Bring your own network")."""
+ResNet-12, and :data:`MODELS`, the networks of ``python -m fastlaplace.train --model NAME``.
+Any other ``nn.Module`` works with :class:`fastlaplace.MAML` and :class:`fastlaplace.LLAMA`
+as well (README: "Bring your own network")."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .options import Registry
+
 
 def sinusoid_mlp(hidden: int = 40) -> nn.Sequential:
     """The sinusoid regression network of Finn et al. (2017): 1-40-40-1 with ReLU."""
-    return nn.Sequential(
-        nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
-    )
+    return _mlp((1,), 1, hidden)
 
 
 def conv4(in_channels: int = 3, num_classes: int = 5, image_size: int = 84, filters: int = 64) -> nn.Sequential:
@@ -104,3 +105,33 @@ def resnet12(in_channels: int = 3, num_classes: int = 5, widths: Sequence[int] =
 def resnet12_widths(filters: int) -> tuple[int, int, int, int]:
     """ResNet-12 widths scaled from the first block's: (F, 2.5F, 5F, 10F); 64 gives 64-160-320-640."""
     return filters, 5 * filters // 2, 5 * filters, 10 * filters
+
+
+# ---------------------------------------------------------------------------- --model
+Builder = Callable[[tuple[int, ...], int, int | None], nn.Module]
+MODELS: Registry[Builder] = Registry("model")
+"""``--model NAME``: a builder ``(example_shape, outputs, width) -> nn.Module`` per name, for
+a problem's example shape (``(1,)`` for a number, ``(C, H, W)`` for an image), its outputs
+(classes) and the width ``--filters`` (``None``: the network's own)."""
+
+
+def _mlp(example_shape: tuple[int, ...], outputs: int, width: int | None) -> nn.Module:
+    """1-40-40-1 for sinusoids: two hidden layers of ``width`` (default 40) units."""
+    (features,) = example_shape
+    hidden = width or 40
+    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, outputs))
+
+
+def _conv4(example_shape: tuple[int, ...], outputs: int, width: int | None) -> nn.Module:
+    channels, size, _ = example_shape
+    return conv4(channels, outputs, size, width or 64)
+
+
+def _resnet12(example_shape: tuple[int, ...], outputs: int, width: int | None) -> nn.Module:
+    return resnet12(example_shape[0], outputs, resnet12_widths(width or 64))
+
+
+MODELS.register("mlp", _mlp)
+MODELS.register("conv4", _conv4)
+MODELS.register("resnet12", _resnet12)

@@ -1,15 +1,23 @@
-"""Every named option of the library, once: enums whose values are the strings users pass.
+"""Every named option of the library, once: enums whose values are the strings users pass,
+and the :class:`Registry` of the open sets of names (data sets, methods, networks).
 
-Each option is a ``str`` enum, so ``LogdetMethod.EXACT == "exact"`` and either spelling is
-accepted wherever an option is taken. :func:`parse` is the one check: it turns a string or
-a member into the member, or raises a ``ValueError`` that names the option and lists its
-choices. :func:`choices` gives the strings for argparse and configuration checks.
+Each closed option is a ``str`` enum, so ``LogdetMethod.EXACT == "exact"`` and either
+spelling is accepted wherever an option is taken. :func:`parse` is the one check: it turns
+a string or a member into the member, or raises a ``ValueError`` that names the option and
+lists its choices. :func:`choices` gives the strings for argparse and configuration checks.
+
+The sets that grow (``--dataset``, ``--method``, ``--model``) are registries instead: a
+name and its entry are registered beside the entry's code (``fastlaplace.datasets``,
+``fastlaplace.methods``, ``fastlaplace.models``), and every program asks the registry, so a
+new entry needs no other change. A registry is its own list of choices (argparse's
+``choices=`` and ``in`` see the entries registered so far).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from enum import Enum
-from typing import Literal, TypeVar
+from typing import Generic, Literal, TypeVar
 
 
 class Option(str, Enum):
@@ -80,6 +88,7 @@ PriorLike = Prior | Literal["early_stopping", "early_stopping_first_order"]
 ConvStrategyLike = ConvStrategy | Literal["grouped", "loop", "auto"]
 
 E = TypeVar("E", bound=Option)
+T = TypeVar("T")
 
 
 def choices(kind: type[Option]) -> tuple[str, ...]:
@@ -109,3 +118,41 @@ def posterior_method(prior: Prior | None, method: LogdetMethod | None, default: 
                              "use prior='early_stopping_first_order' with the factored method")
         return LogdetMethod.EXACT
     return method or default
+
+
+class Registry(Generic[T]):
+    """Entries by name, in the order registered: ``registry[name]`` (a ``ValueError`` that
+    names the option and lists the names) and :meth:`register`. Iterating gives the names."""
+
+    def __init__(self, option: str):
+        self.option = option  # how users name the choice, e.g. "dataset"
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str, entry: T) -> T:
+        """Add ``entry`` under ``name`` (a new name: a second entry of one name is refused)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {self.option} is registered under a non-empty string, got {name!r}")
+        if name in self._entries:
+            raise ValueError(f"{self.option} {name!r} is already registered")
+        self._entries[name] = entry
+        return entry
+
+    def __getitem__(self, name: object) -> T:
+        if name not in self:
+            raise ValueError(f"{self.option} must be one of {tuple(self)}, got {name!r}")
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self) -> list[tuple[str, T]]:
+        return list(self._entries.items())
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))

@@ -12,6 +12,7 @@ import torch
 
 from .cli import MAXIMA, check_output, check_seed, errors_as_messages, positive_float, positive_int
 from .config import LOGDET_METHODS
+from .datasets import DATASETS
 from .meta import LLAMA
 from .runs import METRICS, checkpoint_inputs, load_for_evaluation, read_metrics, run_files
 from .uncertainty import calibrate
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.steps is not None:
                 positive_int("--steps", args.steps, 0, MAXIMA["inner_steps"])
             check_seed("--seed", args.seed)
-            needs = dict(device="cpu", datasets=("sinusoid",),
+            drawable = tuple(name for name, spec in DATASETS.items() if args.figure in spec.figures)
+            needs = dict(device="cpu", datasets=drawable,
                          purpose="the posterior figure needs a LLAMA sinusoid checkpoint")
             learner, problem, _ = load_for_evaluation(args.checkpoint, **needs)
             if not isinstance(learner, LLAMA) or not hasattr(problem, "tasks"):

@@ -2,20 +2,23 @@
 
 A problem samples meta-batches ``(x_support, y_support, x_query, y_query)`` shaped
 [tasks, examples, ...] from a split ("train", "val", "test") with an explicit generator,
-so that a run is reproducible and resumable from the generator's state.
+so that a run is reproducible and resumable from the generator's state. A task family is a
+subclass of :class:`Problem`; the data sets of ``--dataset`` are built from them in
+:mod:`fastlaplace.datasets`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .data.episodes import EpisodeSampler
 from .data.sinusoid import SinusoidTasks
-from .models import conv4, resnet12, resnet12_widths, sinusoid_mlp
+from .models import MODELS
+from .options import Loss
 
 
 class Batch(NamedTuple):
@@ -31,15 +34,52 @@ class Batch(NamedTuple):
                        for t in self))
 
 
-@dataclass
-class SinusoidProblem:
-    tasks: SinusoidTasks
-    loss: str = "mse"
-    metric_name: str = "mse"
-    higher_is_better: bool = False
+class Problem:
+    """A task family: what the programs ask of a problem. A subclass sets the class
+    attributes and ``model`` (a name in :data:`fastlaplace.models.MODELS`), and defines
+    :meth:`sample`, :meth:`metric` and the network's sizes (:attr:`example_shape`,
+    :attr:`outputs`, :attr:`width`)."""
+
+    loss: ClassVar[Loss]  # the learner's inner and query loss
+    metric_name: ClassVar[str]  # the test metric's name in results and reports
+    higher_is_better: ClassVar[bool]
+    model: str
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        """The shape of one example's input: the network's input, without the batch dimension."""
+        raise NotImplementedError
+
+    @property
+    def outputs(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def width(self) -> int | None:
+        """``--filters``: the network's width (``None``: the network's own)."""
+        return None
 
     def build_model(self) -> nn.Module:
-        return sinusoid_mlp()
+        return MODELS[self.model](self.example_shape, self.outputs, self.width)
+
+    def sample(self, split: str, tasks: int, generator: torch.Generator) -> Batch:
+        raise NotImplementedError
+
+    @staticmethod
+    def metric(out: Tensor, y: Tensor) -> Tensor:
+        """The metric of each task [tasks] for outputs [tasks, examples, ...] and targets ``y``."""
+        raise NotImplementedError
+
+
+@dataclass
+class SinusoidProblem(Problem):
+    tasks: SinusoidTasks
+    model: str = "mlp"
+    loss: ClassVar[Loss] = Loss.MSE
+    metric_name: ClassVar[str] = "mse"
+    higher_is_better: ClassVar[bool] = False
+    example_shape = (1,)
+    outputs = 1
 
     def sample(self, split: str, tasks: int, generator: torch.Generator) -> Batch:
         b = self.tasks.sample(tasks, generator)
@@ -51,7 +91,7 @@ class SinusoidProblem:
 
 
 @dataclass
-class ImageProblem:
+class ImageProblem(Problem):
     """N-way K-shot classification episodes from per-split class pools."""
 
     splits: dict[str, EpisodeSampler]
@@ -60,16 +100,21 @@ class ImageProblem:
     ways: int
     filters: int = 64
     model: str = "conv4"  # or "resnet12" (widths F, 2.5F, 5F, 10F with F = filters)
-    loss: str = "cross_entropy"
-    metric_name: str = "accuracy"
-    higher_is_better: bool = True
+    loss: ClassVar[Loss] = Loss.CROSS_ENTROPY
+    metric_name: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
 
-    def build_model(self) -> nn.Module:
-        if self.model == "resnet12":
-            return resnet12(self.in_channels, self.ways, resnet12_widths(self.filters))
-        if self.model != "conv4":
-            raise ValueError(f"model must be 'conv4' or 'resnet12', got {self.model!r}")
-        return conv4(self.in_channels, self.ways, self.image_size, self.filters)
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return self.in_channels, self.image_size, self.image_size
+
+    @property
+    def outputs(self) -> int:
+        return self.ways
+
+    @property
+    def width(self) -> int | None:
+        return self.filters
 
     def sample(self, split: str, tasks: int, generator: torch.Generator) -> Batch:
         if split not in self.splits:

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from .cli import UsageError, check_device, one_line, refuse_inputs
-from .config import IMAGE_DATASETS_ON_DISK, USER_ONLY, Config, config_from_dict, read_settings
-from .data.loaders import image_problem
-from .data.sinusoid import SinusoidTasks
-from .meta import LLAMA, MAML
-from .problems import SinusoidProblem
+from .config import USER_ONLY, Config, config_from_dict, read_settings
+from .datasets import DATASETS
+from .meta import MAML
+from .methods import METHODS
+from .options import Loss
 
 FORMAT = 1
 CHECKPOINT, SETTINGS, METRICS, RESULTS = "checkpoint.pt", "config.json", "metrics.jsonl", "results.json"
@@ -265,22 +265,12 @@ def settings(given: dict, config_file: str | None = None, resume: bool = False) 
 
 def make_problem(cfg: Config):
     """The task distribution, network and metric of a (resolved) configuration."""
-    if cfg.dataset == "sinusoid":
-        tasks = SinusoidTasks(x_range=tuple(cfg.x_range), support=cfg.support, query=cfg.query_points)
-        return SinusoidProblem(tasks)
-    return image_problem(cfg.dataset, cfg.data_root, cfg.ways, cfg.shots, cfg.query, cfg.filters, cfg.seed,
-                         allow_pickle=cfg.allow_pickle, model=cfg.model)
+    return DATASETS[cfg.dataset].problem(cfg)
 
 
-def make_learner(cfg: Config, model: torch.nn.Module) -> MAML:
-    """MAML, first-order MAML or LLAMA around ``model``, as configured."""
-    # The inputs come from the problem's own samplers: no finite check (a host sync on CUDA).
-    common = dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, conv_strategy=cfg.conv_strategy,
-                  check_finite=False,
-                  loss="mse" if cfg.dataset == "sinusoid" else "cross_entropy")
-    if cfg.method == "llama":
-        return LLAMA(model, eta=cfg.eta, tau=cfg.tau, logdet_method=cfg.logdet_method, fisher=cfg.fisher, **common)
-    return MAML(model, first_order=cfg.method == "fomaml", **common)
+def make_learner(cfg: Config, model: torch.nn.Module, loss: Loss) -> MAML:
+    """The configured method's learner around ``model``, with the problem's ``loss``."""
+    return METHODS[cfg.method](model, loss, cfg)
 
 
 def build(cfg: Config, device: str | None = None):
@@ -290,7 +280,7 @@ def build(cfg: Config, device: str | None = None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = problem.build_model()
-    return problem, make_learner(cfg, model).to(device or cfg.device)
+    return problem, make_learner(cfg, model, problem.loss).to(device or cfg.device)
 
 
 def load_for_evaluation(checkpoint: str, device: str | None = None, data_root: str | None = None,
@@ -304,6 +294,11 @@ def load_for_evaluation(checkpoint: str, device: str | None = None, data_root: s
     attacker put there."""
     state = read_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"], f"the configuration in {checkpoint}")
+    for registry in (DATASETS, METHODS):
+        name = getattr(cfg, registry.option)
+        if name not in registry:
+            raise UsageError(f"{checkpoint} is a run of the {registry.option} {name!r}, which is not registered here "
+                             f"(known: {', '.join(registry)}): import the module that registers it first")
     if datasets is not None and cfg.dataset not in datasets:
         raise UsageError(f"{checkpoint} is a {cfg.dataset} run: {purpose}")
     if device:
@@ -313,7 +308,7 @@ def load_for_evaluation(checkpoint: str, device: str | None = None, data_root: s
             check_device(cfg.device)
         except UsageError as exc:
             raise UsageError(f"{checkpoint} was trained on {cfg.device!r} ({exc}): pass --device cpu") from exc
-    if cfg.dataset in IMAGE_DATASETS_ON_DISK and not data_root:
+    if DATASETS[cfg.dataset].data_root and not data_root:
         raise UsageError(f"{checkpoint} is a {cfg.dataset} run: pass --data-root with the folder of its data "
                          f"(the folder the checkpoint names, {cfg.data_root!r}, is only used when you pass it)")
     cfg.data_root, cfg.allow_pickle = data_root, allow_pickle

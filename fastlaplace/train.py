@@ -39,7 +39,6 @@ import torch
 from . import distributed, graphs
 from .cli import EXPECTED, UsageError, check_memory, errors_as_messages, one_line
 from .config import (
-    IMAGE_DATASETS_ON_DISK,
     Config,
     add_arguments,
     check_resumable,
@@ -47,6 +46,7 @@ from .config import (
     given,
     resumed_changes,
 )
+from .datasets import DATASETS
 from .evaluate import evaluate, evaluation_group
 from .progress import progress_bar
 from .runs import (
@@ -78,18 +78,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, evaluate_at_
     ctx = distributed.from_env()
     if not resume:  # before joining the others (a resumed run's settings come from rank 0: checked then)
         distributed.local_tasks(cfg.meta_batch, ctx.world_size)
-    owned = ctx.distributed and not distributed._initialized()
-    ctx = distributed.init(cfg.device)
-    if ctx.distributed:  # rank 0's settings (its --resume read them from its output folder)
-        cfg = distributed.broadcast_object(cfg)
-    # On an error the process group is left to the process's end: other ranks may still be
-    # in a collective, and torchrun ends them.
-    with Trainer.restore_or_start(cfg, ctx, resume) as trainer:
-        stopped_at = trainer.run(progress)
-        result = {"stopped_at": stopped_at} if stopped_at is not None else trainer.finish(evaluate_at_end, progress)
-    if owned:
-        distributed.shutdown()
-    return result
+    with distributed.session(cfg.device) as ctx:
+        if ctx.distributed:  # rank 0's settings (its --resume read them from its output folder)
+            cfg = distributed.broadcast_object(cfg)
+        with Trainer.restore_or_start(cfg, ctx, resume) as trainer:
+            stopped_at = trainer.run(progress)
+            return {"stopped_at": stopped_at} if stopped_at is not None else trainer.finish(evaluate_at_end, progress)
 
 
 class Step(NamedTuple):
@@ -139,7 +133,7 @@ class Trainer:
                                  f"fastlaplace.evaluate {used})")
 
         def open_run():
-            if cfg.dataset in IMAGE_DATASETS_ON_DISK and Path(cfg.out).resolve() == Path(cfg.data_root).resolve():
+            if DATASETS[cfg.dataset].data_root and Path(cfg.out).resolve() == Path(cfg.data_root).resolve():
                 # A run's folder of its own (a subfolder of the data is fine: no file names are shared).
                 raise UsageError(f"--out {cfg.out!r} is the data folder --data-root: choose a folder for the run")
             latest = open_output(Path(cfg.out), resume, cfg.overwrite, accept)
@@ -269,7 +263,7 @@ class Trainer:
         if not finite:
             raise self._diverged("the meta-loss or meta-gradient became non-finite (--cuda-graph reads them at "
                                  "each logged iteration)", iteration)
-        return Step(loss, query_loss, None if self.cfg.method != "llama" else logdet, stop.stop)
+        return Step(loss, query_loss, logdet, stop.stop)
 
     def log(self, iteration: int, step: Step, metrics, seconds: float) -> None:
         """Rank 0, every ``log_every`` iterations and at the last: a line of metrics.jsonl and

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from fastlaplace import train as train_mod
-from fastlaplace.config import DATASET_DEFAULTS, RESUMABLE_CHANGES, USER_ONLY, Config, add_arguments, check_types, given
+from fastlaplace.config import RESUMABLE_CHANGES, USER_ONLY, Config, add_arguments, check_types, given
+from fastlaplace.datasets import DATASETS
 
 
 def help_text() -> str:
@@ -25,7 +26,7 @@ def test_every_field_has_its_flag_and_help():
             assert flag in text and f.metadata["help"].split()[0] in text, f.name
         else:
             assert flag not in text
-    # The help names each data set's default, from DATASET_DEFAULTS itself.
+    # The help names each data set's default, from the data sets' specs themselves.
     assert "sinusoid 10000" in text and "miniimagenet 60000" in text and "digits 1000" in text
 
 
@@ -51,7 +52,7 @@ def test_precedence_command_line_over_file_over_data_set_defaults(tmp_path):
     path.write_text(json.dumps({"dataset": "digits", "meta_lr": 0.5, "iterations": 7}))
     cfg = train_mod.parse_args(["--config", str(path), "--meta-lr", "0.1"])[0].resolved()
     assert (cfg.meta_lr, cfg.iterations) == (0.1, 7)
-    assert cfg.inner_steps == DATASET_DEFAULTS["digits"]["inner_steps"] and cfg.filters == 32
+    assert cfg.inner_steps == DATASETS["digits"].defaults["inner_steps"] and cfg.filters == 32
 
 
 def test_resume_reads_the_saved_settings_under_those_given(tmp_path):

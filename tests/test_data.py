@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from fastlaplace.config import Config
 from fastlaplace.data import EpisodeSampler, ImageClasses, SinusoidTasks
 from fastlaplace.data.images import DataLayoutError, read_digits, read_miniimagenet, read_omniglot
-from fastlaplace.data.loaders import image_problem
+from fastlaplace.datasets import DATASETS
 
 
 def write_png(path, array):
@@ -120,8 +121,13 @@ def test_episode_sampler():
         EpisodeSampler(classes, ways=5, shots=4, query=3)
 
 
+def image_problem(dataset: str, **settings):
+    """The data set's problem, built as a run of these settings builds it."""
+    return DATASETS[dataset].problem(Config(dataset=dataset, **settings).resolved())
+
+
 def test_image_problem_digits():
-    problem = image_problem("digits", None, ways=5, shots=1, query=2, filters=8)
+    problem = image_problem("digits", ways=5, shots=1, query=2, filters=8)
     batch = problem.sample("test", 3, torch.Generator().manual_seed(0))
     assert batch.x_support.shape == (3, 5, 1, 16, 16) and batch.y_query.shape == (3, 10)
     model = problem.build_model()
@@ -229,17 +235,17 @@ def test_miniimagenet_malformed_pickle(tmp_path, images, class_dict, message):
 
 def test_pickles_need_an_explicit_opt_in_or_a_conversion(tmp_path, capsys):
     from fastlaplace.data import convert
-    from fastlaplace.data.loaders import read_splits
+    from fastlaplace.data.loaders import miniimagenet_splits
 
     write_mini_pickles(tmp_path)
     with pytest.raises(DataLayoutError, match="--allow-pickle.*python -m fastlaplace.data.convert"):
-        read_splits("miniimagenet", str(tmp_path))
+        miniimagenet_splits(str(tmp_path))
     convert.main([str(tmp_path)])
-    splits = read_splits("miniimagenet", str(tmp_path))  # from the converted cache, no pickle read
+    splits = miniimagenet_splits(str(tmp_path))  # from the converted cache, no pickle read
     assert splits["test"].num_classes == 6 and splits["test"].images.shape == (12, 3, 84, 84)
     write_mini_pickles(tmp_path, test_size=32)  # the pickles changed: the cache is stale, pickles refused again
     with pytest.raises(DataLayoutError, match="--allow-pickle"):
-        read_splits("miniimagenet", str(tmp_path))
+        miniimagenet_splits(str(tmp_path))
 
 
 def test_split_of_another_image_size_fails_before_training(tmp_path):
@@ -255,9 +261,9 @@ def test_split_of_another_image_size_fails_before_training(tmp_path):
 def test_split_with_too_few_classes_is_named(tmp_path):
     write_mini_pickles(tmp_path)
     with pytest.raises(DataLayoutError, match="train split: 8-way episodes need at least 8 classes"):
-        image_problem("miniimagenet", str(tmp_path), ways=8, shots=1, query=1, filters=4, allow_pickle=True)
+        image_problem("miniimagenet", data_root=str(tmp_path), ways=8, shots=1, query=1, filters=4, allow_pickle=True)
     with pytest.raises(DataLayoutError, match="train split: .* fewer than shots \\+ query = 3"):
-        image_problem("miniimagenet", str(tmp_path), ways=5, shots=1, query=2, filters=4, allow_pickle=True)
+        image_problem("miniimagenet", data_root=str(tmp_path), ways=5, shots=1, query=2, filters=4, allow_pickle=True)
 
 
 @pytest.mark.parametrize("name", ["../secret.png", "../../secret.png", "{abs}", "sub/../../secret.png", "."])
@@ -282,20 +288,20 @@ def test_malformed_csv_rows(tmp_path, content):
 
 
 def test_decoded_cache_is_validated_and_invalidated(tmp_path, capsys):
-    from fastlaplace.data.loaders import read_splits
+    from fastlaplace.data.loaders import miniimagenet_splits
 
     make_mini_csv(tmp_path, classes=2, per_class=2)
     cache = tmp_path / "fastlaplace-miniimagenet-84.pt"
-    first = read_splits("miniimagenet", str(tmp_path))
+    first = miniimagenet_splits(str(tmp_path))
     assert cache.exists()
     # a cache of the wrong shape or of malformed labels is ignored and rebuilt
     state = torch.load(cache, weights_only=True)
     state["splits"]["train"]["labels"] = torch.tensor([0, 7, 1, 1])
     torch.save(state, cache)
-    assert torch.equal(read_splits("miniimagenet", str(tmp_path))["train"].labels, first["train"].labels)
+    assert torch.equal(miniimagenet_splits(str(tmp_path))["train"].labels, first["train"].labels)
     torch.save({"source": state["source"], "splits": {"train": {"images": torch.zeros(3, 84, 84),
                                                               "labels": torch.zeros(3)}}}, cache)
-    assert read_splits("miniimagenet", str(tmp_path))["train"].images.shape == (4, 3, 84, 84)
+    assert miniimagenet_splits(str(tmp_path))["train"].images.shape == (4, 3, 84, 84)
     # a cache that would run code is not executed
     marker = tmp_path / "pwned"
 
@@ -304,10 +310,10 @@ def test_decoded_cache_is_validated_and_invalidated(tmp_path, capsys):
             return (open, (str(marker), "w"))
 
     torch.save({"x": Payload()}, cache)
-    read_splits("miniimagenet", str(tmp_path))
+    miniimagenet_splits(str(tmp_path))
     assert not marker.exists()
     assert "note:" in capsys.readouterr().err
     # images gone after caching: the cache is stale and the missing image is reported
     next((tmp_path / "images").glob("test*")).unlink()
     with pytest.raises(DataLayoutError, match="missing"):
-        read_splits("miniimagenet", str(tmp_path))
+        miniimagenet_splits(str(tmp_path))

@@ -142,8 +142,8 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, module):
 
 def test_miniimagenet_defaults_are_the_papers():
     """Section 5.2: Conv4 with 64 filters, 5 inner steps of α = 0.01, η = 1e-6, τ = 1e-3."""
-    from fastlaplace.config import DATASET_DEFAULTS
-    d = DATASET_DEFAULTS["miniimagenet"]
+    from fastlaplace.datasets import DATASETS
+    d = DATASETS["miniimagenet"].settings()
     assert (d["filters"], d["inner_steps"], d["inner_lr"], d["eta"], d["tau"]) == (64, 5, 0.01, 1e-6, 1e-3)
 
 
