@@ -1,0 +1,110 @@
+"""Data sets, methods and networks are registries that every program asks: no module of the
+package outside the registries compares a run's settings with one of their names, and a data
+set of a new task family and a new method, registered from outside the package
+(tests/toy_registrations.py), run end to end from the command line."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastlaplace.datasets import DATASETS
+from fastlaplace.methods import METHODS
+from fastlaplace.models import MODELS
+from fastlaplace.options import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "fastlaplace"
+REGISTRIES = {PACKAGE / "datasets.py", PACKAGE / "methods.py", PACKAGE / "models.py"}  # where the names live
+NAMES = {*DATASETS, *METHODS, *MODELS}
+
+
+def switches(source: str, names: set[str]) -> list[int]:
+    """Lines that compare with a registered name: ``== "sinusoid"``, ``!= "llama"``,
+    ``in ("omniglot", "miniimagenet")``, ``case "mlp":``."""
+    def named(node) -> bool:
+        elements = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return any(isinstance(e, ast.Constant) and e.value in names for e in elements)
+
+    compared = []  # (line, operand)
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            compared += [(node.lineno, n) for n in (node.left, *node.comparators)]
+        elif isinstance(node, ast.MatchValue):
+            compared.append((node.lineno, node.value))
+    return sorted({line for line, operand in compared if named(operand)})
+
+
+def test_no_string_switch_on_a_registered_name():
+    found = [f"{path.relative_to(ROOT)}:{line}" for path in sorted(PACKAGE.rglob("*.py")) if path not in REGISTRIES
+             for line in switches(path.read_text(), NAMES)]
+    assert not found, f"compared with a data set, method or model name (ask the registry instead): {found}"
+
+
+def test_the_switch_finder_finds_switches():
+    source = ('if cfg.dataset == "sinusoid": pass\nif "llama" != m: pass\nok = cfg.x in ("a", "b")\n'
+              'if d in ("omniglot", "digits"): pass\nmatch m:\n    case "mlp": pass\n')
+    assert switches(source, {"sinusoid", "llama", "omniglot", "mlp"}) == [1, 2, 4, 6]
+
+
+def test_a_registry_names_its_choices():
+    things = Registry("thing")
+    things.register("one", 1)
+    things.register("two", 2)
+    assert (list(things), len(things), things["two"], "one" in things, ["x"] in things) == (["one", "two"], 2, 2,
+                                                                                          True, False)
+    with pytest.raises(ValueError, match=r"thing must be one of \('one', 'two'\), got 'three'"):
+        things["three"]
+    with pytest.raises(ValueError, match="thing 'one' is already registered"):
+        things.register("one", 3)
+    with pytest.raises(ValueError, match="non-empty string"):
+        things.register("", 3)
+
+
+def test_the_registries_hold_the_programs_choices():
+    assert list(DATASETS) == ["sinusoid", "digits", "omniglot", "miniimagenet"]
+    assert list(METHODS) == ["maml", "fomaml", "llama"]
+    assert list(MODELS) == ["mlp", "conv4", "resnet12"]
+    for name, spec in DATASETS.items():
+        assert set(spec.models) <= set(MODELS), name
+        assert spec.loss is spec.family.loss
+
+
+def run(*args: str, registrations: bool = True) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` from the repository root, after importing the toy registrations."""
+    module, *rest = args
+    code = f"import runpy; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    if registrations:
+        code = "import toy_registrations; " + code
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.run([sys.executable, "-c", code, *rest], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_a_new_data_set_and_method_train_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    train = run("fastlaplace.train", "--dataset", "lines", "--method", "anil", "--iterations", "6",
+                "--eval-tasks", "8", "--log-every", "2", "--out", str(out), "--no-progress")
+    assert train.returncode == 0, train.stderr
+    assert "test mse after 1 inner step(s)" in train.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert (results["dataset"], results["method"], results["metric"]) == ("lines", "anil", "mse")
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["model"], saved["iterations"], saved["test_inner_steps"]) == ("mlp", 6, [0, 1])  # its defaults
+    # The learner took its loss from the problem (mean squared error), not from the data set's name.
+    check = ("import toy_registrations; from fastlaplace.runs import load_for_evaluation; "
+             f"learner, problem, cfg = load_for_evaluation({str(out / 'checkpoint.pt')!r}); "
+             "print(type(problem).__name__, learner.loss, learner.net.adapted_layers)")
+    loaded = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+    assert loaded.stdout.split() == ["LinesProblem", "mse", "['4']"], loaded.stderr
+    evaluate = run("fastlaplace.evaluate", str(out / "checkpoint.pt"), "--tasks", "4")
+    assert evaluate.returncode == 0 and "Traceback" not in evaluate.stderr, evaluate.stderr
+    # Without its registration a program says what is missing.
+    unknown = run("fastlaplace.evaluate", str(out / "checkpoint.pt"), registrations=False)
+    assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
+    assert "dataset 'lines', which is not registered here" in unknown.stderr
