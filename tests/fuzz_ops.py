@@ -8,10 +8,10 @@ dtype, strides, values and scalars; about a third of the cases carry one defect 
 dtype, rank or size, a non-finite entry, a bad scalar, a matrix that is not positive
 definite...). The property: a defect raises ValueError or TypeError; a valid case returns
 results (and gradients) that agree with the float64 reference of fastlaplace.reference.
-A few per cent of the cases are the extreme but well-defined inputs of issue 22 (constant
+A few per cent of the cases are the extreme but well-defined inputs that once failed (constant
 rows, exactly rank-deficient rows, extreme scale ratios, stride-0 giants, orders on both
 sides of 64), judged against mpmath by an oracle that accepts NaN only where the value is not
-defined at the inputs' precision (check_edge below). Run on the build before issue 22's fixes
+defined at the inputs' precision (check_edge below). Run on the build before their fixes
 (commit f3037e7), the 2000 cases of seed 0 caught all four of its items 1-4: 59 failures, of
 which 7 derivatives off by up to 1e-2 relative (item 1, constant rows), 13 finite values off by
 up to 173 nats (item 2), 4 inf/NaN values of float32 composite layers (item 3), 11 NaN values
@@ -260,7 +260,7 @@ def check(i: int, rng: random.Random) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------
-# Edge cases (issue 22): well-defined but extreme inputs, checked against mpmath (60 digits,
+# Edge cases: well-defined but extreme inputs, checked against mpmath (60 digits,
 # tests/precision.py). An oracle that knows when a value is defined: each carrier's
 # eigenvalues are moved down by δ = its rounding at the ops' working precision (4·n²·ε·(tr K
 # + λ) in double, a bound on the rounding of forming and factoring it) plus the inputs' own

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fastlaplace"
 DOC = ROOT / "docs" / "architecture.md"
 KERNELS = "fastlaplace._C"  # compiled, not a Python file
-# Named in the table before they exist (issue #14 adds them on other branches); once they
+# Named in the table before they exist (added on other branches); once they
 # exist they are checked like any other module.
 PENDING: set[str] = set()
 
@@ -109,7 +109,7 @@ def test_no_import_cycles():
 
 
 def test_the_programs_do_not_import_train():
-    """The refactoring of issue #14: evaluate, uncertainty and plot rebuild a run through runs."""
+    """A run is rebuilt in one place: evaluate, uncertainty and plot rebuild a run through runs."""
     assert not [n for n, targets in GRAPH.items() if "fastlaplace.train" in targets]
     for program in ("fastlaplace.evaluate", "fastlaplace.uncertainty", "fastlaplace.plot"):
         assert "fastlaplace.runs" in GRAPH[program]

@@ -1,4 +1,4 @@
-"""Bad command lines of every program, as a hostile or careless user types them (issue #22).
+"""Bad command lines of every program, as a hostile or careless user types them.
 
 Each line must end in one ``error: ...`` line (the last line of stderr), a non-zero exit
 status and no traceback, and leave every file that existed before byte-identical. The lines
@@ -8,7 +8,7 @@ few run as real processes from the repository root. ``PYTHONPATH=. python
 tests/test_bad_command_lines.py`` prints a summary of the outcomes instead of failing at the
 first (without ``PYTHONPATH=.``, of the installed fastlaplace).
 
-On the code before issue #22's fixes (f3037e7, under ``ulimit -v 10000000``, 20 s a line) 54
+On the code before their fixes (f3037e7, under ``ulimit -v 10000000``, 20 s a line) 54
 of the first 208 lines failed: 10 tracebacks (7 allocations of huge meta-batches, supports or
 task counts, 2 integers too large for torch, a JSON file nested 100,000 deep), 7 lines that
 changed files (another run's files overwritten, a resume to fewer iterations rewriting the
@@ -136,7 +136,7 @@ LINES = {
     ],
 }
 # Two of the lines above again as real processes started from the repository root (tests/test_cli.py
-# runs the command lines of issue #22 so).
+# runs its hostile command lines so).
 PROCESSES = [("plot", "curves {d}/llama --out {d}/llama/metrics.jsonl"), ("convert", "{d}/llama/checkpoint.pt")]
 
 

@@ -137,13 +137,13 @@ def test_bad_device_in_a_real_process(tmp_path):
     assert_one_error_line(run.stderr)
 
 
-# ---------------------------------------------------------------------------- issue #22's command lines
+# ---------------------------------------------------------------------------- hostile command lines
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A LLAMA sinusoid run at iteration 4 (its previous checkpoint at 2), a tiny digits LLAMA
     run, the sinusoid run's checkpoint with a NaN parameter (valid checksum), and a folder
     holding another run's files but no checkpoint."""
-    d = tmp_path_factory.mktemp("issue22")
+    d = tmp_path_factory.mktemp("hostile")
     train.main(["--iterations", "4", "--meta-batch", "2", "--checkpoint-every", "2", "--eval-tasks", "4",
                 "--out", str(d / "run"), "--no-progress"])
     train.train(Config(dataset="digits", iterations=1, meta_batch=1, filters=2, test_inner_steps=[1], eval_tasks=2,
@@ -158,9 +158,9 @@ def runs(tmp_path_factory):
     return d
 
 
-# The command lines of issue #22, each run from the repository root on its own copy of the runs,
-# all at once (starting Python and torch is most of their time): "program arguments", and what
-# the error line says.
+# Hostile command lines (tests/test_bad_command_lines.py has more), each run from the repository
+# root on its own copy of the runs, all at once (starting Python and torch is most of their
+# time): "program arguments", and what the error line says.
 ISSUE_LINES = dict([
     ("uncertainty {d}/run/checkpoint.pt --json {d}/run/checkpoint.pt", "would overwrite an input"),
     ("train --resume --out {d}/run --iterations 1", "is at iteration 4, past --iterations 1"),

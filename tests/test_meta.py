@@ -159,7 +159,7 @@ def test_conv_learner_batched_equals_one_task_at_a_time(cls):
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 @pytest.mark.parametrize("cls", ["maml", "llama-factored", "llama-exact", "llama-conv"])
 def test_meta_loss_in_evaluation_modes(cls, mode):
-    """A validation loop under no_grad or inference_mode: same value, no graph (issue 12:
+    """A validation loop under no_grad or inference_mode: same value, no graph (once
     LLAMA's one-pass path raised 'element 0 of tensors does not require grad')."""
     torch.manual_seed(0)
     context = getattr(torch, mode)

@@ -1,4 +1,4 @@
-"""The numerical edge cases of issue 22, each against a value computed with mpmath (60 digits,
+"""The numerical edge cases of the ops, each against a value computed with mpmath (60 digits,
 tests/precision.py): a result is either that value to the stated tolerance or NaN (with the
 op's error under check=True) where the arithmetic cannot resolve it (docs/design.md §2).
 tests/fuzz_ops.py draws the same classes of inputs at random."""
