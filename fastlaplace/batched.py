@@ -265,6 +265,11 @@ CONV2D = LayerKind(nn.Conv2d, _conv2d, _conv_g_rows, example_major=True, own=("f
 LAYER_KINDS: tuple[LayerKind, ...] = (LINEAR, CONV2D)
 
 
+def _adaptable() -> str:
+    """The adaptable module types, for messages: "nn.Linear or nn.Conv2d"."""
+    return " or ".join(f"nn.{kind.module.__name__}" for kind in LAYER_KINDS)
+
+
 def layer_kind(module: nn.Module) -> LayerKind | None:
     """The row of :data:`LAYER_KINDS` that ``module`` is an instance of (None: not adaptable)."""
     for kind in LAYER_KINDS:
@@ -402,7 +407,7 @@ class TaskBatchedNetwork:
         self.convs = ConvPlanner(conv_strategy)
         self.adapted: list[tuple[str, nn.Module]] = _select(modules, adapt)
         if not self.adapted:
-            raise ValueError("fastlaplace: adapt selects no layer: at least one nn.Linear or nn.Conv2d must be adapted")
+            raise ValueError(f"fastlaplace: adapt selects no layer: at least one {_adaptable()} must be adapted")
         owners: dict[int, list[str]] = {}
         for name, module in modules:
             for p in module.parameters(recurse=False):
@@ -486,7 +491,7 @@ class _StandIns:
         try:
             for module, fn in self.pairs:
                 previous = module.__dict__.get("forward", _MISSING)
-                if previous is not _MISSING and getattr(previous, "func", None) not in _STAND_INS:
+                if previous is not _MISSING and not _is_stand_in(previous):
                     raise TypeError(f"fastlaplace: {_describe(fn.args[1], module)} has its forward replaced on the "
                                     "instance (by a wrapper or hook library?), which the learner would bypass; "
                                     "exclude it with adapt=, or remove the replacement")
@@ -507,7 +512,10 @@ class _StandIns:
         return False
 
 
-_STAND_INS = (*(kind.forward for kind in LAYER_KINDS), _batch_norm)
+def _is_stand_in(forward) -> bool:
+    """An outer call's stand-in (of any kind in the table, looked up now)."""
+    return getattr(forward, "func", None) in (*(kind.forward for kind in LAYER_KINDS), _batch_norm)
+
 
 
 def _select(modules: list[tuple[str, nn.Module]], adapt: Selection) -> list[tuple[str, nn.Module]]:
@@ -525,12 +533,12 @@ def _select(modules: list[tuple[str, nn.Module]], adapt: Selection) -> list[tupl
     for name in names:
         if name not in by_name:
             known = [n for n, _ in candidates]
-            raise ValueError(f"fastlaplace: adapt names {name!r}, which is not a module of the model; its Linear "
-                             f"and Conv2d layers are {known[:20]}{' ...' if len(known) > 20 else ''}")
+            raise ValueError(f"fastlaplace: adapt names {name!r}, which is not a module of the model; its adaptable "
+                             f"layers ({_adaptable()}) are {known[:20]}{' ...' if len(known) > 20 else ''}")
         inside = [n for n, _ in candidates if n == name or not name or n.startswith(name + ".")]
         if not inside:
             raise ValueError(f"fastlaplace: adapt names {_describe(name, by_name[name])}, which neither is nor "
-                             "contains an nn.Linear or nn.Conv2d: only those can be adapted")
+                             f"contains an {_adaptable()}: only those can be adapted")
         chosen.update(inside)
     return [(n, m) for n, m in candidates if n in chosen]
 

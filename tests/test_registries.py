@@ -1,7 +1,8 @@
-"""Data sets, methods and networks are registries that every program asks: no module of the
-package outside the registries compares a run's settings with one of their names, and a data
+"""Data sets, methods, networks and layer kinds are tables that everything asks: no module of
+the package outside the registries compares a run's settings with one of their names; a data
 set of a new task family and a new method, registered from outside the package
-(tests/toy_registrations.py), run end to end from the command line."""
+(tests/toy_registrations.py), run end to end from the command line; and a new layer kind
+(nn.Conv1d) is one row of batched.LAYER_KINDS."""
 
 import ast
 import json
@@ -11,7 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
+from fastlaplace import LLAMA, batched
+from fastlaplace.batched import LayerKind
 from fastlaplace.datasets import DATASETS
 from fastlaplace.methods import METHODS
 from fastlaplace.models import MODELS
@@ -108,3 +114,65 @@ def test_a_new_data_set_and_method_train_from_the_command_line(tmp_path):
     unknown = run("fastlaplace.evaluate", str(out / "checkpoint.pt"), registrations=False)
     assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
     assert "dataset 'lines', which is not registered here" in unknown.stderr
+
+
+# ---------------------------------------------------------------------------- a new layer kind
+def conv1d(call, name, module, x):
+    """The stand-in of an nn.Conv1d (zero padding): rows [N·T, C, L], example-major, with
+    per-task weights [T, C_out, C, k]; its K-FAC rows are its unfolded patches."""
+    from fastlaplace.batched import LayerRecord, param_key
+
+    T, N = call.tasks, call.examples
+    call.called.add(name)
+    w, b = call.params[param_key(name, "weight")], call.params.get(param_key(name, "bias"))
+    patches = F.unfold(x.unsqueeze(2), (1, module.kernel_size[0]), (1, module.dilation[0]), (0, module.padding[0]),
+                       (1, module.stride[0]))  # [N·T, C·k, L']
+    a = patches.reshape(N, T, *patches.shape[1:]).permute(1, 0, 3, 2).reshape(T, -1, patches.shape[1])
+    s = a @ w.flatten(2).mT if b is None else torch.baddbmm(b.unsqueeze(1), a, w.flatten(2).mT)  # [T, N·L', C_out]
+    if call.record:
+        call.records.append(LayerRecord(name, a, s, b is not None, CONV1D, T))
+    return s.reshape(T, N, -1, s.shape[-1]).permute(1, 0, 3, 2).reshape(N * T, s.shape[-1], -1)
+
+
+CONV1D = LayerKind(nn.Conv1d, conv1d, lambda grad_s, tasks: grad_s, example_major=True,
+                   own=("forward", "_conv_forward"))
+
+
+class Signal(nn.Module):
+    """A convolution over a signal [N, 1, 6] and a linear head; ``as_2d`` runs the same
+    convolution as an nn.Conv2d with a 1×3 kernel on [N, 1, 1, 6] (the oracle)."""
+
+    def __init__(self, as_2d: bool = False):
+        super().__init__()
+        self.as_2d = as_2d
+        self.conv = nn.Conv2d(1, 3, (1, 3), padding=(0, 1)) if as_2d else nn.Conv1d(1, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 6, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x.unsqueeze(2) if self.as_2d else x)).flatten(1))
+
+
+def test_a_new_layer_kind_is_one_row_of_the_table(monkeypatch):
+    """nn.Conv1d, adapted per task once its row is in batched.LAYER_KINDS: the inner loop,
+    log det Ĥ and the meta-gradient equal those of the same convolution as an nn.Conv2d."""
+    torch.manual_seed(0)
+    one_d = Signal().double()
+    two_d = Signal(as_2d=True).double()
+    with torch.no_grad():
+        two_d.conv.weight.copy_(one_d.conv.weight.unsqueeze(2))
+        two_d.conv.bias.copy_(one_d.conv.bias)
+        two_d.head.load_state_dict(one_d.head.state_dict())
+    xs, xq = torch.randn(2, 3, 4, 1, 6, dtype=torch.float64)
+    ys, yq = torch.randn(2, 3, 4, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"\(Conv1d\), which neither is nor contains an nn.Linear or nn.Conv2d"):
+        LLAMA(one_d, adapt=["conv"])
+    monkeypatch.setattr(batched, "LAYER_KINDS", (*batched.LAYER_KINDS, CONV1D))
+    results = []
+    for model in (one_d, two_d):
+        learner = LLAMA(model, inner_lr=0.1, inner_steps=2, tau=0.5, eta=0.1)
+        assert learner.net.adapted_layers == ["conv", "head"]
+        parts = learner.meta_objective(xs, ys, xq, yq)
+        parts.loss.backward()
+        results.append((parts.query_loss, parts.logdet, model.conv.weight.grad.flatten(), model.head.weight.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
