@@ -71,23 +71,29 @@ class Problem:
         raise NotImplementedError
 
 
-@dataclass
-class SinusoidProblem(Problem):
-    tasks: SinusoidTasks
-    model: str = "mlp"
-    loss: ClassVar[Loss] = Loss.MSE
-    metric_name: ClassVar[str] = "mse"
-    higher_is_better: ClassVar[bool] = False
+class RegressionProblem(Problem):
+    """Regression of one number on one number under a mean squared error, with the MLP by
+    default (a task family: a subclass samples its tasks)."""
+
+    loss = Loss.MSE
+    metric_name = "mse"
+    higher_is_better = False
     example_shape = (1,)
     outputs = 1
-
-    def sample(self, split: str, tasks: int, generator: torch.Generator) -> Batch:
-        b = self.tasks.sample(tasks, generator)
-        return Batch(b.x_support, b.y_support, b.x_query, b.y_query)
 
     @staticmethod
     def metric(out: Tensor, y: Tensor) -> Tensor:
         return (out - y).pow(2).flatten(1).mean(1)
+
+
+@dataclass
+class SinusoidProblem(RegressionProblem):
+    tasks: SinusoidTasks
+    model: str = "mlp"
+
+    def sample(self, split: str, tasks: int, generator: torch.Generator) -> Batch:
+        b = self.tasks.sample(tasks, generator)
+        return Batch(b.x_support, b.y_support, b.x_query, b.y_query)
 
 
 @dataclass
@@ -100,9 +106,9 @@ class ImageProblem(Problem):
     ways: int
     filters: int = 64
     model: str = "conv4"  # or "resnet12" (widths F, 2.5F, 5F, 10F with F = filters)
-    loss: ClassVar[Loss] = Loss.CROSS_ENTROPY
-    metric_name: ClassVar[str] = "accuracy"
-    higher_is_better: ClassVar[bool] = True
+    loss = Loss.CROSS_ENTROPY
+    metric_name = "accuracy"
+    higher_is_better = True
 
     @property
     def example_shape(self) -> tuple[int, ...]:

@@ -3,8 +3,8 @@ the package as ``docs/architecture.md`` ("Where things go") says: importing this
 all it takes for ``python -m fastlaplace.train --dataset lines --method anil`` (see
 tests/test_registries.py, which runs it from the command line).
 
-- ``lines``: regression on random lines y = a·x + b (a new task family: a ``Problem``
-  subclass, with its loss, metric and network), one ``DATASETS`` entry.
+- ``lines``: regression on random lines y = a·x + b (its own ``Problem`` class, which
+  takes the loss, metric and network of the regression family), one ``DATASETS`` entry.
 - ``anil``: MAML adapting only the network's last linear layer (Raghu et al. 2020), one
   ``METHODS`` entry.
 """
@@ -12,40 +12,30 @@ tests/test_registries.py, which runs it from the command line).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from fastlaplace import MAML
 from fastlaplace.datasets import DATASETS, DatasetSpec, mlp_footprint
 from fastlaplace.methods import METHODS, inner_loop
 from fastlaplace.options import Loss
-from fastlaplace.problems import Batch, Problem
+from fastlaplace.problems import Batch, RegressionProblem
 
 
 @dataclass
-class LinesProblem(Problem):
+class LinesProblem(RegressionProblem):
     """Tasks y = a·x + b with a, b uniform in [-2, 2], x uniform in [-5, 5]."""
 
     support: int
     query: int
     model: str = "mlp"
-    loss: ClassVar[Loss] = Loss.MSE
-    metric_name: ClassVar[str] = "mse"
-    higher_is_better: ClassVar[bool] = False
-    example_shape = (1,)
-    outputs = 1
 
     def sample(self, split: str, tasks: int, generator: torch.Generator) -> Batch:
         slope, offset = torch.rand(2, tasks, 1, 1, generator=generator) * 4 - 2
         x = torch.rand(tasks, self.support + self.query, 1, generator=generator) * 10 - 5
         y = slope * x + offset
         return Batch(x[:, :self.support], y[:, :self.support], x[:, self.support:], y[:, self.support:])
-
-    @staticmethod
-    def metric(out: Tensor, y: Tensor) -> Tensor:
-        return (out - y).pow(2).flatten(1).mean(1)
 
 
 def anil(model: nn.Module, loss: Loss, cfg) -> MAML:
