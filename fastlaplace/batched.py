@@ -33,9 +33,10 @@ tensor with the examples in dimension 0.
 
 **What is adapted** (``docs/design.md`` §1, §2; the README's "Bring your own network"):
 
-- By default every ``nn.Linear`` and ``nn.Conv2d`` of the model; ``adapt=`` selects a
-  subset: module names (a container's name selects the Linear and Conv2d layers inside it),
-  or a predicate ``(name, module) -> bool`` called on each Linear and Conv2d. The inner
+- By default every ``nn.Linear`` and ``nn.Conv2d`` of the model (the types of the layer-kind
+  table :data:`LAYER_KINDS`, one row each); ``adapt=`` selects a subset: module names (a
+  container's name selects the Linear and Conv2d layers inside it), or a predicate
+  ``(name, module) -> bool`` called on each Linear and Conv2d. The inner
   loop, the Laplace term and the posterior cover the selected layers only; the others run
   with θ (meta-learned, not adapted).
 - BatchNorm's scale and shift are meta-learned, never adapted, never in the Fisher (paper
