@@ -102,8 +102,8 @@ class Config:
     query: int | None = setting(None, "query images per class", group="images", metavar="Q")
     filters: int | None = setting(None, "Conv4 filters (32 or 64); ResNet-12: the first block's width F (widths "
                                         "F, 2.5F, 5F, 10F; 64 gives 64-160-320-640)", group="images", metavar="N")
-    model: str | None = setting(None, "the network: conv4 or resnet12 for images, mlp for sinusoid (each data set "
-                                      "names those it accepts)", group="problem", choices=MODELS)
+    model: str | None = setting(None, "the network (fastlaplace.models), one that the data set accepts: mlp for "
+                                      "sinusoid, conv4 or resnet12 for images", group="problem", choices=MODELS)
     allow_pickle: bool = setting(False, "read miniImageNet's pickle files (loading a pickle can run code: only "
                                         "files you trust)", group="images", resume=FROM_USER)
     overwrite: bool = setting(False, "start a new run in DIR although it holds another run's results.json, "
