@@ -37,6 +37,7 @@ from .datasets import DATASETS
 from .meta import MAML
 from .methods import METHODS
 from .options import Loss
+from .problems import Problem
 
 FORMAT = 1
 CHECKPOINT, SETTINGS, METRICS, RESULTS = "checkpoint.pt", "config.json", "metrics.jsonl", "results.json"
@@ -263,9 +264,14 @@ def settings(given: dict, config_file: str | None = None, resume: bool = False) 
     return Config(**values)
 
 
-def make_problem(cfg: Config):
+def make_problem(cfg: Config) -> Problem:
     """The task distribution, network and metric of a (resolved) configuration."""
-    return DATASETS[cfg.dataset].problem(cfg)
+    spec = DATASETS[cfg.dataset]
+    problem = spec.problem(cfg)
+    if not isinstance(problem, spec.family):  # its loss would not be the one the spec declares
+        raise TypeError(f"the data set {cfg.dataset!r} built a {type(problem).__name__}, but its DatasetSpec's "
+                        f"family is {spec.family.__name__}")
+    return problem
 
 
 def make_learner(cfg: Config, model: torch.nn.Module, loss: Loss) -> MAML:

@@ -80,6 +80,21 @@ def test_the_registries_hold_the_programs_choices():
         assert spec.loss is spec.family.loss
 
 
+def test_a_spec_whose_problem_is_not_of_its_family_is_refused(monkeypatch):
+    """The learner's loss is the problem's: a spec that declares one family and builds another is an error."""
+    from dataclasses import replace
+
+    from fastlaplace import runs
+    from fastlaplace.config import Config
+    from fastlaplace.problems import ImageProblem
+
+    datasets = Registry("dataset")
+    datasets.register("sinusoid", replace(DATASETS["sinusoid"], family=ImageProblem))
+    monkeypatch.setattr(runs, "DATASETS", datasets)
+    with pytest.raises(TypeError, match="built a SinusoidProblem, but its DatasetSpec's family is ImageProblem"):
+        runs.make_problem(Config().resolved())
+
+
 def run(*args: str, registrations: bool = True) -> subprocess.CompletedProcess:
     """``python -m MODULE ARGS`` from the repository root, after importing the toy registrations."""
     module, *rest = args
