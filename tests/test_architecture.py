@@ -123,3 +123,27 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     assert imports("fastlaplace.evaluate", path, known) == known
     (tmp_path / "__init__.py").write_text("from .. import cli\nfrom ..runs import build\n")
     assert imports("fastlaplace.data", tmp_path / "__init__.py", known) == {"fastlaplace.cli", "fastlaplace.runs"}
+
+
+def test_where_things_go_names_what_exists():
+    """The recipes of "Where things go" stay true to the code: every file they name exists
+    (in the repository or the package) and every ``module.name`` resolves."""
+    import importlib
+
+    recipes = DOC.read_text().split("## Where things go", 1)[1]
+    missing = []
+    for token in sorted(set(re.findall(r"`([^`]+)`", recipes))):
+        if "*" in token:
+            continue
+        if re.fullmatch(r"[\w./-]+/|[\w./-]+\.(py|h|cpp|md)", token):
+            if not ((ROOT / token).exists() or (PACKAGE / token).exists()):
+                missing.append(token)
+            continue
+        dotted = re.fullmatch(r"(\w+)\.([\w.]+)(\(\))?", token)
+        if dotted and f"fastlaplace.{dotted[1]}" in MODULES:
+            target = importlib.import_module(f"fastlaplace.{dotted[1]}")
+            for attr in dotted[2].split("."):
+                target = getattr(target, attr, None)
+            if target is None:
+                missing.append(token)
+    assert not missing, f"{DOC.name}, 'Where things go', names what does not exist: {missing}"
