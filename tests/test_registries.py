@@ -95,19 +95,20 @@ def test_a_spec_whose_problem_is_not_of_its_family_is_refused(monkeypatch):
         runs.make_problem(Config().resolved())
 
 
-def run(*args: str, registrations: bool = True) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` from the repository root, after importing the toy registrations."""
-    module, *rest = args
-    code = f"import runpy; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+def run(module: str, *args: str, registrations: bool = True, then: str = "") -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` from the repository root, after importing the toy
+    registrations, followed by the Python code ``then``."""
+    code = f"import runpy; runpy.run_module({module!r}, run_name='__main__', alter_sys=True); {then}"
     if registrations:
         code = "import toy_registrations; " + code
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    return subprocess.run([sys.executable, "-c", code, *rest], cwd=ROOT, capture_output=True, text=True,
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
 
 
 def test_a_new_data_set_and_method_train_from_the_command_line(tmp_path):
-    out = tmp_path / "run"
+    out, checkpoint = tmp_path / "run", str(tmp_path / "run" / "checkpoint.pt")
     train = run("fastlaplace.train", "--dataset", "lines", "--method", "anil", "--iterations", "6",
                 "--eval-tasks", "8", "--log-every", "2", "--out", str(out), "--no-progress")
     assert train.returncode == 0, train.stderr
@@ -116,17 +117,17 @@ def test_a_new_data_set_and_method_train_from_the_command_line(tmp_path):
     assert (results["dataset"], results["method"], results["metric"]) == ("lines", "anil", "mse")
     saved = json.loads((out / "config.json").read_text())
     assert (saved["model"], saved["iterations"], saved["test_inner_steps"]) == ("mlp", 6, [0, 1])  # its defaults
-    # The learner took its loss from the problem (mean squared error), not from the data set's name.
-    check = ("import toy_registrations; from fastlaplace.runs import load_for_evaluation; "
-             f"learner, problem, cfg = load_for_evaluation({str(out / 'checkpoint.pt')!r}); "
-             "print(type(problem).__name__, learner.loss, learner.net.adapted_layers)")
-    loaded = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
-    assert loaded.stdout.split() == ["LinesProblem", "mse", "['4']"], loaded.stderr
-    evaluate = run("fastlaplace.evaluate", str(out / "checkpoint.pt"), "--tasks", "4")
+    # Evaluated by the program; the learner took its loss from the problem (mean squared
+    # error), not from the data set's name.
+    evaluate = run("fastlaplace.evaluate", checkpoint, "--tasks", "4",
+                   then="from fastlaplace.runs import load_for_evaluation; "
+                        f"learner, problem, _ = load_for_evaluation({checkpoint!r}); "
+                        "print(type(problem).__name__, learner.loss, learner.net.adapted_layers)")
     assert evaluate.returncode == 0 and "Traceback" not in evaluate.stderr, evaluate.stderr
+    assert "test mse after 1 step(s)" in evaluate.stdout
+    assert evaluate.stdout.split()[-3:] == ["LinesProblem", "mse", "['4']"]
     # Without its registration a program says what is missing.
-    unknown = run("fastlaplace.evaluate", str(out / "checkpoint.pt"), registrations=False)
+    unknown = run("fastlaplace.evaluate", checkpoint, registrations=False)
     assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
     assert "dataset 'lines', which is not registered here" in unknown.stderr
 
