@@ -25,6 +25,8 @@ sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT
     distributed.shutdown()
 
 (or sample the global meta-batch identically on every rank and keep ``shard(batch, ctx)``).
+``with distributed.session("cuda") as ctx:`` joins for a block and leaves at its end the
+group it joined (``python -m fastlaplace.train`` runs so).
 With one process (no ``torchrun``, or ``WORLD_SIZE=1``) nothing here calls
 ``torch.distributed``: :func:`init` returns a one-rank :class:`Context` and
 :func:`average_gradients` returns at once. The module keeps no state of its own beyond the

@@ -151,3 +151,19 @@ def test_context_sharding_and_seeds():
     seeds = {distributed.rank_seed(0, r, i) for r in range(4) for i in range(3)}
     assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
     assert distributed.average_gradients([], torch.ones(2)).tolist() == [1.0, 1.0]  # one process: nothing to do
+
+
+def test_a_session_leaves_only_the_group_it_joined(monkeypatch):
+    """One process: nothing joined, nothing left. A group joined before the session (by the
+    caller's own code) is still there after it."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with distributed.session() as ctx:
+        assert ctx == distributed.Context() and not torch.distributed.is_initialized()
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with distributed.session() as ctx:
+            assert ctx.world_size == 1
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()
