@@ -167,8 +167,9 @@ def public_names(module) -> list[str]:
     """``__all__``, or else the classes and functions the module defines without a leading underscore."""
     if hasattr(module, "__all__"):
         return list(module.__all__)
-    return [n for n, v in vars(module).items() if not n.startswith("_") and (inspect.isclass(v) or inspect.isfunction(v))
-            and v.__module__ == module.__name__]
+    defined = [n for n, v in vars(module).items() if (inspect.isclass(v) or inspect.isfunction(v))
+               and v.__module__ == module.__name__]
+    return [n for n in defined if not n.startswith("_")]
 
 
 def members(cls: type) -> list[tuple[str, object]]:
