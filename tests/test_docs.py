@@ -1,6 +1,6 @@
 """The documentation holds together: the API reference is what its generator writes from
-today's docstrings, and every relative link (with its #anchor) in README.md and docs/*.md
-points at a file, and a heading, that exist."""
+today's docstrings, and every relative link (with its #anchor) in the Markdown files of the
+repository root, docs/ and benchmarks/ points at a file, and a heading, that exist."""
 
 import functools
 import importlib.util
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [*sorted(ROOT.glob("*.md")), *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md"))]
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 
