@@ -62,51 +62,46 @@ def render_doc(doc: str | None) -> list[str]:
     i = 0
     while i < len(lines):
         line = lines[i]
-        block_start = i + 1
-        while block_start < len(lines) and not lines[block_start].strip():
-            block_start += 1
-        indented = block_start < len(lines) and lines[block_start].startswith(" ")
-        if line.strip() and not line.startswith(" ") and line.rstrip().endswith(":") and indented:
-            j = block_start
-            while j < len(lines) and (not lines[j].strip() or lines[j].startswith(" ")):
-                j += 1
-            block = lines[block_start:j]
-            while block and not block[-1].strip():
-                block.pop()
+        after = block_end(lines, i + 1, blank_only=True)
+        if line.startswith(" "):  # an indented block after prose: keep it as written
+            j = block_end(lines, i)
+            out += fenced(lines[i:j])
+        elif line.rstrip().endswith(":") and after < len(lines) and lines[after].startswith(" "):
+            j = block_end(lines, i + 1)
             header = line.rstrip()
             if header[:-1] in SECTIONS:
-                out += [f"**{header[:-1]}**", "", *entries(block), ""]
-            else:
-                out += [inline(header.removesuffix(":") if header.endswith("::") else header), "", "```text",
-                        *inspect.cleandoc("\n".join(block)).splitlines(), "```", ""]
-            i = j
-            continue
-        if re.match(r"[-*] |\d+\. ", line):  # a list item: its indented lines continue it
+                out += [f"**{header[:-1]}**", "", *entries(lines[i + 1:j]), ""]
+            else:  # prose introducing a formula or an example (reST's "::" included)
+                out += [inline(header.removesuffix(":") if header.endswith("::") else header), "",
+                        *fenced(lines[i + 1:j])]
+        elif re.match(r"[-*] |\d+\. ", line):  # a list item: its indented lines continue it
             j = i + 1
             while j < len(lines) and lines[j].startswith(" ") and lines[j].strip():
                 j += 1
             out.append(inline(" ".join(x.strip() for x in lines[i:j])))
-            i = j
-            continue
-        if line.startswith(" "):  # an indented block after prose: keep it as written
-            j = i
-            while j < len(lines) and (not lines[j].strip() or lines[j].startswith(" ")):
-                j += 1
-            out += ["```text", *inspect.cleandoc("\n".join(lines[i:j])).splitlines(), "```", ""]
-            i = j
-            continue
-        out.append(inline(line))
-        i += 1
+        else:
+            j = i + 1
+            out.append(inline(line))
+        i = j
     return [*out, ""]
+
+
+def block_end(lines: list[str], j: int, blank_only: bool = False) -> int:
+    """The index after the blank (and, unless ``blank_only``, indented) lines from ``j``."""
+    while j < len(lines) and (not lines[j].strip() or (not blank_only and lines[j].startswith(" "))):
+        j += 1
+    return j
+
+
+def fenced(block: list[str]) -> list[str]:
+    return ["```text", *inspect.cleandoc("\n".join(block)).strip("\n").splitlines(), "```", ""]
 
 
 def entries(block: list[str]) -> list[str]:
     """Indented ``name: text`` entries (continued on deeper lines) as a Markdown list."""
     base = min(len(b) - len(b.lstrip()) for b in block if b.strip())
     items: list[str] = []
-    for b in block:
-        if not b.strip():
-            continue
+    for b in filter(str.strip, block):
         name, sep, rest = b.strip().partition(": ")
         if len(b) - len(b.lstrip()) == base and sep and re.fullmatch(r"[\w*, ]+", name):
             items.append(f"- `{name}`: {inline(rest)}")
@@ -192,7 +187,7 @@ def render_class(qualified: str, cls: type) -> list[str]:
     else:
         sig = signature(cls)
         out += ["```python", f"class {cls.__name__}{sig if sig is not None else ''}", "```", ""]
-    bases = [b for b in cls.__bases__ if home(b)]
+    bases = [b for b in cls.__bases__ if link_target(b)]
     if bases:
         out += ["Subclass of " + ", ".join(f"[`{b.__name__}`](#{slug(link_target(b))})" for b in bases) + ".", ""]
     out += render_doc(cls.__doc__)
@@ -205,9 +200,17 @@ def render_class(qualified: str, cls: type) -> list[str]:
     return out
 
 
-def link_target(obj: object) -> str:
-    """The heading under which ``obj`` is documented in full."""
-    return f"{home(obj)}.{obj.__name__}"
+def link_target(obj: object) -> str | None:
+    """The heading under which ``obj`` is documented in full: in its own module if that is
+    documented, else in the first documented module that exports it."""
+    if home(obj):
+        return f"{home(obj)}.{obj.__name__}"
+    for name in MODULES:
+        module = importlib.import_module(name)
+        exported = [n for n in public_names(module) if getattr(module, n) is obj]
+        if exported:
+            return f"{name}.{exported[0]}"
+    return None
 
 
 def render_module(name: str) -> list[str]:
@@ -221,7 +224,7 @@ def render_module(name: str) -> list[str]:
             continue
         owner = home(obj)
         if owner and owner != name and (inspect.isclass(obj) or inspect.isfunction(obj)):
-            out += [f"- `{public}`: see [`{owner}.{public}`](#{slug(f'{owner}.{public}')})", ""]
+            out += [f"- `{public}`: see [`{link_target(obj)}`](#{slug(link_target(obj))})", ""]
         elif inspect.isclass(obj):
             out += render_class(f"{name}.{public}", obj)
         elif callable(obj):
