@@ -29,6 +29,8 @@ MODULES = [
     "fastlaplace.ops",
     "fastlaplace.reference",
     "fastlaplace.options",
+    "fastlaplace.datasets",
+    "fastlaplace.methods",
     "fastlaplace.posterior",
     "fastlaplace.theory",
     "fastlaplace.data",

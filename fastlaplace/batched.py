@@ -31,7 +31,7 @@ without a copy. The model's ``forward`` must therefore treat the rows of dimensi
 independent examples (BatchNorm aside, which the stand-in handles); its output must be one
 tensor with the examples in dimension 0.
 
-**What is adapted** (``docs/design.md`` §1, §2; the README's "Bring your own network"):
+**What is adapted** (``docs/design.md`` §1, §2; docs/guide.md, "Bring your own network"):
 
 - By default every ``nn.Linear`` and ``nn.Conv2d`` of the model (the types of the layer-kind
   table :data:`LAYER_KINDS`, one row each); ``adapt=`` selects a subset: module names (a

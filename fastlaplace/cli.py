@@ -45,7 +45,7 @@ def errors_as_messages():
         raise SystemExit(error_text(exc)) from None
 
 
-# The largest value of each size (README: Command line): beyond these a run cannot end in a
+# The largest value of each size (docs/guide.md, "Command line"): beyond these a run cannot end in a
 # useful time or fit in any memory, so a larger value is a typo, not a request.
 MAXIMA = {"iterations": 10**8, "meta_batch": 10**5, "inner_steps": 1000, "test_inner_steps": 1000,
           "eval_tasks": 10**6, "samples": 10**4, "support": 10**6, "query_points": 10**6, "ways": 1000,

@@ -1,7 +1,7 @@
 """The networks of the paper's experiments (``nn.Sequential`` modules) and the few-shot
 ResNet-12, and :data:`MODELS`, the networks of ``python -m fastlaplace.train --model NAME``.
 Any other ``nn.Module`` works with :class:`fastlaplace.MAML` and :class:`fastlaplace.LLAMA`
-as well (README: "Bring your own network")."""
+as well (docs/guide.md, "Bring your own network")."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ refused (nothing is written). A new run refuses a folder holding a checkpoint, o
 run's results, metrics or settings unless ``--overwrite``.
 
 ``torchrun --nproc_per_node N -m fastlaplace.train ...`` splits each meta-batch over N
-processes (Gloo on the CPU, NCCL on CUDA; see :mod:`fastlaplace.distributed` and the README's
+processes (Gloo on the CPU, NCCL on CUDA; see :mod:`fastlaplace.distributed` and docs/guide.md,
 "Multi-GPU and multi-node"): rank 0 alone writes the files above.
 """
 
