@@ -1,7 +1,8 @@
 """Evaluation on new tasks: ``python -m fastlaplace.evaluate CHECKPOINT``.
 
 Reports the metric (MSE or accuracy) after each number of inner steps as mean ± 95%
-confidence interval over tasks (1.96 standard errors), as in the paper's Table 1.
+confidence interval over tasks (1.96 standard errors), as in the paper's Table 1. Tasks whose
+adaptation diverged (a non-finite metric) are counted and reported, not averaged.
 """
 
 from __future__ import annotations
@@ -24,21 +25,39 @@ from .runs import load_for_evaluation
 CHUNK = 100  # tasks drawn at a time (the draws, and so the results, do not depend on the memory)
 
 
+def _number(x: float) -> str:
+    return f"{x:.4f}" if abs(x) < 1e5 else f"{x:.4g}"
+
+
 @dataclass
 class Estimate:
+    """Mean ± 95% confidence interval over tasks. A task whose metric is not finite (its
+    adaptation diverged, e.g. more inner steps than the learner was trained with) is counted
+    in ``diverged`` and left out of the mean, which is then over ``n - diverged`` tasks. The
+    median (of the finite values too) is reported beside the mean: one task that nearly
+    diverged can move the mean by orders of magnitude, the median not."""
+
     mean: float
     ci95: float
     n: int
+    median: float = float("nan")
+    diverged: int = 0
 
     def __str__(self) -> str:
-        return f"{self.mean:.4f} ± {self.ci95:.4f}"
+        text = f"{_number(self.mean)} ± {_number(self.ci95)} (median {_number(self.median)})"
+        if self.diverged:
+            text += f" over the {self.n - self.diverged} finite tasks; {self.diverged} of {self.n} diverged"
+        return text
 
     @classmethod
     def of(cls, values: torch.Tensor) -> Estimate:
-        v = values.double().cpu()
-        n = v.numel()
-        std = float(v.std(unbiased=True)) if n > 1 else float("nan")
-        return cls(float(v.mean()), 1.96 * std / math.sqrt(n), n)
+        v = values.double().cpu().reshape(-1)
+        finite = v[torch.isfinite(v)]
+        m = finite.numel()
+        if m == 0:
+            return cls(float("nan"), float("nan"), v.numel(), float("nan"), v.numel())
+        std = float(finite.std(unbiased=True)) if m > 1 else float("nan")
+        return cls(float(finite.mean()), 1.96 * std / math.sqrt(m), v.numel(), float(finite.median()), v.numel() - m)
 
 
 def evaluate(learner: MAML, problem, steps: list[int], tasks: int = 600, seed: int = 0,

@@ -1,6 +1,7 @@
 """The training loop: resume equivalence, checkpoints, metrics, CLI and configuration errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import torch
 
 from fastlaplace import train as train_mod
 from fastlaplace.config import Config
+from fastlaplace.evaluate import Estimate
 from fastlaplace.problems import SinusoidProblem
 from fastlaplace.runs import load_for_evaluation, read_checkpoint
 from fastlaplace.train import train
@@ -229,3 +231,16 @@ def test_conv_strategy_is_recorded_and_may_change_on_resume(tmp_path):
     train(resumed, resume=True, progress=False, evaluate_at_end=False)
     recorded = json.loads((tmp_path / "run" / "conv_strategy.json").read_text())
     assert recorded["conv_strategy"] == "auto" and list(recorded["layers"]) == ["0", "4", "8", "12"]
+
+
+def test_estimate_counts_diverged_tasks_instead_of_averaging_them():
+    values = torch.tensor([1.0, 2.0, float("inf"), 3.0, float("nan"), 4.0])
+    est = Estimate.of(values)
+    assert (est.n, est.diverged) == (6, 2)
+    assert est.mean == pytest.approx(2.5) and est.median == pytest.approx(2.0)  # lower median of 1..4
+    assert est.ci95 == pytest.approx(1.96 * float(torch.tensor([1.0, 2, 3, 4]).std()) / 2)
+    assert "2 of 6 diverged" in str(est) and "4 finite tasks" in str(est)
+    clean = Estimate.of(torch.tensor([1.0, 3.0]))
+    assert clean.diverged == 0 and "diverged" not in str(clean) and "median 1.0000" in str(clean)
+    gone = Estimate.of(torch.tensor([float("inf")] * 3))
+    assert gone.diverged == 3 and math.isnan(gone.mean)
