@@ -34,6 +34,7 @@ import torch
 from .cli import UsageError, check_device, one_line, refuse_inputs
 from .config import USER_ONLY, Config, config_from_dict, read_settings
 from .datasets import DATASETS
+from .files import atomic_write
 from .meta import MAML
 from .methods import METHODS
 from .options import Loss
@@ -68,26 +69,6 @@ def run_files(folder: str | os.PathLike) -> list[Path]:
 def checkpoint_inputs(*checkpoints: str | None) -> list[Path]:
     """Each checkpoint given and the run files beside it."""
     return [p for c in checkpoints if c for p in (Path(c), *run_files(Path(c).parent))]
-
-
-def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
-    """``write(file)`` to a temporary file, then rename it over ``path`` (after moving the
-    current ``path`` to ``keep_previous``, if given). The temporary file is removed on any
-    failure (a full disk, an interrupt), so nothing half-written remains; an OSError names
-    the file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous is not None and path.exists():
-            os.replace(path, keep_previous)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OSError(f"could not write {path}: {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

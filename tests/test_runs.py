@@ -291,3 +291,20 @@ def test_well_formed_checkpoint_of_another_model_is_a_clear_error(run, tmp_path,
     with pytest.raises(SystemExit) as exc:
         train_mod.main(["--resume", "--out", run.out, "--no-progress"])
     assert str(exc.value.code).startswith("error: ") and "\n" not in str(exc.value.code)
+
+
+def test_atomic_write_never_writes_through_a_planted_link(tmp_path):
+    from fastlaplace.data.images import ImageClasses, write_cache
+    from fastlaplace.files import atomic_write
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    for name in ("results.json", "fastlaplace-digits.pt"):
+        for planted in (f"{name}.tmp", f".{name}.tmp"):  # the old fixed name, and a guess at the new one
+            (tmp_path / planted).symlink_to(victim)
+    atomic_write(tmp_path / "results.json", lambda f: f.write(b"{}"))
+    splits = {"train": ImageClasses(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]))}
+    assert write_cache(tmp_path / "fastlaplace-digits.pt", splits, "source")
+    assert victim.read_text() == "keep me"
+    assert (tmp_path / "results.json").read_bytes() == b"{}" and (tmp_path / "fastlaplace-digits.pt").stat().st_size
+    assert all(p.is_symlink() for p in tmp_path.glob("*.tmp")) and len(list(tmp_path.glob("*tmp"))) == 4

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_write
 from .episodes import ImageClasses
 
 OMNIGLOT_LAYOUT = """\
@@ -331,11 +332,8 @@ def write_cache(cache: Path, splits: dict[str, ImageClasses], source: str) -> bo
     buffer = io.BytesIO()
     torch.save({"source": source, "splits": {s: {"images": c.images, "labels": c.labels} for s, c in splits.items()}},
                buffer)
-    tmp = cache.with_name(cache.name + ".tmp")
     try:
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda f: f.write(buffer.getvalue()))
     except OSError:
-        tmp.unlink(missing_ok=True)
         return False
     return True
