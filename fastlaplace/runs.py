@@ -171,8 +171,8 @@ def read_latest(path: Path, log=None) -> tuple[dict, Path] | None:
 def open_output(out: Path, resume: bool, overwrite: bool = False, accept=None) -> tuple[dict, Path] | None:
     """Make the output folder and return the checkpoint to continue from, ``(state, path)``,
     or ``None`` (a new run, or ``resume`` with no checkpoint yet). A new run refuses a folder
-    that holds a checkpoint, and one that holds another run's results, metrics or settings
-    unless ``overwrite`` (they are then removed). ``accept(state, path)`` may refuse the
+    that holds a checkpoint, and one that holds another run's results, metrics, settings or
+    TensorBoard events unless ``overwrite`` (they are then removed). ``accept(state, path)`` may refuse the
     checkpoint before anything in the folder changes; a damaged ``checkpoint.pt`` passed over
     for the previous one is then kept aside as ``checkpoint.pt.corrupt``, out of the rotation."""
     path = out / CHECKPOINT
@@ -182,12 +182,15 @@ def open_output(out: Path, resume: bool, overwrite: bool = False, accept=None) -
         if path.exists() or previous(path).exists():
             raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another --out")
         stale = [name for name in STALE if (out / name).exists()]
+        events = sorted((out / TENSORBOARD).glob("events.out.tfevents.*"))
+        if events:
+            stale.append(f"TensorBoard events ({TENSORBOARD}/)")
         if stale and not overwrite:
             raise FileExistsError(f"{out} holds another run's {', '.join(stale)} (and no checkpoint): pass "
                                   "--overwrite to replace them, or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
-        for name in stale:
-            (out / name).unlink()
+        for file in [out / name for name in STALE if (out / name).exists()] + events:
+            file.unlink()
         return None
     out.mkdir(parents=True, exist_ok=True)
     latest = read_latest(path, log=lambda m: print(m, file=sys.stderr))

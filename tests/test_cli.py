@@ -226,12 +226,18 @@ def test_non_finite_checkpoint_is_refused_by_every_program(runs, capsys, program
 def test_overwrite_replaces_another_runs_files(runs, tmp_path):
     out = tmp_path / "stale"
     out.mkdir()
+    (out / "tensorboard").mkdir()
+    old_events = out / "tensorboard" / "events.out.tfevents.1.old"
+    old_events.write_bytes(b"another run's curves")
+    with pytest.raises(SystemExit, match="TensorBoard events"):  # events alone are another run's files
+        train.main(["--out", str(out), "--iterations", "1", "--no-progress"])
     for name in ("results.json", "metrics.jsonl", "config.json"):
         (out / name).write_bytes((runs / "run" / name).read_bytes())
     results = train.main(["--out", str(out), "--overwrite", "--method", "maml", "--iterations", "1", "--eval-tasks",
                           "2", "--no-progress"])
     assert results["method"] == "maml" and json.loads((out / "results.json").read_text())["method"] == "maml"
     assert [json.loads(line)["iteration"] for line in open(out / "metrics.jsonl")] == [1]
+    assert not old_events.exists()
     saved = json.loads((out / "config.json").read_text())
     assert saved["overwrite"] is True and saved["method"] == "maml"
     # --overwrite is not a setting of the problem: resuming without it is allowed
