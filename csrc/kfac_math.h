@@ -306,7 +306,7 @@ FL_HD inline bool ql_eigh(double* V, int64_t n, double* w, bool vectors, double*
 // rounded up to even players; the pairs of a padding player are skipped), a round in three
 // phases: the rotations from the current pivots, then the rows, then the columns (and the
 // eigenvectors). After each sweep (m − 1 rounds) the off-diagonal mass is summed on the
-// device; the sweeps stop when it is below ε²·‖K‖²_F. The matrix is scaled by its entry sum
+// device, and the sweeps stop at its rounding floor. The matrix is scaled by its entry sum
 // first (no overflow of the squares; eigenvalues scaled back). Same contract as ql_eigh;
 // scratch: n² + m doubles (the rotating matrix, then c and s per pair).
 constexpr int64_t kJacobiMaxSweeps = 40;
@@ -340,11 +340,17 @@ FL_HD bool jacobi_eigh(const Blk& blk, P V, int64_t n, P w, bool vectors, P scra
     V[i] = i % (n + 1) == 0 ? 1.0 : 0.0;
   }
   const double fro2 = blk.sum(part);
+  // Converged: the off-diagonal mass below its rounding floor (entries of ~ε·‖K‖ each), or
+  // no longer falling once small (at that floor).
+  const double floor = (4 * n * kEps) * (4 * n * kEps) * fro2, small = 1e-20 * fro2;
   bool converged = false;
+  double last = kInf;
   for (int64_t sweep = 0; sweep < kJacobiMaxSweeps && !converged; ++sweep) {
     part = 0;
     FL_BLOCK_FOR(blk, i, 0, n) for (int64_t j = 0; j < n; ++j) if (j != i) part += A[i * n + j] * A[i * n + j];
-    converged = blk.sum(part) <= kEps * kEps * fro2;
+    const double off = blk.sum(part);
+    converged = off <= floor || (off <= small && off > 0.25 * last);
+    last = off;
     for (int64_t round = 0; round < m - 1 && !converged; ++round) {
       FL_BLOCK_FOR(blk, k, 0, pairs) {
         int64_t p, q;
