@@ -3,6 +3,7 @@
 (fastlaplace.reference.plain_kfac_logdet: Gram trick, cholesky_ex, eigenvalues of the small side).
 
     python benchmarks/bench_kernels.py [--device cuda] [--quick]
+    python benchmarks/bench_kernels.py --gpu-model   # H200 estimate from the emulator's counts
 
 Shapes: the sinusoid MLP's three layers for 25 tasks of 10 examples; Conv4 on 84×84
 miniImageNet 5-way 1-shot for 4 tasks (KFC rows = examples × locations); a sweep over
@@ -54,6 +55,67 @@ def bench_logdet(name, B, R, d_in, d_out, method, device, dtype, backward, min_r
             fmt_time(t_best), fmt_time(t_ours), f"{t_best / t_ours:.1f}×"], (t_ref, t_best, t_ours)
 
 
+# The GPU model (docs/design.md §7): a fused op is one launch, one block per task, all tasks in
+# one wave (25 ≤ 132 SMs), so its time is the launch plus the slowest task's critical path:
+# per phase the busiest thread's memory references, and a barrier between phases. The
+# counts come from the emulator of the launch (per task, measured on the CPU); the constants
+# are an H200's, stated here so the estimate can be checked against the first measurement.
+H200 = {"launch_s": 5e-6,  # one kernel launch, host to completion of an empty kernel
+        "barrier_s": 0.1e-6,  # __syncthreads of a 2-4 warp block with shared loads in flight
+        "ref_s": 2 / 1.98e9,  # a shared/L1 reference and its arithmetic on the critical path: ~2 cycles
+        "linalg_s": 25e-6}  # a batched cuSOLVER call of small matrices (several kernels each)
+VIEWS = {"view", "reshape", "_reshape_alias", "as_strided", "expand", "transpose", "permute", "select", "slice",
+         "unsqueeze", "squeeze", "t", "mT", "detach", "alias", "empty", "empty_strided", "empty_like", "diagonal",
+         "lift_fresh", "unbind", "split", "narrow", "_unsafe_view", "resolve_conj", "resolve_neg", "result_type"}
+LINALG = ("linalg", "cholesky", "eigh", "_linalg", "triangular")
+
+
+def kernel_launches(fn) -> tuple[int, int]:
+    """(kernels, of which linear-algebra calls) that fn would launch on CUDA: the leaf ATen ops
+    of a CPU profile, views and allocations left out (each remaining op is at least one kernel)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    kernels = linalg = 0
+    for e in prof.events():
+        name = e.name.removeprefix("aten::")
+        if not e.name.startswith("aten::") or name in VIEWS or any(c.name.startswith("aten::") for c in e.cpu_children):
+            continue
+        kernels += 1
+        linalg += any(k in name for k in LINALG)
+    return kernels, linalg
+
+
+def gpu_model_rows(layers, methods=("factored", "exact")) -> list[list[str]]:
+    """Per sinusoid layer and method (forward + backward): the emulator's per-task counts, the
+    H200 estimate of the fused op, and that of the best plain PyTorch from its kernel count."""
+    emu = torch.ops.fastlaplace_testing
+    rows = []
+    for method in methods:
+        total_ours = total_plain = 0.0
+        for name, B, R, d_in, d_out in layers:
+            a, g = layer_inputs(B, R, d_in, d_out, "cpu", torch.float64)
+            st = emu.emulate_kfac(a, g, float(R), 1e-3, method, True, True, 0, "auto", "none")[3].tolist()
+            launches, threads, phases, shared, glob, critical = st[0], st[1], st[5], st[6], st[7], st[8]
+            # the op, then autograd's scaling of the two saved gradients by the upstream one
+            ours = (launches + 2) * H200["launch_s"] + phases * H200["barrier_s"] + critical * H200["ref_s"]
+            a.requires_grad_(True)
+            g.requires_grad_(True)
+            kernels, linalg = kernel_launches(
+                lambda: ref.plain_kfac_logdet(a, g, float(R), 1e-3, method).sum().backward())
+            plain = (kernels - linalg) * H200["launch_s"] + linalg * H200["linalg_s"]
+            total_ours += ours
+            total_plain += plain
+            rows.append([name, method, f"{int(threads)}", f"{phases:.0f}", f"{shared + glob:.0f}", f"{critical:.0f}",
+                         f"{kernels} ({linalg} linalg)", fmt_time(plain), fmt_time(ours), f"{plain / ours:.1f}×"])
+        rows.append(["**all layers**", method, "", "", "", "", "", f"**{fmt_time(total_plain)}**",
+                     f"**{fmt_time(total_ours)}**", f"**{total_plain / total_ours:.1f}×**"])
+    return rows
+
+
+GPU_MODEL_HEADER = ["layer", "method", "threads", "phases/task", "refs/task", "critical refs", "plain kernels",
+                    "plain (H200 est.)", "fastlaplace (H200 est.)", "speed-up"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -61,7 +123,19 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="shorter timings, fewer sweep points")
     p.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     p.add_argument("--sinusoid-only", action="store_true", help="only the sinusoid layers (no Conv4, no sweep)")
+    p.add_argument("--gpu-model", action="store_true",
+                   help="only the GPU model: H200 estimates from the emulator's counts (CPU, float64)")
     args = p.parse_args()
+    if args.gpu_model:
+        rows = gpu_model_rows(SINUSOID)
+        for row in rows:
+            print(" | ".join(row), flush=True)
+        if not args.no_write:
+            write_block("bench_kernels_gpu_model",
+                        "Sinusoid MLP (25 tasks × 10 examples), forward + backward, an estimate from counts made on "
+                        "the CPU (docs/design.md §7), not a measurement.\n\n" + markdown_table(GPU_MODEL_HEADER, rows),
+                        "cpu")
+        return
     dtype = getattr(torch, args.dtype)
     mrt = 0.1 if args.quick else 0.4
     header = ["layer", "tasks×rows×d_A→d_G", "method", "pass", "reference", "best plain", "fastlaplace",

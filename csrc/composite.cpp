@@ -206,9 +206,9 @@ Factored factored_forward(const Tensor& KA, int64_t dA, const Tensor& KG, int64_
   ldG = ldG + lamG.log() * static_cast<double>(dG - nG);
   auto logdet =
       ldA * static_cast<double>(dG) + ldG * static_cast<double>(dA) + static_cast<double>(dA * dG) * std::log(c);
-  auto err = (pivot_ratios(KA, LA, lamA) * static_cast<double>(dG) +
-              pivot_ratios(KG, LG, lamG) * static_cast<double>(dA)) *
-             (math::kRounding * math::kEps);
+  auto err =
+      (pivot_ratios(KA, LA, lamA) * static_cast<double>(dG) + pivot_ratios(KG, LG, lamG) * static_cast<double>(dA)) *
+      (math::kRounding * math::kEps);
   f.logdet = math::guarded(logdet, err, dA * dG);
   return f;
 }

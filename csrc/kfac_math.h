@@ -129,13 +129,16 @@ FL_HD Factor cholesky_upper(const Blk& blk, P S, int64_t n, double damping) {
 // out_ij = Σ_{k ≥ max(i,j)} X_ik X_jk, a dot product of two contiguous rows.
 template <class Blk, class P>
 FL_HD void inverse_from_upper(const Blk& blk, P U, int64_t n, P out, P X) {
+  P inv = out;  // 1/U_kk, until out is written: a multiply, not a divide, per step
+  FL_BLOCK_FOR(blk, k, 0, n) inv[k] = 1 / U[k * n + k];
+  blk.sync();
   FL_BLOCK_FOR(blk, m, 0, n) {
     P y = X + m * n;
     for (int64_t k = 0; k < n; ++k) y[k] = 0;
     y[m] = 1;
     for (int64_t k = m; k < n; ++k) {
       P Uk = U + k * n;
-      const double yk = y[k] / Uk[k];
+      const double yk = y[k] * inv[k];
       y[k] = yk;
       for (int64_t i = k + 1; i < n; ++i) y[i] -= Uk[i] * yk;
     }
@@ -560,6 +563,16 @@ FL_HD inline int64_t factored_workspace(int64_t nA, int64_t nG) {
   return nA * nA + nG * nG + n * n;
 }
 
+// M ← s·M + κ·I (n×n), a row per thread.
+template <class Blk, class P>
+FL_HD void scale_add_diagonal(const Blk& blk, P M, int64_t n, double s, double kappa) {
+  FL_BLOCK_FOR(blk, i, 0, n) {
+    P Mi = M + i * n;
+    for (int64_t j = 0; j < n; ++j) Mi[j] *= s;
+    Mi[i] += kappa;
+  }
+}
+
 template <class Blk, class P>
 FL_HD double factored_logdet(const Blk& blk, P KA, int64_t nA, int64_t dA, P KG, int64_t nG, int64_t dG, double c,
                              double tau, bool grads, P PA, P PG, P ws) {
@@ -586,8 +599,8 @@ FL_HD double factored_logdet(const Blk& blk, P KA, int64_t nA, int64_t dA, P KG,
     FL_BLOCK_FOR(blk, i, 0, nG * nG) pG += KG[i] * PG[i];
     const double tA = blk.sum(pA), tG = blk.sum(pG);
     const PiShare<double> k = pi_share(f, tA, tG, trA, trG, dA, dG);
-    FL_BLOCK_FOR(blk, i, 0, nA * nA) PA[i] = PA[i] * dG + (i % (nA + 1) == 0 ? k.kA : 0.0);
-    FL_BLOCK_FOR(blk, i, 0, nG * nG) PG[i] = PG[i] * dA + (i % (nG + 1) == 0 ? k.kG : 0.0);
+    scale_add_diagonal(blk, PA, nA, dG, k.kA);
+    scale_add_diagonal(blk, PG, nG, dA, k.kG);
     blk.sync();
   }
   return logdet;
@@ -636,19 +649,21 @@ FL_HD void load_side(const Blk& blk, const Side& s, X x, int64_t sR, int64_t sD,
 }
 
 // dL/dx (R × d, contiguous) for dL/dK = P (symmetric): the first d columns of (2/R)·x̄P
-// (factor) or (2/R)·P x̄ (Gram); a thread per output entry.
+// (factor) or (2/R)·P x̄ (Gram), each output row a sum of scaled rows accumulated in acc
+// (d doubles); threads share each row (coalesced on the GPU, contiguous axpys on the CPU),
+// each owning the same columns of acc and of the row throughout, so no barrier is needed.
 template <class Blk, class P, class Y>
-FL_HD void side_rows_grad(const Blk& blk, const Side& s, P rows, P Pm, Y out) {
+FL_HD void side_rows_grad(const Blk& blk, const Side& s, P rows, P Pm, Y out, P acc) {
   const double scale = 2.0 / s.R;
   const int64_t terms = s.gram ? s.R : s.D;
-  FL_BLOCK_FOR(blk, x, 0, s.R * s.d) {
-    const int64_t r = x / s.d, k = x % s.d;
-    double acc = 0;
-    if (s.gram)
-      for (int64_t m = 0; m < terms; ++m) acc += Pm[r * s.R + m] * rows[m * s.D + k];
-    else
-      for (int64_t m = 0; m < terms; ++m) acc += rows[r * s.D + m] * Pm[m * s.D + k];
-    out[x] = scale * acc;
+  for (int64_t r = 0; r < s.R; ++r) {
+    FL_BLOCK_FOR(blk, k, 0, s.d) acc[k] = 0;
+    for (int64_t m = 0; m < terms; ++m) {
+      const double coef = s.gram ? Pm[r * s.R + m] : rows[r * s.D + m];
+      P src = s.gram ? rows + m * s.D : Pm + m * s.D;
+      FL_BLOCK_FOR(blk, k, 0, s.d) acc[k] += coef * src[k];
+    }
+    FL_BLOCK_FOR(blk, k, 0, s.d) out[r * s.d + k] = scale * acc[k];
   }
 }
 
@@ -659,7 +674,7 @@ FL_HD void side_rows_grad(const Blk& blk, const Side& s, P rows, P Pm, Y out) {
 FL_HD inline int64_t kfac_task_matrices(const Side& A, const Side& G, Method method) {
   return 2 * (A.n * A.n + G.n * G.n) + task_workspace(method, A.n, G.n);
 }
-FL_HD inline int64_t kfac_task_rows(const Side& A, const Side& G) { return A.R * A.D + G.R * G.D; }
+FL_HD inline int64_t kfac_task_rows(const Side& A, const Side& G) { return A.R * A.D + G.R * G.D + maxi(A.d, G.d); }
 
 template <class Blk, class P, class X, class Y>
 FL_HD double kfac_task(const Blk& blk, const Side& A, const Side& G, Method method, double c, double tau, X a,
@@ -667,6 +682,7 @@ FL_HD double kfac_task(const Blk& blk, const Side& A, const Side& G, Method meth
                        P rows) {
   P rowsA = rows;
   P rowsG = rowsA + A.R * A.D;
+  P acc = rowsG + G.R * G.D;
   P KA = mats;
   P KG = KA + A.n * A.n;
   P PA = KG + G.n * G.n;
@@ -681,8 +697,8 @@ FL_HD double kfac_task(const Blk& blk, const Side& A, const Side& G, Method meth
     FL_BLOCK_FOR(blk, i, 0, G.R * G.d) grad_g[i] = kNaN;
     return logdet;
   }
-  side_rows_grad(blk, A, rowsA, PA, grad_a);
-  side_rows_grad(blk, G, rowsG, PG, grad_g);
+  side_rows_grad(blk, A, rowsA, PA, grad_a, acc);
+  side_rows_grad(blk, G, rowsG, PG, grad_g, acc);
   return logdet;
 }
 
@@ -694,10 +710,8 @@ FL_HD inline int64_t kron_task_matrices(int64_t dA, int64_t dG, Method method) {
 
 template <class Blk, class X, class P>
 FL_HD void load_lower(const Blk& blk, X M, int64_t d, int64_t si, int64_t sj, P K) {
-  FL_BLOCK_FOR(blk, x, 0, d * d) {
-    const int64_t i = x / d, j = x % d;
-    K[x] = static_cast<double>(i >= j ? M[i * si + j * sj] : M[j * si + i * sj]);
-  }
+  for (int64_t i = 0; i < d; ++i)
+    FL_BLOCK_FOR(blk, j, 0, d) K[i * d + j] = static_cast<double>(i >= j ? M[i * si + j * sj] : M[j * si + i * sj]);
   blk.sync();
 }
 

@@ -8,6 +8,7 @@ up to order 64, and FASTLAPLACE_CUDA_FUSED_MAX_ORDER moves the GPU's threshold."
 
 import pytest
 import torch
+from helpers import fuzz_failures
 
 import fastlaplace  # noqa: F401  (loads the compiled ops)
 
@@ -152,3 +153,12 @@ def test_small_matrix_eigensolvers_are_orthonormal(n, threads):
         scale = max(1.0, float(M.abs().amax())) * n if n else 1.0
         assert torch.allclose(V.T @ V, torch.eye(n, dtype=F64), atol=1e-12), "eigenvectors not orthonormal"
         assert torch.allclose(V @ torch.diag(w) @ V.T, M, atol=1e-12 * scale), "V diag(w) Vᵀ != M"
+
+
+@pytest.mark.parametrize("threads", [0, 32])
+def test_property_fuzz_through_the_emulator(threads):
+    """tests/fuzz_ops.py's drawn cases (defects, extreme values, strides, both dtypes) with the
+    log-det ops on the emulated launch: the launcher's block shapes, and one warp throughout."""
+    cases = 120
+    failures = fuzz_failures(cases, "--emulate", str(threads), "--seed", str(7 + threads))
+    assert not failures, f"{len(failures)} of {cases} cases failed:\n" + "\n".join(failures[:25])

@@ -2,13 +2,10 @@
 throws thousands of drawn inputs at every op (tests/fuzz_ops.py, in a child process)."""
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import fuzz_failures
 
 import fastlaplace as fl
 from fastlaplace import reference as ref
@@ -113,7 +110,6 @@ def test_fakes_repeat_the_kernels_checks():
         assert L.is_contiguous()
 
 
-FUZZ = Path(__file__).with_name("fuzz_ops.py")
 
 
 def test_property_fuzz_every_op():
@@ -121,15 +117,5 @@ def test_property_fuzz_every_op():
     defect) or agrees with the float64 reference. A crash of the child is a failure too;
     the run then continues after the crashing case."""
     cases = int(os.environ.get("FASTLAPLACE_FUZZ_CASES", "2000"))
-    failures, start = [], 0
-    while start < cases:
-        run = subprocess.run([sys.executable, str(FUZZ), "--start", str(start), "--cases", str(cases)],
-                             capture_output=True, text=True, timeout=900)
-        failures += [line for line in run.stdout.splitlines() if line.startswith("FAIL")]
-        if run.returncode == 0 and f"DONE {cases}" in run.stdout:
-            break
-        started = [int(m) for m in re.findall(r"^CASE (\d+)$", run.stdout, re.M)]
-        last = started[-1] if started else start
-        failures.append(f"CRASH {last}: exit status {run.returncode}; {run.stderr.strip()[-300:]}")
-        start = last + 1
+    failures = fuzz_failures(cases)
     assert not failures, f"{len(failures)} of {cases} cases failed:\n" + "\n".join(failures[:25])

@@ -74,7 +74,7 @@ struct Ptr {
 
 // What to plant in the device code, to show that the checker catches it.
 struct Plant {
-  int64_t drop_barrier = -1;  // ≥ 0: every thread skips its barrier of this number (a race)
+  int64_t drop_barrier = -1;   // ≥ 0: every thread skips its barrier of this number (a race)
   bool short_buffers = false;  // every tensor view one element short (an out-of-bounds index)
 };
 
@@ -116,8 +116,8 @@ class Grid {
       ++phase_;
       phase_in_block_ = phase_in_block + 1;
       if (waiting > 0 && returned > 0)
-        fail("divergent barrier: " + std::to_string(returned) + " thread(s) returned while " +
-             std::to_string(waiting) + " wait at a barrier");
+        fail("divergent barrier: " + std::to_string(returned) + " thread(s) returned while " + std::to_string(waiting) +
+             " wait at a barrier");
       if (waiting == 0) break;
     }
   }
@@ -134,8 +134,8 @@ class Grid {
     ++(r->shared ? counts.shared_refs : counts.global_refs);
     const char* what = write ? "writes" : "reads";
     if (i < 0 || i >= r->size) {
-      fail("out of bounds: thread " + std::to_string(current_) + " " + what + " " + r->name + "[" +
-           std::to_string(i) + "], outside its " + std::to_string(r->size) + " elements");
+      fail("out of bounds: thread " + std::to_string(current_) + " " + what + " " + r->name + "[" + std::to_string(i) +
+           "], outside its " + std::to_string(r->size) + " elements");
       return false;
     }
     Shadow& s = r->shadow[i];

@@ -19,11 +19,11 @@ using at::Tensor;
 // references, references on the critical path.
 Tensor stats(const emulator::Counts& c, const fused::Layout& L) {
   const double blocks = c.blocks > 0 ? static_cast<double>(c.blocks) : 1.0;
-  return at::tensor({static_cast<double>(c.launches), static_cast<double>(L.threads),
-                     static_cast<double>(L.shared * sizeof(double)), static_cast<double>(L.global),
-                     L.in_shared ? 1.0 : 0.0, c.phases / blocks, c.shared_refs / blocks, c.global_refs / blocks,
-                     c.critical_refs / blocks},
-                    at::kDouble);
+  return at::tensor(
+      {static_cast<double>(c.launches), static_cast<double>(L.threads), static_cast<double>(L.shared * sizeof(double)),
+       static_cast<double>(L.global), L.in_shared ? 1.0 : 0.0, c.phases / blocks, c.shared_refs / blocks,
+       c.global_refs / blocks, c.critical_refs / blocks},
+      at::kDouble);
 }
 
 emulator::Plant parse_plant(const std::string& plant) {
