@@ -15,6 +15,7 @@ measured in the same process, quoted against the best plain PyTorch.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from _common import fmt_time, markdown_table, timeit, write_block
@@ -71,18 +72,73 @@ LINALG = ("linalg", "cholesky", "eigh", "_linalg", "triangular")
 
 
 def kernel_launches(fn) -> tuple[int, int]:
-    """(kernels, of which linear-algebra calls) that fn would launch on CUDA: the leaf ATen ops
-    of a CPU profile, views and allocations left out (each remaining op is at least one kernel)."""
+    """(kernels, of which batched linear-algebra calls) that fn would launch on CUDA, from a CPU
+    profile: each linear-algebra op once (whatever it calls inside), and each other leaf ATen
+    op except views and allocations (each is at least one kernel)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
+
+    def inside_linalg(e):
+        p = e.cpu_parent
+        while p is not None:
+            if any(k in p.name for k in LINALG):
+                return True
+            p = p.cpu_parent
+        return False
+
     kernels = linalg = 0
     for e in prof.events():
         name = e.name.removeprefix("aten::")
-        if not e.name.startswith("aten::") or name in VIEWS or any(c.name.startswith("aten::") for c in e.cpu_children):
+        if not e.name.startswith("aten::") or name in VIEWS or inside_linalg(e):
             continue
-        kernels += 1
-        linalg += any(k in name for k in LINALG)
-    return kernels, linalg
+        if any(k in name for k in LINALG):
+            linalg += 1
+        elif not any(c.name.startswith("aten::") for c in e.cpu_children):
+            kernels += 1
+    return kernels + linalg, linalg
+
+
+def fused_estimate(stats: list[float]) -> float:
+    """H200 seconds of a fused op from the emulator's counts (the op, then autograd's scaling
+    of the two saved gradients by the upstream one)."""
+    launches, phases, critical = stats[0], stats[5], stats[8]
+    return (launches + 2) * H200["launch_s"] + phases * H200["barrier_s"] + critical * H200["ref_s"]
+
+
+def launch_bound_estimate(fn) -> tuple[float, int, int]:
+    kernels, linalg = kernel_launches(fn)
+    return (kernels - linalg) * H200["launch_s"] + linalg * H200["linalg_s"], kernels, linalg
+
+
+def threshold_rows(orders=(8, 16, 32, 48, 64)) -> list[list[str]]:
+    """At the orders the GPU's thresholds send to the fused path: the fused op's estimate next
+    to the composite path's (the same op with FASTLAPLACE_CUDA_FUSED_MAX_ORDER=0), a layer of n
+    rows with a Gram carrier of order n, forward + backward."""
+    emu = torch.ops.fastlaplace_testing
+    rows = []
+    for method, d_out in (("factored", 20), ("exact", 3), ("exact", 20)):
+        for n in orders:
+            a, g = layer_inputs(4, n, n + 7, d_out, "cpu", torch.float64)
+            args = (a, g, float(n), 1e-3, method, True, True, 0, "auto", "none")
+            stats = emu.emulate_kfac(*args)[3].tolist()
+            if not stats[0]:
+                continue  # the thresholds send it to the composite path
+            ours = fused_estimate(stats)
+            before = os.environ.get("FASTLAPLACE_CUDA_FUSED_MAX_ORDER")
+            os.environ["FASTLAPLACE_CUDA_FUSED_MAX_ORDER"] = "0"
+            try:
+                composite, kernels, linalg = launch_bound_estimate(lambda: emu.emulate_kfac(*args))
+            finally:
+                os.environ.pop("FASTLAPLACE_CUDA_FUSED_MAX_ORDER")
+                if before is not None:
+                    os.environ["FASTLAPLACE_CUDA_FUSED_MAX_ORDER"] = before
+            rows.append([f"4×{n}×({n + 7}+1)→{d_out}", method, f"{kernels} ({linalg} linalg)", fmt_time(composite),
+                         fmt_time(ours), f"{composite / ours:.1f}×"])
+    return rows
+
+
+THRESHOLD_HEADER = ["layer", "method", "composite kernels", "composite (H200 est.)", "fused (H200 est.)",
+                    "fused speed-up"]
 
 
 def gpu_model_rows(layers, methods=("factored", "exact")) -> list[list[str]]:
@@ -95,14 +151,12 @@ def gpu_model_rows(layers, methods=("factored", "exact")) -> list[list[str]]:
         for name, B, R, d_in, d_out in layers:
             a, g = layer_inputs(B, R, d_in, d_out, "cpu", torch.float64)
             st = emu.emulate_kfac(a, g, float(R), 1e-3, method, True, True, 0, "auto", "none")[3].tolist()
-            launches, threads, phases, shared, glob, critical = st[0], st[1], st[5], st[6], st[7], st[8]
-            # the op, then autograd's scaling of the two saved gradients by the upstream one
-            ours = (launches + 2) * H200["launch_s"] + phases * H200["barrier_s"] + critical * H200["ref_s"]
+            threads, phases, shared, glob, critical = st[1], st[5], st[6], st[7], st[8]
+            ours = fused_estimate(st)
             a.requires_grad_(True)
             g.requires_grad_(True)
-            kernels, linalg = kernel_launches(
+            plain, kernels, linalg = launch_bound_estimate(
                 lambda: ref.plain_kfac_logdet(a, g, float(R), 1e-3, method).sum().backward())
-            plain = (kernels - linalg) * H200["launch_s"] + linalg * H200["linalg_s"]
             total_ours += ours
             total_plain += plain
             rows.append([name, method, f"{int(threads)}", f"{phases:.0f}", f"{shared + glob:.0f}", f"{critical:.0f}",
@@ -127,14 +181,17 @@ def main() -> None:
                    help="only the GPU model: H200 estimates from the emulator's counts (CPU, float64)")
     args = p.parse_args()
     if args.gpu_model:
-        rows = gpu_model_rows(SINUSOID)
-        for row in rows:
+        rows, thresholds = gpu_model_rows(SINUSOID), threshold_rows()
+        for row in rows + thresholds:
             print(" | ".join(row), flush=True)
         if not args.no_write:
             write_block("bench_kernels_gpu_model",
-                        "Sinusoid MLP (25 tasks × 10 examples), forward + backward, an estimate from counts made on "
-                        "the CPU (docs/design.md §7), not a measurement.\n\n" + markdown_table(GPU_MODEL_HEADER, rows),
-                        "cpu")
+                        "An estimate from counts made on the CPU (docs/design.md §7: the emulator's phases and "
+                        "critical-path references for the fused ops, profiled kernel counts for PyTorch), not a "
+                        f"measurement. Constants: {H200}.\n\nSinusoid MLP (25 tasks × 10 examples), forward + "
+                        "backward:\n\n" + markdown_table(GPU_MODEL_HEADER, rows)
+                        + "\n\nFused against composite at the orders the GPU's thresholds send to the fused "
+                        "path:\n\n" + markdown_table(THRESHOLD_HEADER, thresholds), "cpu")
         return
     dtype = getattr(torch, args.dtype)
     mrt = 0.1 if args.quick else 0.4

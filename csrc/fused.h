@@ -22,37 +22,47 @@ namespace fastlaplace::fused {
 
 using at::Tensor;
 
-// Which layers go fused: carriers of order ≤ max_order and at most max_work multiply-adds to
-// build one task's matrices. The CPU's bound was measured (docs/design.md §7); the GPU's
+// Which layers go fused: carriers of order ≤ max_order (max_order_eigen where the exact
+// method decomposes both) and at most max_work multiply-adds to build one task's matrices.
+// The CPU's bounds were measured (docs/design.md §7); the GPU's
 // follows the cost model there, and FASTLAPLACE_CUDA_FUSED_MAX_ORDER overrides its order
-// (0: never fused) so that one GPU run can time both paths on the same inputs.
+// (0: never fused; max_order_eigen is at most 32) so that one GPU run can time both paths
+// on the same inputs.
+// The exact method decomposes both carriers unless the smaller has at most
+// kCholeskyPerEigenvalueUpTo eigenvalues; on the GPU that is cyclic Jacobi, whose barriers
+// (three per round, n − 1 rounds per sweep) outgrow the composite path's launches above order
+// 32 (docs/design.md §7), so such layers have a bound of their own, max_order_eigen.
 struct Thresholds {
-  int64_t max_order, max_work;
+  int64_t max_order, max_work, max_order_eigen;
 };
 
 constexpr int64_t kMaxOrder = 64;  // 64×64 doubles: 32 KiB, a matrix in shared memory
-constexpr Thresholds kCpuThresholds{kMaxOrder, int64_t(1) << 22};
+constexpr Thresholds kCpuThresholds{kMaxOrder, int64_t(1) << 22, kMaxOrder};
 constexpr int64_t kCudaMaxWork = int64_t(1) << 24;
+constexpr int64_t kCudaMaxOrderEigen = 32;
 
 inline Thresholds cuda_thresholds() {
   const char* env = std::getenv("FASTLAPLACE_CUDA_FUSED_MAX_ORDER");
-  if (env == nullptr || *env == '\0') return {kMaxOrder, kCudaMaxWork};
+  if (env == nullptr || *env == '\0') return {kMaxOrder, kCudaMaxWork, kCudaMaxOrderEigen};
   char* end = nullptr;
   const long order = std::strtol(env, &end, 10);
   TORCH_CHECK_VALUE(*end == '\0' && order >= 0 && order <= kMaxOrder,
                     "fastlaplace: FASTLAPLACE_CUDA_FUSED_MAX_ORDER must be an integer from 0 (never fused) to ",
                     kMaxOrder, ", got '", env, "'");
-  return {order, kCudaMaxWork};
+  return {order, kCudaMaxWork, math::mini(order, kCudaMaxOrderEigen)};
 }
 
 inline int64_t build_work(const math::Side& s) { return s.gram ? s.R * s.R * s.D : s.D * s.D * s.R; }
 
-inline bool kfac_fits(const Thresholds& t, const math::Side& A, const math::Side& G) {
-  return A.n <= t.max_order && G.n <= t.max_order && build_work(A) + build_work(G) <= t.max_work;
+// Carriers of orders nA and nG go fused under t with this method.
+inline bool orders_fit(const Thresholds& t, Method method, int64_t nA, int64_t nG) {
+  const int64_t small = math::mini(nA, nG), large = math::maxi(nA, nG);
+  const bool eigen = method == Method::Exact && small > math::kCholeskyPerEigenvalueUpTo;
+  return large <= (eigen ? t.max_order_eigen : t.max_order);
 }
 
-inline bool kron_fits(const Thresholds& t, const Tensor& A, const Tensor& G) {
-  return A.size(1) <= t.max_order && G.size(1) <= t.max_order;
+inline bool kfac_fits(const Thresholds& t, Method method, const math::Side& A, const math::Side& G) {
+  return orders_fit(t, method, A.n, G.n) && build_work(A) + build_work(G) <= t.max_work;
 }
 
 // What a launcher needs of a launch: the tasks, the largest carrier order (it sets the block
@@ -217,7 +227,8 @@ std::tuple<Tensor, Tensor, Tensor> kron_op(const Launcher& launch, const Tensor&
   check_factors(A, G);
   check_scale_tau(scale, tau);
   const Method m = parse_method(method);
-  if (!kron_fits(launch.thresholds(), A, G)) return kron_logdet_composite(A, G, scale, tau, m, grads);
+  if (!orders_fit(launch.thresholds(), m, A.size(1), G.size(1)))
+    return kron_logdet_composite(A, G, scale, tau, m, grads);
   return kron(launch, A, G, scale, tau, m, grads);
 }
 
@@ -227,7 +238,7 @@ std::tuple<Tensor, Tensor, Tensor> kfac_op(const Launcher& launch, const Tensor&
   check_layer(a, g, bias);
   check_scale_tau(scale, tau);
   const Method m = parse_method(method);
-  if (!kfac_fits(launch.thresholds(), math::plan_side(a.size(1), a.size(2), bias),
+  if (!kfac_fits(launch.thresholds(), m, math::plan_side(a.size(1), a.size(2), bias),
                  math::plan_side(g.size(1), g.size(2), false)))
     return kfac_logdet_composite(a, g, scale, tau, m, bias, grads);
   return kfac(launch, a, g, scale, tau, m, bias, grads);

@@ -21,10 +21,11 @@ ops = torch.ops.fastlaplace
 
 def layer(n, kind, dtype=F64, B=2):
     """Rows a, g of a layer whose larger carrier has order n: a Gram carrier (fewer rows than
-    columns; n rows) or a factor (n columns with the bias; odd row counts)."""
+    columns; n rows), the same with a G of order 6 (so that the exact method decomposes both),
+    or a factor (n columns with the bias; odd row counts)."""
     g = torch.Generator().manual_seed(n)
-    if kind == "gram":
-        R, d_in, d_out = n, n + 4, 3
+    if kind in ("gram", "eigen"):
+        R, d_in, d_out = n, n + 4, 3 if kind == "gram" else 6
     else:
         R, d_in, d_out = 2 * n + 1, n - 1, 2
     a = torch.randn(B, R, d_in, generator=g, dtype=F64).to(dtype)
@@ -73,9 +74,10 @@ def check_kron(n, method, grads, threads, placement="auto"):
 def test_every_fused_op_through_the_emulated_launch(n, method):
     """Both kfac carriers (Gram, factor) and kron, value alone and with gradients, at the
     launcher's own block shape with the matrices where it puts them, and in global memory."""
+    kinds = ("gram", "factor", "eigen") if n <= 32 else ("gram", "factor")  # fused.h: max_order_eigen
     for grads in (False, True):
         check_kron(n, method, grads, 0)
-        for kind in ("gram", "factor"):
+        for kind in kinds:
             check_kfac(n, kind, method, grads, 0)
     check_kfac(n, "gram", method, True, 0, placement="global")
 
@@ -86,6 +88,7 @@ def test_every_block_shape(threads, n):
     """Each block shape at orders below, at and above its thread count, float32 too."""
     for method in ("factored", "exact"):
         check_kron(n, method, True, threads)
+        check_kfac(n, "eigen", method, True, threads)
         check_kfac(n, "factor", method, True, threads, placement="shared", dtype=torch.float32)
         check_kfac(n, "gram", method, True, threads, placement="global")
 
@@ -113,6 +116,10 @@ def test_one_launch_per_op_and_the_gpu_threshold(monkeypatch):
     fused = [emu.emulate_kfac(a, g, 64.0, 0.1, "factored", True, True, 0, "auto", "none"),
              emu.emulate_kron(A, G, 5.0, 0.1, "exact", True, 0, "auto", "none")]
     assert [int(out[3][0]) for out in fused] == [1, 1]
+    # The exact method decomposing both carriers is fused up to order 32 only.
+    for n, launches in ((32, 1), (33, 0)):
+        e = layer(n, "eigen")
+        assert emu.emulate_kfac(*e, float(n), 0.1, "exact", True, True, 0, "auto", "none")[3][0] == launches
     monkeypatch.setenv("FASTLAPLACE_CUDA_FUSED_MAX_ORDER", "0")
     composite = [emu.emulate_kfac(a, g, 64.0, 0.1, "factored", True, True, 0, "auto", "none"),
                  emu.emulate_kron(A, G, 5.0, 0.1, "exact", True, 0, "auto", "none")]
