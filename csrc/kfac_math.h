@@ -321,6 +321,14 @@ FL_HD inline void round_robin(int64_t round, int64_t k, int64_t m, int64_t* p, i
   *q = a < b ? b : a;
 }
 
+// (M_p, M_q) ← (c·M_p − s·M_q, s·M_p + c·M_q): a plane rotation of two entries.
+template <class P>
+FL_HD void rotate(P M, int64_t ip, int64_t iq, double c, double s) {
+  const double xp = M[ip], xq = M[iq];
+  M[ip] = c * xp - s * xq;
+  M[iq] = s * xp + c * xq;
+}
+
 template <class Blk, class P>
 FL_HD bool jacobi_eigh(const Blk& blk, P V, int64_t n, P w, bool vectors, P scratch) {
   const int64_t m = n + (n & 1), pairs = m / 2;
@@ -374,10 +382,7 @@ FL_HD bool jacobi_eigh(const Blk& blk, P V, int64_t n, P w, bool vectors, P scra
         const int64_t k = x / n, j = x % n;
         int64_t p, q;
         round_robin(round, k, m, &p, &q);
-        if (q >= n) continue;
-        const double c = cs[k], s = cs[pairs + k], ap = A[p * n + j], aq = A[q * n + j];
-        A[p * n + j] = c * ap - s * aq;
-        A[q * n + j] = s * ap + c * aq;
+        if (q < n) rotate(A, p * n + j, q * n + j, cs[k], cs[pairs + k]);
       }
       blk.sync();
       FL_BLOCK_FOR(blk, x, 0, pairs * n) {  // columns p and q: A ← AJ, V ← VJ
@@ -385,14 +390,9 @@ FL_HD bool jacobi_eigh(const Blk& blk, P V, int64_t n, P w, bool vectors, P scra
         int64_t p, q;
         round_robin(round, k, m, &p, &q);
         if (q >= n) continue;
-        const double c = cs[k], s = cs[pairs + k], ap = A[i * n + p], aq = A[i * n + q];
-        A[i * n + p] = c * ap - s * aq;
-        A[i * n + q] = s * ap + c * aq;
-        if (vectors) {
-          const double vp = V[i * n + p], vq = V[i * n + q];
-          V[i * n + p] = c * vp - s * vq;
-          V[i * n + q] = s * vp + c * vq;
-        }
+        const double c = cs[k], s = cs[pairs + k];
+        rotate(A, i * n + p, i * n + q, c, s);
+        if (vectors) rotate(V, i * n + p, i * n + q, c, s);
       }
       blk.sync();
     }
