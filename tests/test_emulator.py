@@ -161,6 +161,6 @@ def test_small_matrix_eigensolvers_are_orthonormal(n, threads):
 def test_property_fuzz_through_the_emulator(threads):
     """tests/fuzz_ops.py's drawn cases (defects, extreme values, strides, both dtypes) with the
     log-det ops on the emulated launch: the launcher's block shapes, and one warp throughout."""
-    cases = 120
+    cases = 300
     failures = fuzz_failures(cases, "--emulate", str(threads), "--seed", str(7 + threads))
     assert not failures, f"{len(failures)} of {cases} cases failed:\n" + "\n".join(failures[:25])
