@@ -7,8 +7,10 @@
 #   doctor         python -m fastlaplace.doctor: every op on CUDA against the float64 reference, host
 #                  syncs, one sinusoid MAML and LLAMA meta-iteration next to plain PyTorch (doctor.json)
 #   bench_meta     seconds per meta-iteration, sinusoid and Conv4, MAML and LLAMA, plain-PyTorch loop
-#   bench_kernels  the log-det kernels (fused and composite) against the best plain PyTorch
-#   cuda_tests     pytest tests -m cuda
+#   bench_kernels  the log-det kernels (fused and composite) against the best plain PyTorch, then the
+#                  same with FASTLAPLACE_CUDA_FUSED_MAX_ORDER=0 (composite only) beside it
+#   cuda_tests     the fused kernels' ptxas report (tests/test_cuda_resources.py), then pytest tests -m cuda
+#                  (one launch per fused op, no host sync, CUDA = CPU)
 #   memcheck       compute-sanitizer memcheck (--report-api-errors no: torch's own benign API errors)
 #   racecheck      compute-sanitizer racecheck, its hazards counted (any error fails it)
 # Each stage ends pass, fail or not-run (no time left for it, its tool missing, or the build failed);
@@ -141,10 +143,12 @@ if [[ ${STATUS[build]:-} != pass ]]; then
 fi
 stage doctor 60 "cd '$RUNDIR' && python3 -m fastlaplace.doctor --device cuda --json '$OUT/doctor.json'" judge_doctor
 stage bench_meta 60 "python3 benchmarks/bench_meta.py --device cuda --reps 5 --conv-iterations 3"
-stage bench_kernels 45 "python3 benchmarks/bench_kernels.py --device cuda --quick"
+stage bench_kernels 60 "python3 benchmarks/bench_kernels.py --device cuda --quick && \
+  FASTLAPLACE_CUDA_FUSED_MAX_ORDER=0 python3 benchmarks/bench_kernels.py --device cuda --quick --sinusoid-only --no-write"
 TIMEOUT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=60")
-stage cuda_tests 120 "cd '$RUNDIR' && python3 -m pytest '$REPO/tests' -m cuda -q -rfE -p no:cacheprovider $TIMEOUT" \
-  judge_pytest
+# The resource report of the fused kernels (ptxas, kept by the build) is checked here too.
+stage cuda_tests 120 "cd '$RUNDIR' && python3 -m pytest '$REPO/tests/test_cuda_resources.py' -q -p no:cacheprovider && \
+  python3 -m pytest '$REPO/tests' -m cuda -q -rfE -p no:cacheprovider $TIMEOUT" judge_pytest
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
 # Only fastlaplace's kernels are instrumented; the workload is the doctor's checks of every op.
 WORKLOAD="--print-limit 20 --kernel-name kns=fastlaplace python3 -m fastlaplace.doctor --device cuda --checks-only"

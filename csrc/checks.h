@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 #include <string>
 
+#include "formulas.h"  // Method
+
 namespace fastlaplace {
 
 inline void check_float(const at::Tensor& t, const char* name) {
@@ -94,8 +96,6 @@ inline void check_factors(const at::Tensor& A, const at::Tensor& G) {
   TORCH_CHECK_VALUE(A.size(0) == G.size(0), "fastlaplace: A and G must have the same number of tasks, got ", A.size(0),
                     " and ", G.size(0));
 }
-
-enum class Method { Exact, Factored };
 
 inline Method parse_method(const std::string& method) {
   if (method == "exact") return Method::Exact;

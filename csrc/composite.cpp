@@ -15,6 +15,15 @@ namespace fastlaplace {
 
 using at::Tensor;
 
+// formulas.h's operations on batches of values.
+template <>
+struct math::Arith<Tensor> {
+  static Tensor select(const Tensor& cond, const Tensor& x, const Tensor& y) { return at::where(cond, x, y); }
+  static Tensor abs(const Tensor& x) { return x.abs(); }
+  static Tensor sqrt(const Tensor& x) { return x.sqrt(); }
+  static Tensor full_like(const Tensor& x, double value) { return at::full_like(x, value); }
+};
+
 std::tuple<Tensor, Tensor> call_kron_factors(const Tensor& a, const Tensor& g, bool bias) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastlaplace::kron_factors", "")
@@ -97,8 +106,7 @@ Spectrum symmetric_eigh(const Tensor& K, bool vectors) {
 // possibly nonzero eigenvalues; each missing (zero) pair contributes log τ.
 Tensor exact_from_eigenvalues(const Tensor& wA, int64_t dA, const Tensor& wG, int64_t dG, double c, double tau) {
   auto s = at::log(wA.unsqueeze(2) * wG.unsqueeze(1) * c + tau).sum({1, 2});
-  const double zero_pairs = static_cast<double>(dA * dG - wA.size(1) * wG.size(1));
-  return s + zero_pairs * std::log(tau);
+  return s + math::zero_pairs_logdet(dA, dG, wA.size(1), wG.size(1), tau);
 }
 
 // ψ_A(a_i) = Σ_j c·g_j / (c·a_i·g_j + τ) and ψ_G likewise: the derivative of the exact
@@ -157,13 +165,6 @@ std::tuple<Tensor, Tensor> spectrum_carriers(const Tensor& a, const Tensor& g, b
           gramG ? gram(to_double(g), false) : to_double(factor_of(g, false))};
 }
 
-// The precision guard of csrc/kfac_math.h (docs/design.md §2): NaN where the estimated
-// rounding error err exceeds its tolerance.
-Tensor guarded(const Tensor& logdet, const Tensor& err, int64_t terms) {
-  auto allowed = (logdet.abs() + static_cast<double>(terms)) * math::kGuardTolerance;
-  return at::where(err <= allowed, logdet, at::full_like(logdet, std::numeric_limits<double>::quiet_NaN()));
-}
-
 // The rounding of computed eigenvalues w [B, n]: kRounding·ε·‖K‖ per task.
 Tensor eigenvalue_rounding(const Tensor& w) { return w.abs().amax(-1) * (math::kRounding * math::kEps); }
 
@@ -175,7 +176,8 @@ Tensor nan_where_not_finite(const Tensor& grad, const Tensor& logdet) {
 }
 
 struct Factored {
-  Tensor KA, KG, LA, LG, logdet, pi, valid, trA, trG, lamA, lamG;
+  Tensor KA, KG, LA, LG, logdet, trA, trG;
+  math::Dampings<Tensor> damp;
 };
 
 // Σ_j M_jj / p_j over the pivots p_j = L_jj² of M = K + λI (math::pivot_ratios).
@@ -194,41 +196,32 @@ Factored factored_forward(const Tensor& KA, int64_t dA, const Tensor& KG, int64_
   f.KG = KG;
   f.trA = batch_trace(KA);  // tr K = tr A for a Gram matrix too
   f.trG = batch_trace(KG);
-  f.valid = at::logical_and(f.trA > 0, f.trG > 0);
-  // π-correction (Martens & Grosse 2015); π = 1 where a factor has zero trace.
-  f.pi = at::where(f.valid, at::sqrt((f.trA / static_cast<double>(dA)) / (f.trG / static_cast<double>(dG))),
-                   at::ones_like(f.trA));
-  const double sc = std::sqrt(c), st = std::sqrt(tau);
-  f.lamA = f.pi * (st / sc);
-  f.lamG = f.pi.reciprocal() * (st / sc);
-  auto [LA, ldA, infoA] = call_damped_cholesky(KA, f.lamA);
-  auto [LG, ldG, infoG] = call_damped_cholesky(KG, f.lamG);
+  f.damp = math::factored_dampings(f.trA, dA, f.trG, dG, c, tau);
+  const Tensor &lamA = f.damp.lamA, &lamG = f.damp.lamG;
+  auto [LA, ldA, infoA] = call_damped_cholesky(KA, lamA);
+  auto [LG, ldG, infoG] = call_damped_cholesky(KG, lamG);
   f.LA = LA;
   f.LG = LG;
-  ldA = ldA + f.lamA.log() * static_cast<double>(dA - nA);
-  ldG = ldG + f.lamG.log() * static_cast<double>(dG - nG);
+  ldA = ldA + lamA.log() * static_cast<double>(dA - nA);
+  ldG = ldG + lamG.log() * static_cast<double>(dG - nG);
   auto logdet =
       ldA * static_cast<double>(dG) + ldG * static_cast<double>(dA) + static_cast<double>(dA * dG) * std::log(c);
-  auto err = (pivot_ratios(KA, LA, f.lamA) * static_cast<double>(dG) +
-              pivot_ratios(KG, LG, f.lamG) * static_cast<double>(dA)) *
-             (math::kRounding * math::kEps);
-  f.logdet = guarded(logdet, err, dA * dG);
+  auto err =
+      (pivot_ratios(KA, LA, lamA) * static_cast<double>(dG) + pivot_ratios(KG, LG, lamG) * static_cast<double>(dA)) *
+      (math::kRounding * math::kEps);
+  f.logdet = math::guarded(logdet, err, dA * dG);
   return f;
 }
 
 // d logdet / dK_A and d logdet / dK_G for the factored method, π's dependence included.
-// π's share is d_A·t_G − d_G·t_A with t = tr(K (K + λI)⁻¹), as in math::factored_logdet
-// (written so that the two d_A·d_G terms cancel in closed form, not in rounding).
+// π's share: math::pi_share.
 std::tuple<Tensor, Tensor> factored_backward(const Factored& f, int64_t dA, int64_t dG) {
   auto invA = inverse_from_cholesky(f.LA);  // (K_A + λ_A I)⁻¹
   auto invG = inverse_from_cholesky(f.LG);
   auto tA = (f.KA * invA).sum({1, 2}), tG = (f.KG * invG).sum({1, 2});
-  auto x = tG * static_cast<double>(dA) - tA * static_cast<double>(dG);
-  auto zero = at::zeros_like(x);
-  auto kA = at::where(f.valid, x / (f.trA * 2.0), zero);
-  auto kG = at::where(f.valid, -x / (f.trG * 2.0), zero);
-  return std::make_tuple(nan_where_not_finite(add_to_diagonal(invA * static_cast<double>(dG), kA), f.logdet),
-                         nan_where_not_finite(add_to_diagonal(invG * static_cast<double>(dA), kG), f.logdet));
+  const auto k = math::pi_share(f.damp, tA, tG, f.trA, f.trG, dA, dG);
+  return std::make_tuple(nan_where_not_finite(add_to_diagonal(invA * static_cast<double>(dG), k.kA), f.logdet),
+                         nan_where_not_finite(add_to_diagonal(invG * static_cast<double>(dA), k.kG), f.logdet));
 }
 
 // The exact method from the carriers' spectra: the log-det, guarded (each eigenvalue moves by
@@ -240,7 +233,7 @@ struct Exact {
 Exact exact(const Tensor& wA, int64_t dA, const Tensor& wG, int64_t dG, double c, double tau) {
   auto [psiA, psiG] = exact_psi(wA, wG, c, tau);
   auto err = eigenvalue_rounding(wA) * psiA.abs().sum(-1) + eigenvalue_rounding(wG) * psiG.abs().sum(-1);
-  return {guarded(exact_from_eigenvalues(wA, dA, wG, dG, c, tau), err, dA * dG), psiA, psiG};
+  return {math::guarded(exact_from_eigenvalues(wA, dA, wG, dG, c, tau), err, dA * dG), psiA, psiG};
 }
 
 // dL/dx from dL/dK = P for the matrix K that spectrum_carriers returned for x.
@@ -251,8 +244,8 @@ Tensor rows_grad(const Tensor& x, const Tensor& P, bool bias) {
 // The log-det from the double carriers K_A (order n_A of a factor of order d_A) and K_G, and
 // with grads dL/dK_A and dL/dK_G (NaN wherever the log-det is).
 std::tuple<Tensor, Tensor, Tensor> carrier_logdet(const Tensor& KA, int64_t dA, const Tensor& KG, int64_t dG, double c,
-                                                  double tau, const std::string& method, bool grads) {
-  if (parse_method(method) == Method::Factored) {
+                                                  double tau, Method method, bool grads) {
+  if (method == Method::Factored) {
     auto f = factored_forward(KA, dA, KG, dG, c, tau);
     if (!grads) return {f.logdet, Tensor(), Tensor()};
     auto [PA, PG] = factored_backward(f, dA, dG);
@@ -266,20 +259,19 @@ std::tuple<Tensor, Tensor, Tensor> carrier_logdet(const Tensor& KA, int64_t dA, 
           nan_where_not_finite(spectral(VG, e.psiG), e.logdet)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> kron_composite(const Tensor& A, const Tensor& G, double scale, double tau,
-                                                  const std::string& method, bool grads) {
-  check_factors(A, G);
-  check_scale_tau(scale, tau);
+}  // namespace
+
+// The ops' checks ran in csrc/fused.h.
+std::tuple<Tensor, Tensor, Tensor> kron_logdet_composite(const Tensor& A, const Tensor& G, double scale, double tau,
+                                                         Method method, bool grads) {
   auto [logdet, PA, PG] = carrier_logdet(to_double(A), A.size(1), to_double(G), G.size(1), scale, tau, method, grads);
   const auto dtype = A.scalar_type();
   if (!grads) return {logdet.to(dtype), PA, PG};
   return {logdet.to(dtype), PA.to(dtype).contiguous(), PG.to(dtype).contiguous()};
 }
 
-std::tuple<Tensor, Tensor, Tensor> kfac_composite(const Tensor& a, const Tensor& g, double scale, double tau,
-                                                  const std::string& method, bool bias, bool grads) {
-  check_layer(a, g, bias);
-  check_scale_tau(scale, tau);
+std::tuple<Tensor, Tensor, Tensor> kfac_logdet_composite(const Tensor& a, const Tensor& g, double scale, double tau,
+                                                         Method method, bool bias, bool grads) {
   const int64_t dA = a.size(2) + (bias ? 1 : 0), dG = g.size(2);
   auto [KA, KG] = spectrum_carriers(a, g, bias);
   auto [logdet, PA, PG] = carrier_logdet(KA, dA, KG, dG, scale, tau, method, grads);
@@ -287,27 +279,6 @@ std::tuple<Tensor, Tensor, Tensor> kfac_composite(const Tensor& a, const Tensor&
   if (!grads) return {logdet.to(dtype), PA, PG};
   return {logdet.to(dtype), rows_grad(a, PA.to(dtype), bias).contiguous(),
           rows_grad(g, PG.to(dtype), false).contiguous()};
-}
-
-}  // namespace
-
-Tensor kron_logdet_composite(const Tensor& A, const Tensor& G, double scale, double tau, const std::string& method) {
-  return std::get<0>(kron_composite(A, G, scale, tau, method, /*grads=*/false));
-}
-
-std::tuple<Tensor, Tensor, Tensor> kron_logdet_and_grad_composite(const Tensor& A, const Tensor& G, double scale,
-                                                                  double tau, const std::string& method) {
-  return kron_composite(A, G, scale, tau, method, /*grads=*/true);
-}
-
-Tensor kfac_logdet_composite(const Tensor& a, const Tensor& g, double scale, double tau, const std::string& method,
-                             bool bias) {
-  return std::get<0>(kfac_composite(a, g, scale, tau, method, bias, /*grads=*/false));
-}
-
-std::tuple<Tensor, Tensor, Tensor> kfac_logdet_and_grad_composite(const Tensor& a, const Tensor& g, double scale,
-                                                                  double tau, const std::string& method, bool bias) {
-  return kfac_composite(a, g, scale, tau, method, bias, /*grads=*/true);
 }
 
 }  // namespace fastlaplace

@@ -1,36 +1,33 @@
-// The per-task math of the fused log-det kernels, written once for the CPU and the GPU:
-// every function is __host__ __device__ and works on caller-provided double buffers (no
-// allocation, no std:: containers). The CPU kernels call it from one thread per task
-// (csrc/cpu/logdet.cpp), the CUDA kernels likewise (csrc/cuda/logdet.cu), so the CPU
-// tests exercise the arithmetic that the GPU runs. Row-major n×n buffers throughout.
+// The per-task math of the fused log-det kernels, written once for the CPU and the GPU
+// against the block interface of csrc/block.h: every function takes the block (thread
+// index, thread count, barrier, sum) first and works on caller-provided double buffers (no
+// allocation, no std:: containers). The CPU kernels run it with a serial block, a task per
+// CPU thread (csrc/cpu/logdet.cpp); CUDA runs it as one block per task, the task's matrices
+// in shared memory (csrc/cuda/launch.cuh); the emulator of that launch runs it on the CPU
+// under the GPU's thread mapping and checks races and bounds (csrc/testing/emulator.h).
+// Buffers are of a pointer type P (double* except under the emulator); row-major n×n.
+// Every block function ends with a barrier (or a sum), so its results are visible to all
+// threads when it returns, and every value it returns is the same on all threads.
 // The same formulas in PyTorch, for the reference the tests compare against and for the
-// posterior: fastlaplace/kfac_math.py. The composite path (csrc/composite.cpp, orders
-// above 64) still writes them a third time, with ATen.
+// posterior: fastlaplace/kfac_math.py; the composite path (orders above 64) takes the
+// scalar formulas it shares with this file from formulas.h.
 #pragma once
 #include <math.h>
 
 #include <cstdint>
-#include <limits>
 
-#if defined(__CUDACC__)
-#define FL_HD __host__ __device__
-#else
-#define FL_HD
-#endif
+#include "block.h"
+#include "formulas.h"
 
 namespace fastlaplace::math {
 
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr double kEps = 2.220446049250313e-16;
-
-FL_HD inline bool finite(double x) { return x - x == 0; }  // false for ±Inf and NaN
-FL_HD inline double maxd(double x, double y) { return x > y ? x : y; }
 FL_HD inline int64_t maxi(int64_t x, int64_t y) { return x > y ? x : y; }
+FL_HD inline int64_t mini(int64_t x, int64_t y) { return x < y ? x : y; }
 
 // Four independent partial sums: without -ffast-math the compiler may not reorder a
 // floating-point reduction, and one accumulator would serialise on the add latency.
-FL_HD inline double dot(const double* x, const double* y, int64_t n) {
+template <class P>
+FL_HD double dot(P x, P y, int64_t n) {
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   int64_t k = 0;
   for (; k + 4 <= n; k += 4) {
@@ -43,86 +40,116 @@ FL_HD inline double dot(const double* x, const double* y, int64_t n) {
   return (s0 + s1) + (s2 + s3);
 }
 
-// ---------------------------------------------------------------------------------------
-// Dense building blocks.
+template <class P>
+FL_HD double trace(P K, int64_t n) {  // read by every thread: n ≤ 64 loads beat a barrier
+  double t = 0;
+  for (int64_t i = 0; i < n; ++i) t += K[i * n + i];
+  return t;
+}
 
-// K = x̄ᵀx̄ / R (D×D, full) from the rows x̄ (R×D, row-major), as R rank-1 updates of
-// the lower triangle: contiguous multiply-adds the compiler vectorises.
-FL_HD inline void syrk_rows(const double* rows, int64_t R, int64_t D, double* K) {
-  for (int64_t i = 0; i < D * D; ++i) K[i] = 0;
-  for (int64_t r = 0; r < R; ++r) {
-    const double* x = rows + r * D;
-    for (int64_t i = 0; i < D; ++i) {
+template <class Blk, class P>
+FL_HD void copy(const Blk& blk, P src, int64_t size, P dst) {
+  FL_BLOCK_FOR(blk, i, 0, size) dst[i] = src[i];
+  blk.sync();
+}
+
+// ---------------------------------------------------------------------------------------
+// Dense building blocks. A thread owns rows (or columns) of the output; inner loops run
+// along contiguous rows, as the serial CPU code wants.
+
+// K = x̄ᵀx̄ / R (D×D, full) from the rows x̄ (R×D, row-major): thread i builds row i's lower
+// part as R multiply-adds along the row, and mirrors it into column i.
+template <class Blk, class P>
+FL_HD void syrk_rows(const Blk& blk, P rows, int64_t R, int64_t D, P K) {
+  const double inv = 1.0 / R;
+  FL_BLOCK_FOR(blk, i, 0, D) {
+    P Ki = K + i * D;
+    for (int64_t j = 0; j <= i; ++j) Ki[j] = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      P x = rows + r * D;
       const double xi = x[i];
-      double* Ki = K + i * D;
       for (int64_t j = 0; j <= i; ++j) Ki[j] += xi * x[j];
     }
+    for (int64_t j = 0; j <= i; ++j) K[j * D + i] = Ki[j] = Ki[j] * inv;
   }
-  for (int64_t i = 0; i < D; ++i)
-    for (int64_t j = 0; j <= i; ++j) K[j * D + i] = K[i * D + j] = K[i * D + j] / R;
+  blk.sync();
 }
 
 // The Gram matrix x̄x̄ᵀ / R (R×R) of the rows x̄ (R×D).
-FL_HD inline void gram_rows(const double* rows, int64_t R, int64_t D, double* K) {
-  for (int64_t i = 0; i < R; ++i)
-    for (int64_t j = 0; j <= i; ++j) K[i * R + j] = K[j * R + i] = dot(rows + i * D, rows + j * D, D) / R;
+template <class Blk, class P>
+FL_HD void gram_rows(const Blk& blk, P rows, int64_t R, int64_t D, P K) {
+  FL_BLOCK_FOR(blk, i, 0, R)
+  for (int64_t j = 0; j <= i; ++j) K[i * R + j] = K[j * R + i] = dot(rows + i * D, rows + j * D, D) / R;
+  blk.sync();
 }
 
 // In place: S (n×n, symmetric; only the upper triangle is read) becomes U, upper
-// triangular with UᵀU = S + damping·I (so L = Uᵀ), lower triangle zeroed; logdet receives
-// log det(S + damping·I). Right-looking, so every update runs along a contiguous row.
-// Returns 0, or j ≥ 1 when the leading minor of order j is not positive definite (or not finite).
-FL_HD inline int64_t cholesky_upper(double* S, int64_t n, double damping, double* logdet) {
-  double ld = 0;
+// triangular with UᵀU = S + damping·I (so L = Uᵀ), lower triangle zeroed. Right-looking,
+// a column per phase: every thread reads the pivot, the owner of each row below updates
+// it from the unscaled pivot row (which nobody writes in that phase); the rows are scaled
+// at the end. status: 0, or j ≥ 1 when the leading minor of order j is not positive
+// definite (or not finite); logdet: log det(S + damping·I).
+struct Factor {
+  int64_t status;
+  double logdet;
+};
+
+template <class Blk, class P>
+FL_HD Factor cholesky_upper(const Blk& blk, P S, int64_t n, double damping) {
   for (int64_t j = 0; j < n; ++j) {
-    double* Uj = S + j * n;
-    const double djj = Uj[j] + damping;
-    if (!(djj > 0) || !finite(djj)) return j + 1;
+    P Sj = S + j * n;
+    const double djj = Sj[j] + damping;
+    if (!(djj > 0) || !finite(djj)) {
+      blk.sync();
+      return {j + 1, 0.0};
+    }
+    const double inv = 1 / djj;
+    FL_BLOCK_FOR(blk, i, j + 1, n) {
+      const double coef = Sj[i] * inv;
+      P Si = S + i * n;
+      for (int64_t k = i; k < n; ++k) Si[k] -= coef * Sj[k];
+    }
+    blk.sync();
+  }
+  double ld = 0;
+  FL_BLOCK_FOR(blk, j, 0, n) {
+    P Sj = S + j * n;
+    const double djj = Sj[j] + damping;
     const double u = sqrt(djj), inv = 1 / u;
     ld += log(djj);
-    Uj[j] = u;
-    for (int64_t k = j + 1; k < n; ++k) Uj[k] *= inv;
-    for (int64_t i = j + 1; i < n; ++i) {
-      const double uji = Uj[i];
-      double* Si = S + i * n;
-      for (int64_t k = i; k < n; ++k) Si[k] -= uji * Uj[k];
-    }
+    for (int64_t k = 0; k < j; ++k) Sj[k] = 0;
+    Sj[j] = u;
+    for (int64_t k = j + 1; k < n; ++k) Sj[k] *= inv;
   }
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < i; ++j) S[i * n + j] = 0;
-  *logdet = ld;
-  return 0;
+  return {0, blk.sum(ld)};
 }
 
-// out = (UᵀU)⁻¹ = L⁻ᵀL⁻¹ with L = Uᵀ. X (n×n scratch) = L⁻¹ is built row by row by forward
-// substitution in axpy form (column k of L is row k of U), then out = Σ_k X[k]ᵀX[k].
-FL_HD inline void inverse_from_upper(const double* U, int64_t n, double* out, double* X) {
-  for (int64_t i = 0; i < n * n; ++i) X[i] = 0;
-  for (int64_t i = 0; i < n; ++i) X[i * n + i] = 1;
-  for (int64_t k = 0; k < n; ++k) {
-    double* Xk = X + k * n;
-    const double inv = 1 / U[k * n + k];
-    for (int64_t m = 0; m <= k; ++m) Xk[m] *= inv;
-    for (int64_t i = k + 1; i < n; ++i) {
-      const double lik = U[k * n + i];
-      double* Xi = X + i * n;
-      for (int64_t m = 0; m <= k; ++m) Xi[m] -= lik * Xk[m];
+// out = (UᵀU)⁻¹ = L⁻ᵀL⁻¹ with L = Uᵀ. Thread m solves L y = e_m by forward substitution in
+// axpy form (column k of L is row k of U) into row m of X (so X = L⁻ᵀ, row-major), then
+// out_ij = Σ_{k ≥ max(i,j)} X_ik X_jk, a dot product of two contiguous rows.
+template <class Blk, class P>
+FL_HD void inverse_from_upper(const Blk& blk, P U, int64_t n, P out, P X) {
+  P inv = out;  // 1/U_kk, until out is written: a multiply, not a divide, per step
+  FL_BLOCK_FOR(blk, k, 0, n) inv[k] = 1 / U[k * n + k];
+  blk.sync();
+  FL_BLOCK_FOR(blk, m, 0, n) {
+    P y = X + m * n;
+    for (int64_t k = 0; k < n; ++k) y[k] = 0;
+    y[m] = 1;
+    for (int64_t k = m; k < n; ++k) {
+      P Uk = U + k * n;
+      const double yk = y[k] * inv[k];
+      y[k] = yk;
+      for (int64_t i = k + 1; i < n; ++i) y[i] -= Uk[i] * yk;
     }
   }
-  for (int64_t i = 0; i < n * n; ++i) out[i] = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const double* Xk = X + k * n;
-    for (int64_t i = 0; i <= k; ++i) {
-      const double xki = Xk[i];
-      double* oi = out + i * n;
-      for (int64_t j = 0; j <= i; ++j) oi[j] += xki * Xk[j];
-    }
-  }
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < i; ++j) out[j * n + i] = out[i * n + j];
+  blk.sync();
+  FL_BLOCK_FOR(blk, i, 0, n)
+  for (int64_t j = 0; j <= i; ++j) out[i * n + j] = out[j * n + i] = dot(X + i * n + i, X + j * n + i, n - i);
+  blk.sync();
 }
 
-// Symmetric eigendecomposition: Householder reduction to tridiagonal form, then the
+// Symmetric eigendecomposition, serial (the CPU): Householder reduction to tridiagonal form, then the
 // implicit QL method (EISPACK's tred2 and tql2, as in the public-domain JAMA library).
 // V holds the symmetric matrix on entry (n×n, row-major) and its eigenvectors as columns
 // on exit (meaningful only when vectors is true); w receives the eigenvalues, unsorted;
@@ -134,7 +161,7 @@ FL_HD inline void inverse_from_upper(const double* U, int64_t n, double* out, do
 // as exactly zero. Without them, a matrix of low rank (a constant one, say) reduced its
 // numerically-zero remainder down to denormal numbers, and the Householder vectors built
 // from those were no longer orthogonal (eigenvectors off by O(1) from order 56 on).
-FL_HD inline bool eigh(double* V, int64_t n, double* w, bool vectors, double* e) {
+FL_HD inline bool ql_eigh(double* V, int64_t n, double* w, bool vectors, double* e) {
   if (n == 0) return true;
   double anorm = 0;
   for (int64_t i = 0; i < n * n; ++i) anorm = finite(V[i]) ? maxd(anorm, fabs(V[i])) : V[i];
@@ -277,44 +304,144 @@ FL_HD inline bool eigh(double* V, int64_t n, double* w, bool vectors, double* e)
   return true;
 }
 
-// P = V diag(ψ) Vᵀ (n×n) for eigenvectors V (columns).
-FL_HD inline void spectral(const double* V, const double* psi, int64_t n, double* P) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k <= i; ++k) {
-      double v = 0;
-      for (int64_t m = 0; m < n; ++m) v += V[i * n + m] * psi[m] * V[k * n + m];
-      P[i * n + k] = P[k * n + i] = v;
+// Symmetric eigendecomposition, cooperative (a GPU block): cyclic Jacobi with the
+// round-robin ordering, n/2 disjoint rotations per round (pairs of a tournament of m = n
+// rounded up to even players; the pairs of a padding player are skipped), a round in three
+// phases: the rotations from the current pivots, then the rows, then the columns (and the
+// eigenvectors). After each sweep (m − 1 rounds) the off-diagonal mass is summed on the
+// device, and the sweeps stop at its rounding floor. The matrix is scaled by its entry sum
+// first (no overflow of the squares; eigenvalues scaled back). Same contract as ql_eigh;
+// scratch: n² + m doubles (the rotating matrix, then c and s per pair).
+constexpr int64_t kJacobiMaxSweeps = 40;
+
+FL_HD inline void round_robin(int64_t round, int64_t k, int64_t m, int64_t* p, int64_t* q) {
+  const int64_t M = m - 1;
+  const int64_t a = k == 0 ? 0 : 1 + (round + k) % M, b = k == 0 ? 1 + round : 1 + (round - k + M) % M;
+  *p = a < b ? a : b;
+  *q = a < b ? b : a;
+}
+
+// (M_p, M_q) ← (c·M_p − s·M_q, s·M_p + c·M_q): a plane rotation of two entries.
+template <class P>
+FL_HD void rotate(P M, int64_t ip, int64_t iq, double c, double s) {
+  const double xp = M[ip], xq = M[iq];
+  M[ip] = c * xp - s * xq;
+  M[iq] = s * xp + c * xq;
+}
+
+template <class Blk, class P>
+FL_HD bool jacobi_eigh(const Blk& blk, P V, int64_t n, P w, bool vectors, P scratch) {
+  const int64_t m = n + (n & 1), pairs = m / 2;
+  P A = scratch;
+  P cs = scratch + n * n;  // c of pair k at k, s at pairs + k
+  double part = 0;
+  FL_BLOCK_FOR(blk, i, 0, n * n) part += fabs(static_cast<double>(V[i]));
+  const double scale = blk.sum(part);
+  if (!finite(scale)) {
+    FL_BLOCK_FOR(blk, i, 0, n) w[i] = kNaN;
+    blk.sync();
+    return false;
+  }
+  const double inv = scale > 0 ? 1 / scale : 1.0;
+  part = 0;
+  FL_BLOCK_FOR(blk, i, 0, n * n) {
+    const double a = V[i] * inv;
+    A[i] = a;
+    part += a * a;
+    V[i] = i % (n + 1) == 0 ? 1.0 : 0.0;
+  }
+  const double fro2 = blk.sum(part);
+  // Converged: the off-diagonal mass below its rounding floor (entries of ~ε·‖K‖ each), or
+  // no longer falling once small (at that floor).
+  const double floor = (4 * n * kEps) * (4 * n * kEps) * fro2, small = 1e-20 * fro2;
+  bool converged = false;
+  double last = kInf;
+  for (int64_t sweep = 0; sweep < kJacobiMaxSweeps && !converged; ++sweep) {
+    part = 0;
+    FL_BLOCK_FOR(blk, i, 0, n) for (int64_t j = 0; j < n; ++j) if (j != i) part += A[i * n + j] * A[i * n + j];
+    const double off = blk.sum(part);
+    converged = off <= floor || (off <= small && off > 0.25 * last);
+    last = off;
+    for (int64_t round = 0; round < m - 1 && !converged; ++round) {
+      FL_BLOCK_FOR(blk, k, 0, pairs) {
+        int64_t p, q;
+        round_robin(round, k, m, &p, &q);
+        double c = 1, s = 0;
+        const double apq = q < n ? static_cast<double>(A[p * n + q]) : 0.0;
+        if (apq != 0) {
+          const double theta = (A[q * n + q] - A[p * n + p]) / (2 * apq);
+          const double t = (theta >= 0 ? 1 : -1) / (fabs(theta) + sqrt(theta * theta + 1));
+          c = 1 / sqrt(t * t + 1);
+          s = t * c;
+        }
+        cs[k] = c;
+        cs[pairs + k] = s;
+      }
+      blk.sync();
+      FL_BLOCK_FOR(blk, x, 0, pairs * n) {  // rows p and q: A ← JᵀA
+        const int64_t k = x / n, j = x % n;
+        int64_t p, q;
+        round_robin(round, k, m, &p, &q);
+        if (q < n) rotate(A, p * n + j, q * n + j, cs[k], cs[pairs + k]);
+      }
+      blk.sync();
+      FL_BLOCK_FOR(blk, x, 0, pairs * n) {  // columns p and q: A ← AJ, V ← VJ
+        const int64_t k = x % pairs, i = x / pairs;
+        int64_t p, q;
+        round_robin(round, k, m, &p, &q);
+        if (q >= n) continue;
+        const double c = cs[k], s = cs[pairs + k];
+        rotate(A, i * n + p, i * n + q, c, s);
+        if (vectors) rotate(V, i * n + p, i * n + q, c, s);
+      }
+      blk.sync();
     }
+  }
+  FL_BLOCK_FOR(blk, i, 0, n) w[i] = converged ? A[i * n + i] * scale : kNaN;
+  blk.sync();
+  return converged;
+}
+
+// Eigenvalues w (unsorted) and, with vectors, eigenvectors (the columns of V, which holds
+// the symmetric matrix on entry). e: n doubles (serial); scratch: n² + n + 1 (cooperative).
+template <class Blk, class P>
+FL_HD bool eigh(const Blk& blk, P V, int64_t n, P w, bool vectors, P e, P scratch) {
+  if constexpr (Blk::kSerial)
+    return ql_eigh(V, n, w, vectors, e);  // fewer operations; measured faster on the CPU
+  else
+    return jacobi_eigh(blk, V, n, w, vectors, scratch);
+}
+
+// P = V diag(ψ) Vᵀ (n×n) for eigenvectors V (columns).
+template <class Blk, class P>
+FL_HD void spectral(const Blk& blk, P V, P psi, int64_t n, P out) {
+  FL_BLOCK_FOR(blk, i, 0, n)
+  for (int64_t k = 0; k <= i; ++k) {
+    double v = 0;
+    for (int64_t m = 0; m < n; ++m) v += V[i * n + m] * psi[m] * V[k * n + m];
+    out[i * n + k] = out[k * n + i] = v;
+  }
+  blk.sync();
 }
 
 // ---------------------------------------------------------------------------------------
-// The precision guard (docs/design.md §2). Every path takes the log-det of double carriers
-// K. Rounding moves a computed eigenvalue of K by about ε·‖K‖, and a Cholesky pivot p_j by
-// about ε·M_jj (its diagonal entry before elimination), so a term log(a + λ) moves by
-// ε·‖K‖/(a + λ): when the damping falls below that level (a rank-deficient carrier at an
-// extreme scale, λ < ~ε·‖K‖), the arithmetic cannot resolve the value, and the ops return
-// NaN (an error under check=True) rather than a finite wrong number. err, the sum of those
-// first-order moves, is accepted up to kGuardTolerance·(|L| + d_A·d_G).
-constexpr double kGuardTolerance = 1e-6;
-constexpr double kRounding = 4;  // rounding of a pivot or an eigenvalue, in units of ε·(its scale)
-
-FL_HD inline double guarded(double logdet, double err, int64_t terms) {
-  return err <= kGuardTolerance * (fabs(logdet) + static_cast<double>(terms)) ? logdet : kNaN;  // NaN err: NaN
-}
+// The guard's error estimates (kRounding, kGuardTolerance: formulas.h).
 
 // Σ_j M_jj / p_j over the pivots p_j = U_jj² of a Cholesky factor of M = scale·K + damping·I:
 // pivot j's rounding is about ε·M_jj, so kRounding·ε times this estimates the error of the
 // log-det from the factorisation (a pivot that cancelled down from a large diagonal entry).
-FL_HD inline double pivot_ratios(const double* K, const double* U, int64_t n, double scale, double damping) {
+template <class P>
+FL_HD double pivot_ratios(P K, P U, int64_t n, double scale, double damping) {
   double s = 0;
   for (int64_t j = 0; j < n; ++j) s += (scale * K[j * n + j] + damping) / (U[j * n + j] * U[j * n + j]);
   return s;
 }
 
 // The rounding of a computed eigenvalue of K (a backward-stable eigensolver): kRounding·ε·‖K‖.
-FL_HD inline double rounding_level(const double* w, int64_t n) {
+template <class P>
+FL_HD double rounding_level(P w, int64_t n) {
   double norm = 0;
-  for (int64_t i = 0; i < n; ++i) norm = maxd(norm, fabs(w[i]));
+  for (int64_t i = 0; i < n; ++i) norm = maxd(norm, fabs(static_cast<double>(w[i])));
   return kRounding * kEps * norm;
 }
 
@@ -346,139 +473,151 @@ FL_HD inline double psi_bound(double s, double c, double trB, int64_t nb, double
   return denom > 0 ? c * trB / denom : kInf;
 }
 
+// The eigensolvers' scratch is Minv and X (2·n_b² ≥ n² + n + 1 for n ≤ n_b, n_b ≥ 2; +2 for n_b = 1).
 FL_HD inline int64_t exact_workspace(int64_t ns, int64_t nb) {
-  return 2 * ns + ns * ns + maxi(ns, nb) + 2 * nb + 4 * nb * nb;
+  return 2 * ns + ns * ns + maxi(ns, nb) + 2 * nb + 4 * nb * nb + 2;
 }
 
-FL_HD inline double exact_logdet(const double* Ks, int64_t ns, int64_t ds, const double* Kb, int64_t nb, int64_t db,
-                                 double c, double tau, bool grads, double* Ps, double* Pb, double* ws) {
-  double* w = ws;
-  double* psi = w + ns;
-  double* V = psi + ns;
-  double* e = V + ns * ns;
-  double* wb = e + maxi(ns, nb);
-  double* psib = wb + nb;
-  double* S = psib + nb;  // also K_b's eigenvectors
-  double* Minv = S + nb * nb;
-  double* X = Minv + nb * nb;
-  for (int64_t i = 0; i < ns * ns; ++i) V[i] = Ks[i];
-  if (!eigh(V, ns, w, grads, e)) return kNaN;
+template <class Blk, class P>
+FL_HD double exact_logdet(const Blk& blk, P Ks, int64_t ns, int64_t ds, P Kb, int64_t nb, int64_t db, double c,
+                          double tau, bool grads, P Ps, P Pb, P ws) {
+  P w = ws;
+  P psi = w + ns;
+  P V = psi + ns;
+  P e = V + ns * ns;
+  P wb = e + maxi(ns, nb);
+  P psib = wb + nb;
+  P S = psib + nb;  // also K_b's eigenvectors
+  P Minv = S + nb * nb;
+  P X = Minv + nb * nb;
+  copy(blk, Ks, ns * ns, V);
+  if (!eigh(blk, V, ns, w, grads, e, Minv)) return kNaN;
   // The guard's error estimate: each eigenvalue s_i is known to ±δ_s, which moves the value
   // by δ_s·|dL/ds_i|; each Cholesky adds its pivots' rounding.
   const double deltaS = rounding_level(w, ns);
-  double trB = 0;
-  for (int64_t i = 0; i < nb; ++i) trB += Kb[i * nb + i];
+  const double trB = trace(Kb, nb);
   double err = 0;
-  // Pairs with a zero eigenvalue on either side contribute log τ each.
-  double logdet = static_cast<double>(ds * db - ns * nb) * log(tau);
-  for (int64_t j = 0; j < ns; ++j) psi[j] = 0;
+  double logdet = zero_pairs_logdet(ds, db, ns, nb, tau);  // pairs with a zero eigenvalue: log τ each
   if (ns <= kCholeskyPerEigenvalueUpTo || !grads) {
-    if (grads)
-      for (int64_t i = 0; i < nb * nb; ++i) Pb[i] = 0;
     for (int64_t j = 0; j < ns; ++j) {
       const double cs = c * w[j];
-      for (int64_t i = 0; i < nb * nb; ++i) S[i] = cs * Kb[i];
-      double ld = 0;
-      if (cholesky_upper(S, nb, tau, &ld) != 0) return kNaN;
-      logdet += ld;
+      FL_BLOCK_FOR(blk, i, 0, nb * nb) S[i] = cs * Kb[i];
+      blk.sync();
+      const Factor f = cholesky_upper(blk, S, nb, tau);
+      if (f.status != 0) return kNaN;
+      logdet += f.logdet;
       err += kRounding * kEps * pivot_ratios(Kb, S, nb, fabs(cs), tau);
+      blk.sync();  // the pivots read before S is next written
       if (!grads) {
         err += deltaS * psi_bound(w[j], c, trB, nb, tau);
         continue;
       }
-      inverse_from_upper(S, nb, Minv, X);
-      for (int64_t i = 0; i < nb * nb; ++i) {
-        Pb[i] += cs * Minv[i];
-        psi[j] += Kb[i] * Minv[i];  // tr(K M⁻¹) of two symmetric matrices
+      inverse_from_upper(blk, S, nb, Minv, X);
+      double part = 0;
+      FL_BLOCK_FOR(blk, i, 0, nb * nb) {
+        const double mi = Minv[i];
+        Pb[i] = (j == 0 ? 0.0 : static_cast<double>(Pb[i])) + cs * mi;
+        part += Kb[i] * mi;  // tr(K M⁻¹) of two symmetric matrices
       }
-      psi[j] *= c;
-      err += deltaS * fabs(psi[j]);
+      const double psi_j = c * blk.sum(part);
+      if (blk.tid() == 0) psi[j] = psi_j;
+      err += deltaS * fabs(psi_j);
     }
+    blk.sync();  // psi[j] and the last pivots read
   } else {
-    double* Vb = S;
-    for (int64_t i = 0; i < nb * nb; ++i) Vb[i] = Kb[i];
-    if (!eigh(Vb, nb, wb, true, e)) return kNaN;
-    for (int64_t j = 0; j < nb; ++j) psib[j] = 0;
-    for (int64_t i = 0; i < ns; ++i)
+    P Vb = S;
+    copy(blk, Kb, nb * nb, Vb);
+    if (!eigh(blk, Vb, nb, wb, true, e, Minv)) return kNaN;
+    const double deltaB = rounding_level(wb, nb);
+    double part = 0, part_err = 0;
+    FL_BLOCK_FOR(blk, i, 0, ns) {
+      double p = 0;
       for (int64_t j = 0; j < nb; ++j) {
         const double denom = c * w[i] * wb[j] + tau;
-        logdet += log(denom);
-        psi[i] += c * wb[j] / denom;
-        psib[j] += c * w[i] / denom;
+        part += log(denom);
+        p += c * wb[j] / denom;
       }
-    const double deltaB = rounding_level(wb, nb);
-    for (int64_t i = 0; i < ns; ++i) err += deltaS * fabs(psi[i]);
-    for (int64_t j = 0; j < nb; ++j) err += deltaB * fabs(psib[j]);
-    spectral(Vb, psib, nb, Pb);
+      psi[i] = p;
+      part_err += deltaS * fabs(p);
+    }
+    FL_BLOCK_FOR(blk, j, 0, nb) {
+      double p = 0;
+      for (int64_t i = 0; i < ns; ++i) p += c * w[i] / (c * w[i] * wb[j] + tau);
+      psib[j] = p;
+      part_err += deltaB * fabs(p);
+    }
+    logdet += blk.sum(part);
+    err += blk.sum(part_err);
+    spectral(blk, Vb, psib, nb, Pb);
   }
-  if (grads) spectral(V, psi, ns, Ps);
+  if (grads) spectral(blk, V, psi, ns, Ps);
   return guarded(logdet, err, ds * db);
 }
 
-// Factored: d_G·logdet(A + λ_A I) + d_A·logdet(G + λ_G I) + d_A·d_G·log c, with
-// λ_A = π√τ/√c and λ_G = √τ/(π√c) (π-corrected damping of Martens & Grosse 2015). When K
-// is a Gram matrix (n < d), the factor's other d − n eigenvalues are zero:
-// logdet(A + λI) = logdet(K + λI) + (d − n)·log λ, and by the push-through identity
-// x̄(A + λI)⁻¹ = (K + λI)⁻¹x̄, so every matrix stays n×n. The gradient
-// dL/dK_A = d_G·(K_A + λ_A I)⁻¹ + κ_A I, where κ carries π's dependence on the traces.
+// Factored (formulas.h: the dampings and π's share). When K is a Gram matrix (n < d), the
+// factor's other d − n eigenvalues are zero: logdet(A + λI) = logdet(K + λI) + (d − n)·log λ,
+// and by the push-through identity x̄(A + λI)⁻¹ = (K + λI)⁻¹x̄, so every matrix stays n×n.
+// The gradient dL/dK_A = d_G·(K_A + λ_A I)⁻¹ + κ_A I.
 FL_HD inline int64_t factored_workspace(int64_t nA, int64_t nG) {
   const int64_t n = maxi(nA, nG);
   return nA * nA + nG * nG + n * n;
 }
 
-FL_HD inline double factored_logdet(const double* KA, int64_t nA, int64_t dA, const double* KG, int64_t nG, int64_t dG,
-                                    double c, double tau, bool grads, double* PA, double* PG, double* ws) {
-  double* UA = ws;
-  double* UG = UA + nA * nA;
-  double* X = UG + nG * nG;
-  double trA = 0, trG = 0;
-  for (int64_t i = 0; i < nA; ++i) trA += KA[i * nA + i];
-  for (int64_t i = 0; i < nG; ++i) trG += KG[i * nG + i];
-  const bool valid = trA > 0 && trG > 0;
-  const double pi = valid ? sqrt((trA / dA) / (trG / dG)) : 1.0;
-  const double sc = sqrt(c), st = sqrt(tau);
-  const double lamA = pi * st / sc, lamG = st / (pi * sc);
-  for (int64_t i = 0; i < nA * nA; ++i) UA[i] = KA[i];
-  for (int64_t i = 0; i < nG * nG; ++i) UG[i] = KG[i];
-  double ldA = 0, ldG = 0;
-  if (cholesky_upper(UA, nA, lamA, &ldA) != 0 || cholesky_upper(UG, nG, lamG, &ldG) != 0) return kNaN;
+// M ← s·M + κ·I (n×n), a row per thread.
+template <class Blk, class P>
+FL_HD void scale_add_diagonal(const Blk& blk, P M, int64_t n, double s, double kappa) {
+  FL_BLOCK_FOR(blk, i, 0, n) {
+    P Mi = M + i * n;
+    for (int64_t j = 0; j < n; ++j) Mi[j] *= s;
+    Mi[i] += kappa;
+  }
+}
+
+template <class Blk, class P>
+FL_HD double factored_logdet(const Blk& blk, P KA, int64_t nA, int64_t dA, P KG, int64_t nG, int64_t dG, double c,
+                             double tau, bool grads, P PA, P PG, P ws) {
+  P UA = ws;
+  P UG = UA + nA * nA;
+  P X = UG + nG * nG;
+  const double trA = trace(KA, nA), trG = trace(KG, nG);
+  const Dampings<double> f = factored_dampings(trA, dA, trG, dG, c, tau);
+  FL_BLOCK_FOR(blk, i, 0, nA * nA) UA[i] = KA[i];
+  copy(blk, KG, nG * nG, UG);
+  const Factor fA = cholesky_upper(blk, UA, nA, f.lamA);
+  if (fA.status != 0) return kNaN;
+  const Factor fG = cholesky_upper(blk, UG, nG, f.lamG);
+  if (fG.status != 0) return kNaN;
   const double err =
-      kRounding * kEps * (dG * pivot_ratios(KA, UA, nA, 1, lamA) + dA * pivot_ratios(KG, UG, nG, 1, lamG));
-  ldA += (dA - nA) * log(lamA);
-  ldG += (dG - nG) * log(lamG);
+      kRounding * kEps * (dG * pivot_ratios(KA, UA, nA, 1, f.lamA) + dA * pivot_ratios(KG, UG, nG, 1, f.lamG));
+  const double ldA = fA.logdet + (dA - nA) * log(f.lamA), ldG = fG.logdet + (dG - nG) * log(f.lamG);
   const double logdet = guarded(dG * ldA + dA * ldG + static_cast<double>(dA * dG) * log(c), err, dA * dG);
   if (grads && finite(logdet)) {
-    inverse_from_upper(UA, nA, PA, X);
-    inverse_from_upper(UG, nG, PG, X);
-    // π's share: dL/dπ·π = d_G·λ_A·tr(A + λ_A I)⁻¹ − d_A·λ_G·tr(G + λ_G I)⁻¹, and λ·tr(F + λI)⁻¹
-    // = d − t with t = tr(K (K + λI)⁻¹) = Σ a/(a + λ) (zero eigenvalues add nothing), so it is
-    // d_A·t_G − d_G·t_A: the two d_A·d_G terms cancel in closed form instead of in rounding,
-    // which lost all digits when τ ≫ c·‖A‖·‖G‖ (both traces then ≈ d/λ; dπ·π/(2 tr) ≈ 1e52).
-    double tA = 0, tG = 0;
-    for (int64_t i = 0; i < nA * nA; ++i) tA += KA[i] * PA[i];
-    for (int64_t i = 0; i < nG * nG; ++i) tG += KG[i] * PG[i];
-    const double x = dA * tG - dG * tA;
-    const double kA = valid ? x / (2 * trA) : 0.0;
-    const double kG = valid ? -x / (2 * trG) : 0.0;
-    for (int64_t i = 0; i < nA * nA; ++i) PA[i] *= dG;
-    for (int64_t i = 0; i < nG * nG; ++i) PG[i] *= dA;
-    for (int64_t i = 0; i < nA; ++i) PA[i * nA + i] += kA;
-    for (int64_t i = 0; i < nG; ++i) PG[i * nG + i] += kG;
+    inverse_from_upper(blk, UA, nA, PA, X);
+    inverse_from_upper(blk, UG, nG, PG, X);
+    double pA = 0, pG = 0;
+    FL_BLOCK_FOR(blk, i, 0, nA * nA) pA += KA[i] * PA[i];
+    FL_BLOCK_FOR(blk, i, 0, nG * nG) pG += KG[i] * PG[i];
+    const double tA = blk.sum(pA), tG = blk.sum(pG);
+    const PiShare<double> k = pi_share(f, tA, tG, trA, trG, dA, dG);
+    scale_add_diagonal(blk, PA, nA, dG, k.kA);
+    scale_add_diagonal(blk, PG, nG, dA, k.kG);
+    blk.sync();
   }
   return logdet;
 }
 
 // Either method, from K_A (n_A, full dimension d_A) and K_G; the exact method puts the
 // carrier with fewer eigenvalues first.
-FL_HD inline int64_t task_workspace(bool exact, int64_t nA, int64_t nG) {
-  return exact ? exact_workspace(nA < nG ? nA : nG, nA < nG ? nG : nA) : factored_workspace(nA, nG);
+FL_HD inline int64_t task_workspace(Method method, int64_t nA, int64_t nG) {
+  return method == Method::Exact ? exact_workspace(mini(nA, nG), maxi(nA, nG)) : factored_workspace(nA, nG);
 }
 
-FL_HD inline double task_logdet(bool exact, const double* KA, int64_t nA, int64_t dA, const double* KG, int64_t nG,
-                                int64_t dG, double c, double tau, bool grads, double* PA, double* PG, double* ws) {
-  if (!exact) return factored_logdet(KA, nA, dA, KG, nG, dG, c, tau, grads, PA, PG, ws);
-  if (nA <= nG) return exact_logdet(KA, nA, dA, KG, nG, dG, c, tau, grads, PA, PG, ws);
-  return exact_logdet(KG, nG, dG, KA, nA, dA, c, tau, grads, PG, PA, ws);
+template <class Blk, class P>
+FL_HD double task_logdet(const Blk& blk, Method method, P KA, int64_t nA, int64_t dA, P KG, int64_t nG, int64_t dG,
+                         double c, double tau, bool grads, P PA, P PG, P ws) {
+  if (method == Method::Factored) return factored_logdet(blk, KA, nA, dA, KG, nG, dG, c, tau, grads, PA, PG, ws);
+  if (nA <= nG) return exact_logdet(blk, KA, nA, dA, KG, nG, dG, c, tau, grads, PA, PG, ws);
+  return exact_logdet(blk, KG, nG, dG, KA, nA, dA, c, tau, grads, PG, PA, ws);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -495,92 +634,102 @@ FL_HD inline Side plan_side(int64_t R, int64_t d, bool bias) {
   return Side{R, d, D, R < D ? R : D, bias, R < D};
 }
 
-template <typename scalar_t>
-FL_HD void load_side(const Side& s, const scalar_t* x, int64_t sR, int64_t sD, double* rows, double* K) {
-  for (int64_t r = 0; r < s.R; ++r) {
-    for (int64_t i = 0; i < s.d; ++i) rows[r * s.D + i] = static_cast<double>(x[r * sR + i * sD]);
-    if (s.bias) rows[r * s.D + s.d] = 1.0;
-  }
+// The rows x̄ (R×D, contiguous, double) from x; then K. Threads share each row (coalesced on
+// the GPU; a plain loop on the CPU).
+template <class Blk, class X, class P>
+FL_HD void load_side(const Blk& blk, const Side& s, X x, int64_t sR, int64_t sD, P rows, P K) {
+  for (int64_t r = 0; r < s.R; ++r) FL_BLOCK_FOR(blk, i, 0, s.D) {
+      rows[r * s.D + i] = i < s.d ? static_cast<double>(x[r * sR + i * sD]) : 1.0;
+    }
+  blk.sync();
   if (s.gram)
-    gram_rows(rows, s.R, s.D, K);
+    gram_rows(blk, rows, s.R, s.D, K);
   else
-    syrk_rows(rows, s.R, s.D, K);
+    syrk_rows(blk, rows, s.R, s.D, K);
 }
 
 // dL/dx (R × d, contiguous) for dL/dK = P (symmetric): the first d columns of (2/R)·x̄P
-// (factor) or (2/R)·P x̄ (Gram), each output row built as a sum of scaled rows; acc: D doubles.
-template <typename scalar_t>
-FL_HD void side_rows_grad(const Side& s, const double* rows, const double* P, scalar_t* out, double* acc) {
+// (factor) or (2/R)·P x̄ (Gram), each output row a sum of scaled rows accumulated in acc
+// (d doubles); threads share each row (coalesced on the GPU, contiguous axpys on the CPU),
+// each owning the same columns of acc and of the row throughout, so no barrier is needed.
+template <class Blk, class P, class Y>
+FL_HD void side_rows_grad(const Blk& blk, const Side& s, P rows, P Pm, Y out, P acc) {
   const double scale = 2.0 / s.R;
   const int64_t terms = s.gram ? s.R : s.D;
   for (int64_t r = 0; r < s.R; ++r) {
-    for (int64_t k = 0; k < s.D; ++k) acc[k] = 0;
+    FL_BLOCK_FOR(blk, k, 0, s.d) acc[k] = 0;
     for (int64_t m = 0; m < terms; ++m) {
-      const double coef = s.gram ? P[r * s.R + m] : rows[r * s.D + m];
-      const double* src = s.gram ? rows + m * s.D : P + m * s.D;
-      for (int64_t k = 0; k < s.d; ++k) acc[k] += coef * src[k];
+      const double coef = s.gram ? Pm[r * s.R + m] : rows[r * s.D + m];
+      P src = s.gram ? rows + m * s.D : Pm + m * s.D;
+      FL_BLOCK_FOR(blk, k, 0, s.d) acc[k] += coef * src[k];
     }
-    for (int64_t k = 0; k < s.d; ++k) out[r * s.d + k] = static_cast<scalar_t>(scale * acc[k]);
+    FL_BLOCK_FOR(blk, k, 0, s.d) out[r * s.d + k] = scale * acc[k];
   }
 }
 
 // kfac_logdet of one task, from the rows a (R × d_in) and g (R × d_out) straight to the
 // log-det and, with grads, dL/da and dL/dg (contiguous R × d). Returns NaN (and NaN
 // gradients) when a damped matrix is not positive definite or an input is not finite.
-FL_HD inline int64_t kfac_task_workspace(const Side& A, const Side& G, bool exact) {
-  return A.R * A.D + G.R * G.D + 2 * (A.n * A.n + G.n * G.n) + maxi(A.D, G.D) + task_workspace(exact, A.n, G.n);
+// mats: the task's matrices (shared memory on the GPU); rows: its rows (global memory).
+FL_HD inline int64_t kfac_task_matrices(const Side& A, const Side& G, Method method) {
+  return 2 * (A.n * A.n + G.n * G.n) + task_workspace(method, A.n, G.n);
 }
+FL_HD inline int64_t kfac_task_rows(const Side& A, const Side& G) { return A.R * A.D + G.R * G.D + maxi(A.d, G.d); }
 
-template <typename scalar_t>
-FL_HD double kfac_task(const Side& A, const Side& G, bool exact, double c, double tau, const scalar_t* a, int64_t saR,
-                       int64_t saD, const scalar_t* g, int64_t sgR, int64_t sgD, bool grads, scalar_t* grad_a,
-                       scalar_t* grad_g, double* ws) {
-  double* rowsA = ws;
-  double* rowsG = rowsA + A.R * A.D;
-  double* KA = rowsG + G.R * G.D;
-  double* KG = KA + A.n * A.n;
-  double* PA = KG + G.n * G.n;
-  double* PG = PA + A.n * A.n;
-  double* acc = PG + G.n * G.n;
-  double* rest = acc + maxi(A.D, G.D);
-  load_side(A, a, saR, saD, rowsA, KA);
-  load_side(G, g, sgR, sgD, rowsG, KG);
-  const double logdet = task_logdet(exact, KA, A.n, A.D, KG, G.n, G.D, c, tau, grads, PA, PG, rest);
+template <class Blk, class P, class X, class Y>
+FL_HD double kfac_task(const Blk& blk, const Side& A, const Side& G, Method method, double c, double tau, X a,
+                       int64_t saR, int64_t saD, X g, int64_t sgR, int64_t sgD, bool grads, Y grad_a, Y grad_g, P mats,
+                       P rows) {
+  P rowsA = rows;
+  P rowsG = rowsA + A.R * A.D;
+  P acc = rowsG + G.R * G.D;
+  P KA = mats;
+  P KG = KA + A.n * A.n;
+  P PA = KG + G.n * G.n;
+  P PG = PA + A.n * A.n;
+  P rest = PG + G.n * G.n;
+  load_side(blk, A, a, saR, saD, rowsA, KA);
+  load_side(blk, G, g, sgR, sgD, rowsG, KG);
+  const double logdet = task_logdet(blk, method, KA, A.n, A.D, KG, G.n, G.D, c, tau, grads, PA, PG, rest);
   if (!grads) return logdet;
   if (!finite(logdet)) {
-    for (int64_t i = 0; i < A.R * A.d; ++i) grad_a[i] = static_cast<scalar_t>(kNaN);
-    for (int64_t i = 0; i < G.R * G.d; ++i) grad_g[i] = static_cast<scalar_t>(kNaN);
+    FL_BLOCK_FOR(blk, i, 0, A.R * A.d) grad_a[i] = kNaN;
+    FL_BLOCK_FOR(blk, i, 0, G.R * G.d) grad_g[i] = kNaN;
     return logdet;
   }
-  side_rows_grad(A, rowsA, PA, grad_a, acc);
-  side_rows_grad(G, rowsG, PG, grad_g, acc);
+  side_rows_grad(blk, A, rowsA, PA, grad_a, acc);
+  side_rows_grad(blk, G, rowsG, PG, grad_g, acc);
   return logdet;
 }
 
 // kron_logdet of one task from the factors A (d_A × d_A) and G (any strides; the lower
-// triangles are read), with grads also dL/dA and dL/dG (contiguous).
-FL_HD inline int64_t kron_task_workspace(int64_t dA, int64_t dG, bool exact) {
-  return 2 * (dA * dA + dG * dG) + task_workspace(exact, dA, dG);
+// triangles are read), with grads also dL/dA and dL/dG (contiguous). All in mats.
+FL_HD inline int64_t kron_task_matrices(int64_t dA, int64_t dG, Method method) {
+  return 2 * (dA * dA + dG * dG) + task_workspace(method, dA, dG);
 }
 
-template <typename scalar_t>
-FL_HD double kron_task(int64_t dA, int64_t dG, bool exact, double c, double tau, const scalar_t* A, int64_t sAi,
-                       int64_t sAj, const scalar_t* G, int64_t sGi, int64_t sGj, bool grads, scalar_t* grad_A,
-                       scalar_t* grad_G, double* ws) {
-  double* KA = ws;
-  double* KG = KA + dA * dA;
-  double* PA = KG + dG * dG;
-  double* PG = PA + dA * dA;
-  double* rest = PG + dG * dG;
-  for (int64_t i = 0; i < dA; ++i)
-    for (int64_t j = 0; j <= i; ++j) KA[i * dA + j] = KA[j * dA + i] = static_cast<double>(A[i * sAi + j * sAj]);
-  for (int64_t i = 0; i < dG; ++i)
-    for (int64_t j = 0; j <= i; ++j) KG[i * dG + j] = KG[j * dG + i] = static_cast<double>(G[i * sGi + j * sGj]);
-  const double logdet = task_logdet(exact, KA, dA, dA, KG, dG, dG, c, tau, grads, PA, PG, rest);
+template <class Blk, class X, class P>
+FL_HD void load_lower(const Blk& blk, X M, int64_t d, int64_t si, int64_t sj, P K) {
+  for (int64_t i = 0; i < d; ++i)
+    FL_BLOCK_FOR(blk, j, 0, d) K[i * d + j] = static_cast<double>(i >= j ? M[i * si + j * sj] : M[j * si + i * sj]);
+  blk.sync();
+}
+
+template <class Blk, class P, class X, class Y>
+FL_HD double kron_task(const Blk& blk, int64_t dA, int64_t dG, Method method, double c, double tau, X A, int64_t sAi,
+                       int64_t sAj, X G, int64_t sGi, int64_t sGj, bool grads, Y grad_A, Y grad_G, P mats) {
+  P KA = mats;
+  P KG = KA + dA * dA;
+  P PA = KG + dG * dG;
+  P PG = PA + dA * dA;
+  P rest = PG + dG * dG;
+  load_lower(blk, A, dA, sAi, sAj, KA);
+  load_lower(blk, G, dG, sGi, sGj, KG);
+  const double logdet = task_logdet(blk, method, KA, dA, dA, KG, dG, dG, c, tau, grads, PA, PG, rest);
   if (!grads) return logdet;
   const bool ok = finite(logdet);
-  for (int64_t i = 0; i < dA * dA; ++i) grad_A[i] = static_cast<scalar_t>(ok ? PA[i] : kNaN);
-  for (int64_t i = 0; i < dG * dG; ++i) grad_G[i] = static_cast<scalar_t>(ok ? PG[i] : kNaN);
+  FL_BLOCK_FOR(blk, i, 0, dA * dA) grad_A[i] = ok ? static_cast<double>(PA[i]) : kNaN;
+  FL_BLOCK_FOR(blk, i, 0, dG * dG) grad_G[i] = ok ? static_cast<double>(PG[i]) : kNaN;
   return logdet;
 }
 

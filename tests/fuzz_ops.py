@@ -1,7 +1,7 @@
 """Seeded property test of every op, run by tests/test_fuzz_ops.py in a child process so that
 a hard crash (a segfault) is reported as a failing case instead of killing the test run.
 
-    python tests/fuzz_ops.py --seed 0 --start 0 --cases 2000
+    python tests/fuzz_ops.py --seed 0 --start 0 --cases 2000 [--emulate THREADS]
 
 Each case draws an op (through its public wrapper, with the default checks), shapes,
 dtype, strides, values and scalars; about a third of the cases carry one defect (a wrong
@@ -17,7 +17,9 @@ which 7 derivatives off by up to 1e-2 relative (item 1, constant rows), 13 finit
 up to 173 nats (item 2), 4 inf/NaN values of float32 composite layers (item 3), 11 NaN values
 with finite gradients above order 64 (item 4), and 24 stride-0 giants ending in an allocation
 error (item 5); after the fixes, none. A case that does not
-return within 60 s ends the child (a CRASH for the test). Prints ``CASE i`` before each case,
+return within 60 s ends the child (a CRASH for the test). With --emulate the log-det ops run
+through the emulator of their CUDA launch (tests/test_emulator.py runs a share of the cases
+so). Prints ``CASE i`` before each case,
 ``FAIL i: ...`` for each violation and ``DONE n`` at the end.
 """
 
@@ -418,13 +420,37 @@ def check_edge(rng: random.Random) -> str | None:
 EDGE_SHARE = 0.1  # of the cases: each costs ~0.1 s of mpmath
 
 
+def route_through_emulator(threads: int) -> torch.library.Library:
+    """Serve the four log-det ops' CPU kernels by the emulator of their CUDA launch
+    (torch.ops.fastlaplace_testing, csrc/testing/emulator.h) with blocks of ``threads``
+    (0: the launcher's own choice), so that every case runs the device code under the GPU's
+    thread mapping, races and bounds checked. Keep the returned library alive."""
+    emu = torch.ops.fastlaplace_testing
+    lib = torch.library.Library("fastlaplace", "IMPL")
+
+    def kfac(a, g, scale, tau, method, bias, grads):
+        return emu.emulate_kfac(a, g, scale, tau, method, bias, grads, threads, "auto", "none")
+
+    def kron(A, G, scale, tau, method, grads):
+        return emu.emulate_kron(A, G, scale, tau, method, grads, threads, "auto", "none")
+
+    lib.impl("kfac_logdet", lambda a, g, s, t, m, b: kfac(a, g, s, t, m, b, False)[0], "CPU")
+    lib.impl("kfac_logdet_and_grad", lambda a, g, s, t, m, b: kfac(a, g, s, t, m, b, True)[:3], "CPU")
+    lib.impl("kron_logdet", lambda A, G, s, t, m: kron(A, G, s, t, m, False)[0], "CPU")
+    lib.impl("kron_logdet_and_grad", lambda A, G, s, t, m: kron(A, G, s, t, m, True)[:3], "CPU")
+    return lib
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--cases", type=int, default=2000)
+    p.add_argument("--emulate", type=int, default=None, metavar="THREADS",
+                   help="run the log-det ops through the emulated CUDA launch, blocks of THREADS (0: the launcher's)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    emulated = None if args.emulate is None else route_through_emulator(args.emulate)  # noqa: F841 (kept alive)
     for i in range(args.start, args.cases):
         print(f"CASE {i}", flush=True)
         rng = random.Random(args.seed * 1_000_003 + i)

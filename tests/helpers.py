@@ -2,6 +2,9 @@
 
 import hashlib
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -88,3 +91,24 @@ def digests(folder) -> dict[str, str]:
             if path.is_file() and not path.is_symlink():
                 out[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
+
+
+FUZZ = Path(__file__).with_name("fuzz_ops.py")
+
+
+def fuzz_failures(cases: int, *args: str) -> list[str]:
+    """The FAIL lines of tests/fuzz_ops.py over `cases` cases (extra arguments passed on), run
+    in a child process; a crash of the child is a failure too, and the run continues after
+    the crashing case."""
+    failures, start = [], 0
+    while start < cases:
+        run = subprocess.run([sys.executable, str(FUZZ), "--start", str(start), "--cases", str(cases), *args],
+                             capture_output=True, text=True, timeout=900)
+        failures += [line for line in run.stdout.splitlines() if line.startswith("FAIL")]
+        if run.returncode == 0 and f"DONE {cases}" in run.stdout:
+            break
+        started = [int(m) for m in re.findall(r"^CASE (\d+)$", run.stdout, re.M)]
+        last = started[-1] if started else start
+        failures.append(f"CRASH {last}: exit status {run.returncode}; {run.stderr.strip()[-300:]}")
+        start = last + 1
+    return failures

@@ -125,3 +125,33 @@ def test_failures_come_back_as_nan_and_info_on_cuda():
         assert torch.isfinite(out[0]) and torch.isnan(out[1])
         with pytest.raises(ValueError, match="a contains NaN or Inf"):
             fl.kfac_logdet(a, g, 5.0, 1.0, method)
+
+
+@pytest.mark.parametrize("n", [1, 33, 64])
+@pytest.mark.parametrize("method", ["factored", "exact"])
+def test_fused_ops_are_one_launch_without_host_sync(n, method):
+    """Orders <= 64: each log-det op, with its gradients, is one kernel (the fused task
+    kernel, counted by the profiler) and makes no host synchronisation; its values and
+    gradients equal the CPU kernels'."""
+    g = torch.Generator().manual_seed(n)
+    a, gg = torch.randn(4, n, n + 3, generator=g, dtype=F64), torch.randn(4, n, 2, generator=g, dtype=F64)
+    X = torch.randn(4, n, n + 2, generator=g, dtype=F64)
+    A, G = X @ X.mT / (n + 2), torch.eye(3, dtype=F64).expand(4, 3, 3) * 0.5
+    calls = {"kfac": (torch.ops.fastlaplace.kfac_logdet_and_grad, (a, gg, float(n), 0.1, method, True)),
+             "kron": (torch.ops.fastlaplace.kron_logdet_and_grad, (A, G, 5.0, 0.1, method))}
+    for name, (op, args) in calls.items():
+        cuda_args = [x.cuda() if isinstance(x, torch.Tensor) else x for x in args]
+        op(*cuda_args)  # warm up: the kernel's shared-memory opt-in, the allocator
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                got = op(*cuda_args)
+                torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(kernels) == 1 and "fused_tasks" in kernels[0], (name, kernels)
+        for x, y in zip(got, op(*args)):
+            torch.testing.assert_close(x.cpu(), y, rtol=1e-9, atol=1e-9)

@@ -2,34 +2,15 @@
 throws thousands of drawn inputs at every op (tests/fuzz_ops.py, in a child process)."""
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import fuzz_failures
 
 import fastlaplace as fl
-from fastlaplace import _C
 from fastlaplace import reference as ref
 
 F64 = torch.float64
-
-
-@pytest.mark.parametrize("n", list(range(0, 66)))
-def test_small_matrix_eigensolver_is_orthonormal(n):
-    """The eigensolver of the fused kernels (orders <= 64 and the Gram matrices), on the
-    matrices that broke it: constant (one eigenvalue, n - 1 zeros), low rank and random."""
-    g = torch.Generator().manual_seed(n)
-    X = torch.randn(n, 3, dtype=F64, generator=g)
-    Y = torch.randn(n, n, dtype=F64, generator=g)
-    for M in (torch.full((n, n), 0.7, dtype=F64), X @ X.T, Y + Y.T, torch.zeros(n, n, dtype=F64)):
-        w, V = _C._dense_eigh(M.flatten().tolist(), n)
-        w, V = torch.tensor(w, dtype=F64), torch.tensor(V, dtype=F64).reshape(n, n)
-        scale = max(1.0, float(M.abs().amax())) * n if n else 1.0
-        assert torch.allclose(V.T @ V, torch.eye(n, dtype=F64), atol=1e-12), "eigenvectors not orthonormal"
-        assert torch.allclose(V @ torch.diag(w) @ V.T, M, atol=1e-12 * scale), "V diag(w) Vᵀ != M"
 
 
 @pytest.mark.parametrize("d", [56, 57, 58, 60, 62, 64, 65])
@@ -129,7 +110,6 @@ def test_fakes_repeat_the_kernels_checks():
         assert L.is_contiguous()
 
 
-FUZZ = Path(__file__).with_name("fuzz_ops.py")
 
 
 def test_property_fuzz_every_op():
@@ -137,15 +117,5 @@ def test_property_fuzz_every_op():
     defect) or agrees with the float64 reference. A crash of the child is a failure too;
     the run then continues after the crashing case."""
     cases = int(os.environ.get("FASTLAPLACE_FUZZ_CASES", "2000"))
-    failures, start = [], 0
-    while start < cases:
-        run = subprocess.run([sys.executable, str(FUZZ), "--start", str(start), "--cases", str(cases)],
-                             capture_output=True, text=True, timeout=900)
-        failures += [line for line in run.stdout.splitlines() if line.startswith("FAIL")]
-        if run.returncode == 0 and f"DONE {cases}" in run.stdout:
-            break
-        started = [int(m) for m in re.findall(r"^CASE (\d+)$", run.stdout, re.M)]
-        last = started[-1] if started else start
-        failures.append(f"CRASH {last}: exit status {run.returncode}; {run.stderr.strip()[-300:]}")
-        start = last + 1
+    failures = fuzz_failures(cases)
     assert not failures, f"{len(failures)} of {cases} cases failed:\n" + "\n".join(failures[:25])

@@ -33,8 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky_cpu(const at::Ten
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t i = 0; i < d; ++i)  // upper triangle of S = lower triangle of M
           for (int64_t j = 0; j <= i; ++j) S[j * d + i] = static_cast<double>(Ma[b][i][j]);
-        double ld = 0;
-        const int64_t failed = math::cholesky_upper(S.data(), d, static_cast<double>(da[b]), &ld);
+        const auto [failed, ld] = math::cholesky_upper(block::Serial{}, S.data(), d, static_cast<double>(da[b]));
         ia[b] = static_cast<int>(failed);
         lda[b] = failed ? std::numeric_limits<scalar_t>::quiet_NaN() : static_cast<scalar_t>(ld);
         for (int64_t i = 0; i < d; ++i)

@@ -48,7 +48,7 @@ at::Tensor factor(const at::Tensor& x, bool bias) {
             rows[r * D + i] = static_cast<double>(xb[r * x.stride(1) + i * x.stride(2)]);
           if (bias) rows[r * D + side.d] = 1.0;
         }
-        math::syrk_rows(rows.data(), R, D, K.data());
+        math::syrk_rows(block::Serial{}, rows.data(), R, D, K.data());
         for (int64_t i = 0; i < D; ++i)
           for (int64_t j = 0; j < D; ++j) oa[b][i][j] = static_cast<scalar_t>(K[i * D + j]);
       }

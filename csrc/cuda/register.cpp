@@ -1,5 +1,5 @@
 // CUDA registrations of the primitive kernels; the log-det ops register in
-// csrc/cuda/logdet.cu (fused path, composite above order 64).
+// csrc/cuda/logdet.cpp (fused path, composite above the GPU's thresholds).
 #include <torch/library.h>
 
 #include "cuda/kernels.h"

@@ -1,0 +1,6 @@
+// The fused kfac_logdet kernels for double inputs (csrc/cuda/launch.h).
+#include "cuda/launch.cuh"
+
+namespace fastlaplace {
+template void CudaLauncher::operator()(const fused::Plan&, const fused::KfacTask<double>&) const;
+}  // namespace fastlaplace
