@@ -144,9 +144,10 @@ def peak_above_start(fn, device: str) -> float:
 
 
 def conv(device: str, iterations: int, filters: int, size: int, steps: int, query: int, model: str = "conv4",
-         widths=(64, 160, 320, 640)) -> str:
+         widths=(64, 160, 320, 640), chunks=(1,)) -> str:
     """Conv4 (or ResNet-12) meta-iterations, interleaved in one process: the per-task loop,
-    MAML under each convolution strategy, LLAMA; then each one's peak memory, one after another."""
+    MAML under each convolution strategy and with ``task_chunk`` in ``chunks``, LLAMA (all
+    tasks at once and with the first of ``chunks``); then each one's peak memory, one after another."""
     g = torch.Generator().manual_seed(0)
     T, ways, shots, channels = 4, 5, 1, 3 if size >= 84 else 1  # miniImageNet's RGB, Omniglot's gray
     xs = torch.rand(T, ways * shots, channels, size, size, generator=g).to(device)
@@ -162,11 +163,15 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
     loop_model = network().to(device)
     runs = {"per-task loop (functional_call, plain PyTorch)": per_task_conv_loop(loop_model, batch, 0.01, steps)}
     learners = {}
-    for name, cls, strategy in (("MAML (grouped)", MAML, "grouped"), ("MAML (loop)", MAML, "loop"),
-                                ("MAML (auto)", MAML, "auto"), ("LLAMA (factored, auto)", LLAMA, "auto")):
+    variants = [("MAML (grouped)", MAML, "grouped", None), ("MAML (loop)", MAML, "loop", None),
+                ("MAML (auto)", MAML, "auto", None)]
+    variants += [(f"MAML (grouped, task_chunk={c})", MAML, "grouped", c) for c in chunks]
+    variants += [("LLAMA (factored, auto)", LLAMA, "auto", None)]
+    variants += [(f"LLAMA (factored, grouped, task_chunk={c})", LLAMA, "grouped", c) for c in chunks[:1]]
+    for name, cls, strategy, chunk in variants:
         torch.manual_seed(0)
         learner = cls(network(), inner_lr=0.01, inner_steps=steps, loss="cross_entropy",
-                      conv_strategy=strategy).to(device)
+                      conv_strategy=strategy, task_chunk=chunk).to(device)
         learners[name] = learner
         runs[name] = learner_step(learner, batch, torch.optim.Adam(learner.parameters(), 1e-3))
     med = interleaved(runs, iterations, 1, device)  # its warm-up makes "auto" measure first
@@ -263,6 +268,8 @@ def main() -> None:
     p.add_argument("--conv-sizes", type=int, nargs="+", default=[84, 28], help="Conv4 image sizes")
     p.add_argument("--conv-steps", type=int, nargs="+", default=[2, 5], help="Conv4 inner steps")
     p.add_argument("--conv-query", type=int, default=15, help="Conv4 query images per class")
+    p.add_argument("--task-chunks", type=int, nargs="*", default=[1],
+                   help="Conv4 rows of MAML (and LLAMA: the first) with these task_chunk values")
     p.add_argument("--conv-model", choices=("conv4", "resnet12"), default="conv4",
                    help="the network of part 2 (resnet12: --resnet-widths)")
     p.add_argument("--resnet-iterations", type=int, default=0, help="timed ResNet-12 iterations per method (0: skip)")
@@ -280,7 +287,7 @@ def main() -> None:
     for size in args.conv_sizes if args.conv_iterations else ():
         for steps in args.conv_steps:
             parts.append(conv(args.device, args.conv_iterations, args.filters, size, steps, args.conv_query,
-                              args.conv_model, args.resnet_widths))
+                              args.conv_model, args.resnet_widths, args.task_chunks))
     if parts and not args.no_write:
         write_block("bench_meta", "\n\n".join(parts), args.device)
     if args.resnet_iterations:

@@ -391,11 +391,21 @@ class TaskBatchedNetwork:
         conv_strategy: how the adapted convolutions run, ``"grouped"``, ``"loop"`` or
             ``"auto"`` (measured per layer shape; see :class:`ConvPlanner`, held as
             :attr:`convs`).
+        task_chunk: run the model on at most this many tasks at a time (``None``: all at
+            once), the chunks' outputs concatenated. Tasks are independent, so the result is
+            the same up to rounding; the backward then holds one chunk's temporaries at a
+            time instead of all tasks' (peak memory), and each chunk's operands are smaller
+            (cache). Calls that record K-FAC rows run all tasks at once.
     """
 
-    def __init__(self, model: nn.Module, adapt: Selection = None, conv_strategy: ConvStrategyLike = "grouped"):
+    def __init__(self, model: nn.Module, adapt: Selection = None, conv_strategy: ConvStrategyLike = "grouped",
+                 task_chunk: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastlaplace: the model must be an nn.Module, got {type(model).__name__}")
+        if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, int)
+                                       or task_chunk < 1):
+            raise ValueError(f"fastlaplace: task_chunk must be None or an integer >= 1, got {task_chunk!r}")
+        self.task_chunk = task_chunk
         modules = list(model.named_modules())
         for name, module in modules:
             if isinstance(module, torch.jit.ScriptModule):
@@ -454,6 +464,15 @@ class TaskBatchedNetwork:
         """Outputs [tasks, examples, ...] for inputs [tasks, examples, ...] and per-task
         ``params`` (each [tasks, *shape], keyed as :meth:`adapted_parameters`); with
         ``record``, also the K-FAC rows of every call of every adapted layer."""
+        chunk = self.task_chunk
+        if record or chunk is None or chunk >= x.shape[0]:
+            return self._run(params, x, record)
+        outs = [self._run({k: p[t:t + chunk] for k, p in params.items()}, x[t:t + chunk], False)[0]
+                for t in range(0, x.shape[0], chunk)]
+        return torch.cat(outs), []
+
+    def _run(self, params: dict[str, Tensor], x: Tensor, record: bool) -> tuple[Tensor, list[LayerRecord]]:
+        """:meth:`__call__` on all of ``x``'s tasks at once."""
         T, N = x.shape[:2]
         call = _Call(params, T, N, self.example_major, record, self.convs)
         rows = x.transpose(0, 1).reshape(N * T, *x.shape[2:]) if self.example_major else x.reshape(T * N, *x.shape[2:])

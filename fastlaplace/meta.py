@@ -69,18 +69,23 @@ class MAML(nn.Module):
             ``"auto"``'s choice depends on timings, so two runs with one seed may then differ
             in the last bits (like ``cudnn.benchmark``): the default is the fixed
             ``"grouped"``. :meth:`conv_choices` says what ran.
+        task_chunk: evaluate the network on at most this many tasks at a time (``None``:
+            all at once; see :class:`fastlaplace.batched.TaskBatchedNetwork`). Same results
+            up to rounding; smaller chunks lower the peak memory of the meta-gradient's
+            backward (with 1, about the per-task loop's) and, for large images on a CPU,
+            may be faster (smaller operands stay in cache).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, loss: str = "mse", check_finite: bool = True, adapt=None,
-                 conv_strategy: str = "grouped"):
+                 conv_strategy: str = "grouped", task_chunk: int | None = None):
         super().__init__()
         _check_positive("inner_lr", inner_lr)
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
         loss = parse(Loss, loss, "loss").value
         self.model = model
-        self.net = TaskBatchedNetwork(model, adapt, conv_strategy)
+        self.net = TaskBatchedNetwork(model, adapt, conv_strategy, task_chunk)
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.first_order = first_order
@@ -208,9 +213,9 @@ class LLAMA(MAML):
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, loss: str = "mse", eta: float = 1e-6, tau: float = 1e-3,
                  logdet_method: str = "factored", fisher: str = "auto", check_finite: bool = True, adapt=None,
-                 conv_strategy: str = "grouped"):
+                 conv_strategy: str = "grouped", task_chunk: int | None = None):
         super().__init__(model, inner_lr, inner_steps, first_order, loss, check_finite, adapt=adapt,
-                         conv_strategy=conv_strategy)
+                         conv_strategy=conv_strategy, task_chunk=task_chunk)
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         _check_positive("tau", tau)

@@ -332,6 +332,28 @@ def test_conv_strategies_agree(device):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [MAML, LLAMA])
+@pytest.mark.parametrize("case,chunk", [("residual", 1), ("nested", 2), ("nested-no-bn", 2)])
+def test_task_chunks_agree_with_all_tasks_at_once(case, chunk, cls):
+    """In float64: the objective, its second-order meta-gradient, φ̂ and the predictions
+    (3 tasks in chunks of 2: one chunk is short)."""
+    model, batch, loss, fisher = build(case)
+    results = []
+    for task_chunk in (None, chunk):
+        learner = make_learner(cls, model, loss, fisher, task_chunk=task_chunk)
+        objective = learner.meta_loss(*batch)
+        with torch.no_grad():
+            params = learner.adapt(*batch[:2])
+            predictions = learner.predict(params, batch[2])
+        results.append([objective, *torch.autograd.grad(objective, list(model.parameters())), *params.values(),
+                        predictions])
+    for want, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="task_chunk must be None or an integer >= 1"):
+            MAML(model, task_chunk=bad)
+
+
 def test_layer_called_twice_has_the_rows_of_both_calls():
     model, (xs, ys, _, _), _, _ = build("functional")
     net = TaskBatchedNetwork(model)
