@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from .options import ConvStrategy, ConvStrategyLike, parse
 
@@ -459,17 +460,29 @@ class TaskBatchedNetwork:
         return out
 
     def __call__(
-        self, params: dict[str, Tensor], x: Tensor, record: bool = False
+        self, params: dict[str, Tensor], x: Tensor, record: bool = False, recompute: bool = False
     ) -> tuple[Tensor, list[LayerRecord]]:
         """Outputs [tasks, examples, ...] for inputs [tasks, examples, ...] and per-task
         ``params`` (each [tasks, *shape], keyed as :meth:`adapted_parameters`); with
-        ``record``, also the K-FAC rows of every call of every adapted layer."""
-        chunk = self.task_chunk
-        if record or chunk is None or chunk >= x.shape[0]:
+        ``record``, also the K-FAC rows of every call of every adapted layer. With
+        ``recompute`` (and gradients on), each chunk of tasks keeps no activations: the
+        backward runs its forward again (``torch.utils.checkpoint``), one chunk at a time,
+        so the peak holds one chunk's; the backward through it must be a first one."""
+        T, chunk = x.shape[0], self.task_chunk or x.shape[0]
+        recompute = recompute and not record and torch.is_grad_enabled()
+        if record or (chunk >= T and not recompute):
             return self._run(params, x, record)
-        outs = [self._run({k: p[t:t + chunk] for k, p in params.items()}, x[t:t + chunk], False)[0]
-                for t in range(0, x.shape[0], chunk)]
-        return torch.cat(outs), []
+        run = self._recomputed if recompute else self._outputs
+        outs = [run({k: p[t:t + chunk] for k, p in params.items()}, x[t:t + chunk]) for t in range(0, T, chunk)]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), []
+
+    def _outputs(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return self._run(params, x, False)[0]
+
+    def _recomputed(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        keys = list(params)
+        return checkpoint(lambda x, *values: self._outputs(dict(zip(keys, values)), x), x, *params.values(),
+                          use_reentrant=False)
 
     def _run(self, params: dict[str, Tensor], x: Tensor, record: bool) -> tuple[Tensor, list[LayerRecord]]:
         """:meth:`__call__` on all of ``x``'s tasks at once."""
