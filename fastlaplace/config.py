@@ -82,6 +82,9 @@ class Config:
         None, "run the network on at most N tasks at a time (default: all at once); same results up to rounding, "
         "a lower peak memory (1: about a per-task loop's), see fastlaplace.batched", group="run", metavar="N",
         resume=MAY_CHANGE)
+    recompute_query: bool = setting(False, "keep no activations of the query pass: the backward recomputes them, one "
+                                           "task chunk at a time (less memory, one more forward pass)", group="run",
+                                    resume=MAY_CHANGE)
     out: str | None = setting(None, "output folder (default runs/DATASET-METHOD-seedS)", group="run",
                               metavar="DIR", resume=FROM_USER)
     checkpoint_every: int = setting(500, "iterations between checkpoints", group="run", metavar="N",
@@ -152,6 +155,8 @@ class Config:
         lo_hi = self.x_range
         if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or not lo_hi[0] < lo_hi[1]:
             raise UsageError(f"--x-range must be two finite numbers LO < HI, got {lo_hi!r}")
+        if self.cuda_graph and self.recompute_query:  # the recomputation saves and restores the RNG state
+            raise UsageError("--recompute-query cannot be captured in a CUDA graph (--cuda-graph): use one of them")
         check_device(self.device)
         if self.cuda_graph and not self.device.startswith("cuda"):
             raise UsageError(f"--cuda-graph needs --device cuda (CUDA graphs exist only on a GPU), got {self.device!r}")

@@ -68,7 +68,7 @@ def test_resume_reads_the_saved_settings_under_those_given(tmp_path):
 
 def test_resume_rules_come_from_the_fields():
     assert RESUMABLE_CHANGES == ("iterations", "meta_lr", "inner_lr", "device", "conv_strategy", "task_chunk",
-                                 "checkpoint_every", "log_every", "eval_tasks", "cuda_graph")
+                                 "recompute_query", "checkpoint_every", "log_every", "eval_tasks", "cuda_graph")
     assert USER_ONLY == ("out", "data_root", "allow_pickle", "overwrite")
 
 
@@ -83,8 +83,10 @@ def test_types_of_a_settings_file(values, message):
         check_types(values, "f.json")
 
 
-def test_task_chunk_reaches_the_learner():
-    cfg = train_mod.parse_args(["--method", "maml", "--task-chunk", "3"])[0]
-    assert cfg.task_chunk == 3
+def test_task_chunk_and_recompute_query_reach_the_learner():
+    cfg = train_mod.parse_args(["--method", "maml", "--task-chunk", "3", "--recompute-query"])[0]
+    assert cfg.task_chunk == 3 and cfg.recompute_query
     learner = METHODS["maml"](sinusoid_mlp(), Loss.MSE, cfg.resolved())
-    assert learner.net.task_chunk == 3
+    assert learner.net.task_chunk == 3 and learner.recompute_query
+    with pytest.raises(ValueError, match="--recompute-query cannot be captured in a CUDA graph"):
+        Config(recompute_query=True, cuda_graph=True, device="cuda").resolved()
