@@ -11,7 +11,8 @@
    2 and 5 second-order inner steps (``--conv-sizes``, ``--conv-steps``, ``--conv-query``):
    the per-task loop a user writes in plain PyTorch (``functional_call`` per task,
    ``autograd.grad(create_graph=True)``), MAML under each convolution strategy (grouped,
-   loop, auto) and LLAMA, interleaved in one process; then each one's peak memory above the
+   loop, auto), with ``task_chunk`` (``--task-chunks``) and ``recompute_query``, and LLAMA,
+   interleaved in one process; then each one's peak memory above the
    process's resident set before its call (CPU: the resident set's high-water mark, reset
    through ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``), one after another.
    ``--conv-model resnet12`` runs the same rows for ResNet-12 (``--resnet-widths``).
@@ -146,8 +147,9 @@ def peak_above_start(fn, device: str) -> float:
 def conv(device: str, iterations: int, filters: int, size: int, steps: int, query: int, model: str = "conv4",
          widths=(64, 160, 320, 640), chunks=(1,)) -> str:
     """Conv4 (or ResNet-12) meta-iterations, interleaved in one process: the per-task loop,
-    MAML under each convolution strategy and with ``task_chunk`` in ``chunks``, LLAMA (all
-    tasks at once and with the first of ``chunks``); then each one's peak memory, one after another."""
+    MAML under each convolution strategy and with ``task_chunk`` in ``chunks`` (with and
+    without ``recompute_query``), LLAMA (all tasks at once, and the first of ``chunks`` with
+    ``recompute_query``); then each one's peak memory, one after another."""
     g = torch.Generator().manual_seed(0)
     T, ways, shots, channels = 4, 5, 1, 3 if size >= 84 else 1  # miniImageNet's RGB, Omniglot's gray
     xs = torch.rand(T, ways * shots, channels, size, size, generator=g).to(device)
@@ -163,15 +165,17 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
     loop_model = network().to(device)
     runs = {"per-task loop (functional_call, plain PyTorch)": per_task_conv_loop(loop_model, batch, 0.01, steps)}
     learners = {}
-    variants = [("MAML (grouped)", MAML, "grouped", None), ("MAML (loop)", MAML, "loop", None),
-                ("MAML (auto)", MAML, "auto", None)]
-    variants += [(f"MAML (grouped, task_chunk={c})", MAML, "grouped", c) for c in chunks]
-    variants += [("LLAMA (factored, auto)", LLAMA, "auto", None)]
-    variants += [(f"LLAMA (factored, grouped, task_chunk={c})", LLAMA, "grouped", c) for c in chunks[:1]]
-    for name, cls, strategy, chunk in variants:
+    variants = [("MAML (grouped)", MAML, "grouped", None, False), ("MAML (loop)", MAML, "loop", None, False),
+                ("MAML (auto)", MAML, "auto", None, False)]
+    variants += [(f"MAML (grouped, task_chunk={c})", MAML, "grouped", c, False) for c in chunks]
+    variants += [(f"MAML (grouped, task_chunk={c}, recompute_query)", MAML, "grouped", c, True) for c in chunks]
+    variants += [("LLAMA (factored, auto)", LLAMA, "auto", None, False)]
+    variants += [(f"LLAMA (factored, grouped, task_chunk={c}, recompute_query)", LLAMA, "grouped", c, True)
+                 for c in chunks[:1]]
+    for name, cls, strategy, chunk, recompute in variants:
         torch.manual_seed(0)
-        learner = cls(network(), inner_lr=0.01, inner_steps=steps, loss="cross_entropy",
-                      conv_strategy=strategy, task_chunk=chunk).to(device)
+        learner = cls(network(), inner_lr=0.01, inner_steps=steps, loss="cross_entropy", conv_strategy=strategy,
+                      task_chunk=chunk, recompute_query=recompute).to(device)
         learners[name] = learner
         runs[name] = learner_step(learner, batch, torch.optim.Adam(learner.parameters(), 1e-3))
     med = interleaved(runs, iterations, 1, device)  # its warm-up makes "auto" measure first
@@ -269,7 +273,8 @@ def main() -> None:
     p.add_argument("--conv-steps", type=int, nargs="+", default=[2, 5], help="Conv4 inner steps")
     p.add_argument("--conv-query", type=int, default=15, help="Conv4 query images per class")
     p.add_argument("--task-chunks", type=int, nargs="*", default=[1],
-                   help="Conv4 rows of MAML (and LLAMA: the first) with these task_chunk values")
+                   help="Conv4 rows of MAML (and LLAMA: the first) with these task_chunk values, with and without "
+                   "recompute_query")
     p.add_argument("--conv-model", choices=("conv4", "resnet12"), default="conv4",
                    help="the network of part 2 (resnet12: --resnet-widths)")
     p.add_argument("--resnet-iterations", type=int, default=0, help="timed ResNet-12 iterations per method (0: skip)")
