@@ -31,6 +31,14 @@ without a copy. The model's ``forward`` must therefore treat the rows of dimensi
 independent examples (BatchNorm aside, which the stand-in handles); its output must be one
 tensor with the examples in dimension 0.
 
+**Task chunks and recomputation.** ``task_chunk`` runs the model on a few tasks at a time
+(the chunks concatenated; the same result up to rounding): the backward then holds one
+chunk's temporaries, and on a CPU each tensor stays as small as a per-task loop's (glibc maps
+every allocation above 32 MiB afresh, and the kernel zero-fills its pages on first touch:
+one large batched tensor costs more per element than several small ones reused from the
+heap; ``benchmarks/RESULTS.md``). A call with ``recompute=True`` also keeps no activations
+of its chunks: the backward runs each chunk's forward again, one at a time.
+
 **What is adapted** (``docs/design.md`` §1, §2; the README's "Bring your own network"):
 
 - By default every ``nn.Linear`` and ``nn.Conv2d`` of the model (the types of the layer-kind
