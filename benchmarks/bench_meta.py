@@ -58,7 +58,9 @@ def per_task_loop_step(model, batch, lr=0.01):
     (total / xs.shape[0]).backward()
 
 
-def interleaved(steps: dict, reps: int, inner: int, device: str) -> dict[str, float]:
+def interleaved(steps: dict, reps: int, inner: int, device: str, clock=time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each step, the steps taking turns; ``clock``:
+    ``time.perf_counter`` (wall) or ``time.process_time`` (the process's CPU time)."""
     times = {k: [] for k in steps}
     for fn in steps.values():  # warm up
         fn()
@@ -66,12 +68,12 @@ def interleaved(steps: dict, reps: int, inner: int, device: str) -> dict[str, fl
         for name, fn in steps.items():
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(inner):
                 fn()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) / inner)
+            times[name].append((clock() - t0) / inner)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -145,7 +147,7 @@ def peak_above_start(fn, device: str) -> float:
 
 
 def conv(device: str, iterations: int, filters: int, size: int, steps: int, query: int, model: str = "conv4",
-         widths=(64, 160, 320, 640), chunks=(1,)) -> str:
+         widths=(64, 160, 320, 640), chunks=(1,), clock=time.perf_counter) -> str:
     """Conv4 (or ResNet-12) meta-iterations, interleaved in one process: the per-task loop,
     MAML under each convolution strategy and with ``task_chunk`` in ``chunks`` (with and
     without ``recompute_query``), LLAMA (all tasks at once, and the first of ``chunks`` with
@@ -178,7 +180,7 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
                       task_chunk=chunk, recompute_query=recompute).to(device)
         learners[name] = learner
         runs[name] = learner_step(learner, batch, torch.optim.Adam(learner.parameters(), 1e-3))
-    med = interleaved(runs, iterations, 1, device)  # its warm-up makes "auto" measure first
+    med = interleaved(runs, iterations, 1, device, clock)  # its warm-up makes "auto" measure first
     peaks = {name: peak_above_start(fn, device) for name, fn in runs.items()}
     base = med[next(iter(med))]
     rows = [[k, fmt_time(v), f"{base / v:.2f}×", f"{v / med['MAML (auto)']:.2f}", f"{peaks[k] / 2**20:.0f} MiB"]
@@ -190,7 +192,8 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
                        for layer, shapes in auto.items())
     name = f"Conv4-{filters}" if model == "conv4" else f"ResNet-12 ({'-'.join(map(str, widths))})"
     return (markdown_table([f"{name} {size}×{size}, {T} tasks × 5-way 1-shot, {query} query per class, "
-                            f"{steps} steps", "s / meta-iteration", "speed ÷ loop's", "÷ MAML (auto)",
+                            f"{steps} steps", "CPU s / meta-iteration" if clock is time.process_time else "s / meta-iteration",
+                            "speed ÷ loop's", "÷ MAML (auto)",
                             "peak memory above start"], rows)
             + f"\n\nMAML (auto) chose per layer (input [N·T, C, H, W]): {chosen}.")
 
@@ -275,6 +278,9 @@ def main() -> None:
     p.add_argument("--task-chunks", type=int, nargs="*", default=[1],
                    help="Conv4 rows of MAML (and LLAMA: the first) with these task_chunk values, with and without "
                    "recompute_query")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="Conv4 rows in the process's CPU time, not wall time (a shared CPU machine: with one thread "
+                   "the load then moves them far less)")
     p.add_argument("--conv-model", choices=("conv4", "resnet12"), default="conv4",
                    help="the network of part 2 (resnet12: --resnet-widths)")
     p.add_argument("--resnet-iterations", type=int, default=0, help="timed ResNet-12 iterations per method (0: skip)")
@@ -292,7 +298,8 @@ def main() -> None:
     for size in args.conv_sizes if args.conv_iterations else ():
         for steps in args.conv_steps:
             parts.append(conv(args.device, args.conv_iterations, args.filters, size, steps, args.conv_query,
-                              args.conv_model, args.resnet_widths, args.task_chunks))
+                              args.conv_model, args.resnet_widths, args.task_chunks,
+                              time.process_time if args.cpu_time else time.perf_counter))
     if parts and not args.no_write:
         write_block("bench_meta", "\n\n".join(parts), args.device)
     if args.resnet_iterations:
