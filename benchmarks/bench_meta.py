@@ -192,7 +192,7 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
                        for layer, shapes in auto.items())
     name = f"Conv4-{filters}" if model == "conv4" else f"ResNet-12 ({'-'.join(map(str, widths))})"
     return (markdown_table([f"{name} {size}×{size}, {T} tasks × 5-way 1-shot, {query} query per class, "
-                            f"{steps} steps", "CPU s / meta-iteration" if clock is time.process_time else "s / meta-iteration",
+                            f"{steps} steps", ("CPU " if clock is time.process_time else "") + "s / meta-iteration",
                             "speed ÷ loop's", "÷ MAML (auto)",
                             "peak memory above start"], rows)
             + f"\n\nMAML (auto) chose per layer (input [N·T, C, H, W]): {chosen}.")
