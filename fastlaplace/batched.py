@@ -415,6 +415,7 @@ class TaskBatchedNetwork:
                                        or task_chunk < 1):
             raise ValueError(f"fastlaplace: task_chunk must be None or an integer >= 1, got {task_chunk!r}")
         self.task_chunk = task_chunk
+        self._planned: set[tuple] = set()  # chunk shapes whose convolutions "auto" has timed (see _recomputed)
         modules = list(model.named_modules())
         for name, module in modules:
             if isinstance(module, torch.jit.ScriptModule):
@@ -488,6 +489,12 @@ class TaskBatchedNetwork:
         return self._run(params, x, False)[0]
 
     def _recomputed(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        key = (tuple(x.shape), x.dtype, x.device)
+        if self.convs.strategy is ConvStrategy.AUTO and key not in self._planned and not torch.compiler.is_compiling():
+            # "auto" times its candidates with autograd, which cannot run inside a checkpoint: first a plain pass
+            with torch.no_grad():
+                self._outputs(params, x)
+            self._planned.add(key)
         keys = list(params)
         return checkpoint(lambda x, *values: self._outputs(dict(zip(keys, values)), x), x, *params.values(),
                           use_reentrant=False)

@@ -373,6 +373,15 @@ def test_recompute_query_keeps_no_query_activations():
             learner.meta_loss(*batch).backward()
         saved[recompute] = count[0]
     assert saved[True] < saved[False]
+    # "auto" times its convolutions with autograd: outside the checkpoint, before it
+    auto = make_learner(MAML, model, loss, fisher, conv_strategy="auto", task_chunk=1, recompute_query=True)
+    reference = make_learner(MAML, model, loss, fisher)
+    for _ in range(2):
+        got, want = auto.meta_loss(*batch), reference.meta_loss(*batch)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        for g, w in zip(torch.autograd.grad(got, list(model.parameters())),
+                        torch.autograd.grad(want, list(model.parameters()))):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
 def test_layer_called_twice_has_the_rows_of_both_calls():
