@@ -403,8 +403,9 @@ class TaskBatchedNetwork:
         task_chunk: run the model on at most this many tasks at a time (``None``: all at
             once), the chunks' outputs concatenated. Tasks are independent, so the result is
             the same up to rounding; the backward then holds one chunk's temporaries at a
-            time instead of all tasks' (peak memory), and each chunk's operands are smaller
-            (cache). Calls that record K-FAC rows run all tasks at once.
+            time instead of all tasks' (peak memory), and each chunk's tensors are smaller
+            (on a CPU, fewer page faults; see above). Calls that record K-FAC rows run all
+            tasks at once.
     """
 
     def __init__(self, model: nn.Module, adapt: Selection = None, conv_strategy: ConvStrategyLike = "grouped",
@@ -476,7 +477,7 @@ class TaskBatchedNetwork:
         ``record``, also the K-FAC rows of every call of every adapted layer. With
         ``recompute`` (and gradients on), each chunk of tasks keeps no activations: the
         backward runs its forward again (``torch.utils.checkpoint``), one chunk at a time,
-        so the peak holds one chunk's; the backward through it must be a first one."""
+        so the peak holds one chunk's (the outputs are then not to be differentiated twice)."""
         T, chunk = x.shape[0], self.task_chunk or x.shape[0]
         recompute = recompute and not record and torch.is_grad_enabled()
         if record or (chunk >= T and not recompute):

@@ -72,12 +72,14 @@ class MAML(nn.Module):
         task_chunk: evaluate the network on at most this many tasks at a time (``None``:
             all at once; see :class:`fastlaplace.batched.TaskBatchedNetwork`). Same results
             up to rounding; smaller chunks lower the peak memory of the meta-gradient's
-            backward (with 1, about the per-task loop's) and, for large images on a CPU,
-            may be faster (smaller operands stay in cache).
+            backward (with 1, close to the per-task loop's) and, for large images on a CPU,
+            may be faster (tensors as small as the loop's: fewer page faults).
         recompute_query: keep no activations of the query pass; the backward recomputes them
             (``torch.utils.checkpoint``), one task chunk at a time: with ``task_chunk``, the
             peak memory holds one chunk's query activations instead of all tasks'. It costs
-            one more forward pass of the query set. Same results up to rounding.
+            one more forward pass of the query set. Same results up to rounding. (LLAMA on a
+            network without BatchNorm runs support and query sets in one recorded pass,
+            which keeps its activations.)
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
