@@ -11,7 +11,8 @@
    2 and 5 second-order inner steps (``--conv-sizes``, ``--conv-steps``, ``--conv-query``):
    the per-task loop a user writes in plain PyTorch (``functional_call`` per task,
    ``autograd.grad(create_graph=True)``), MAML under each convolution strategy (grouped,
-   loop, auto) and LLAMA, interleaved in one process; then each one's peak memory above the
+   loop, auto), with ``task_chunk`` (``--task-chunks``) and ``recompute_query``, and LLAMA,
+   interleaved in one process; then each one's peak memory above the
    process's resident set before its call (CPU: the resident set's high-water mark, reset
    through ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``), one after another.
    ``--conv-model resnet12`` runs the same rows for ResNet-12 (``--resnet-widths``).
@@ -57,7 +58,9 @@ def per_task_loop_step(model, batch, lr=0.01):
     (total / xs.shape[0]).backward()
 
 
-def interleaved(steps: dict, reps: int, inner: int, device: str) -> dict[str, float]:
+def interleaved(steps: dict, reps: int, inner: int, device: str, clock=time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each step, the steps taking turns; ``clock``:
+    ``time.perf_counter`` (wall) or ``time.process_time`` (the process's CPU time)."""
     times = {k: [] for k in steps}
     for fn in steps.values():  # warm up
         fn()
@@ -65,12 +68,12 @@ def interleaved(steps: dict, reps: int, inner: int, device: str) -> dict[str, fl
         for name, fn in steps.items():
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(inner):
                 fn()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) / inner)
+            times[name].append((clock() - t0) / inner)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -144,9 +147,11 @@ def peak_above_start(fn, device: str) -> float:
 
 
 def conv(device: str, iterations: int, filters: int, size: int, steps: int, query: int, model: str = "conv4",
-         widths=(64, 160, 320, 640)) -> str:
+         widths=(64, 160, 320, 640), chunks=(1,), clock=time.perf_counter) -> str:
     """Conv4 (or ResNet-12) meta-iterations, interleaved in one process: the per-task loop,
-    MAML under each convolution strategy, LLAMA; then each one's peak memory, one after another."""
+    MAML under each convolution strategy and with ``task_chunk`` in ``chunks`` (with and
+    without ``recompute_query``), LLAMA (all tasks at once, and the first of ``chunks`` with
+    ``recompute_query``); then each one's peak memory, one after another."""
     g = torch.Generator().manual_seed(0)
     T, ways, shots, channels = 4, 5, 1, 3 if size >= 84 else 1  # miniImageNet's RGB, Omniglot's gray
     xs = torch.rand(T, ways * shots, channels, size, size, generator=g).to(device)
@@ -162,14 +167,20 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
     loop_model = network().to(device)
     runs = {"per-task loop (functional_call, plain PyTorch)": per_task_conv_loop(loop_model, batch, 0.01, steps)}
     learners = {}
-    for name, cls, strategy in (("MAML (grouped)", MAML, "grouped"), ("MAML (loop)", MAML, "loop"),
-                                ("MAML (auto)", MAML, "auto"), ("LLAMA (factored, auto)", LLAMA, "auto")):
+    variants = [("MAML (grouped)", MAML, "grouped", None, False), ("MAML (loop)", MAML, "loop", None, False),
+                ("MAML (auto)", MAML, "auto", None, False)]
+    variants += [(f"MAML (grouped, task_chunk={c})", MAML, "grouped", c, False) for c in chunks]
+    variants += [(f"MAML (grouped, task_chunk={c}, recompute_query)", MAML, "grouped", c, True) for c in chunks]
+    variants += [("LLAMA (factored, auto)", LLAMA, "auto", None, False)]
+    variants += [(f"LLAMA (factored, grouped, task_chunk={c}, recompute_query)", LLAMA, "grouped", c, True)
+                 for c in chunks[:1]]
+    for name, cls, strategy, chunk, recompute in variants:
         torch.manual_seed(0)
-        learner = cls(network(), inner_lr=0.01, inner_steps=steps, loss="cross_entropy",
-                      conv_strategy=strategy).to(device)
+        learner = cls(network(), inner_lr=0.01, inner_steps=steps, loss="cross_entropy", conv_strategy=strategy,
+                      task_chunk=chunk, recompute_query=recompute).to(device)
         learners[name] = learner
         runs[name] = learner_step(learner, batch, torch.optim.Adam(learner.parameters(), 1e-3))
-    med = interleaved(runs, iterations, 1, device)  # its warm-up makes "auto" measure first
+    med = interleaved(runs, iterations, 1, device, clock)  # its warm-up makes "auto" measure first
     peaks = {name: peak_above_start(fn, device) for name, fn in runs.items()}
     base = med[next(iter(med))]
     rows = [[k, fmt_time(v), f"{base / v:.2f}×", f"{v / med['MAML (auto)']:.2f}", f"{peaks[k] / 2**20:.0f} MiB"]
@@ -181,7 +192,8 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
                        for layer, shapes in auto.items())
     name = f"Conv4-{filters}" if model == "conv4" else f"ResNet-12 ({'-'.join(map(str, widths))})"
     return (markdown_table([f"{name} {size}×{size}, {T} tasks × 5-way 1-shot, {query} query per class, "
-                            f"{steps} steps", "s / meta-iteration", "speed ÷ loop's", "÷ MAML (auto)",
+                            f"{steps} steps", ("CPU " if clock is time.process_time else "") + "s / meta-iteration",
+                            "speed ÷ loop's", "÷ MAML (auto)",
                             "peak memory above start"], rows)
             + f"\n\nMAML (auto) chose per layer (input [N·T, C, H, W]): {chosen}.")
 
@@ -263,6 +275,12 @@ def main() -> None:
     p.add_argument("--conv-sizes", type=int, nargs="+", default=[84, 28], help="Conv4 image sizes")
     p.add_argument("--conv-steps", type=int, nargs="+", default=[2, 5], help="Conv4 inner steps")
     p.add_argument("--conv-query", type=int, default=15, help="Conv4 query images per class")
+    p.add_argument("--task-chunks", type=int, nargs="*", default=[1],
+                   help="Conv4 rows of MAML (and LLAMA: the first) with these task_chunk values, with and without "
+                   "recompute_query")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="Conv4 rows in the process's CPU time, not wall time (a shared CPU machine: with one thread "
+                   "the load then moves them far less)")
     p.add_argument("--conv-model", choices=("conv4", "resnet12"), default="conv4",
                    help="the network of part 2 (resnet12: --resnet-widths)")
     p.add_argument("--resnet-iterations", type=int, default=0, help="timed ResNet-12 iterations per method (0: skip)")
@@ -280,7 +298,8 @@ def main() -> None:
     for size in args.conv_sizes if args.conv_iterations else ():
         for steps in args.conv_steps:
             parts.append(conv(args.device, args.conv_iterations, args.filters, size, steps, args.conv_query,
-                              args.conv_model, args.resnet_widths))
+                              args.conv_model, args.resnet_widths, args.task_chunks,
+                              time.process_time if args.cpu_time else time.perf_counter))
     if parts and not args.no_write:
         write_block("bench_meta", "\n\n".join(parts), args.device)
     if args.resnet_iterations:

@@ -31,6 +31,14 @@ without a copy. The model's ``forward`` must therefore treat the rows of dimensi
 independent examples (BatchNorm aside, which the stand-in handles); its output must be one
 tensor with the examples in dimension 0.
 
+**Task chunks and recomputation.** ``task_chunk`` runs the model on a few tasks at a time
+(the chunks concatenated; the same result up to rounding): the backward then holds one
+chunk's temporaries, and on a CPU each tensor stays as small as a per-task loop's (glibc maps
+every allocation above 32 MiB afresh, and the kernel zero-fills its pages on first touch:
+one large batched tensor costs more per element than several small ones reused from the
+heap; ``benchmarks/RESULTS.md``). A call with ``recompute=True`` also keeps no activations
+of its chunks: the backward runs each chunk's forward again, one at a time.
+
 **What is adapted** (``docs/design.md`` §1, §2; docs/guide.md, "Bring your own network"):
 
 - By default every ``nn.Linear`` and ``nn.Conv2d`` of the model (the types of the layer-kind
@@ -74,6 +82,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from .options import ConvStrategy, ConvStrategyLike, parse
 
@@ -391,11 +400,23 @@ class TaskBatchedNetwork:
         conv_strategy: how the adapted convolutions run, ``"grouped"``, ``"loop"`` or
             ``"auto"`` (measured per layer shape; see :class:`ConvPlanner`, held as
             :attr:`convs`).
+        task_chunk: run the model on at most this many tasks at a time (``None``: all at
+            once), the chunks' outputs concatenated. Tasks are independent, so the result is
+            the same up to rounding; the backward then holds one chunk's temporaries at a
+            time instead of all tasks' (peak memory), and each chunk's tensors are smaller
+            (on a CPU, fewer page faults; see above). Calls that record K-FAC rows run all
+            tasks at once.
     """
 
-    def __init__(self, model: nn.Module, adapt: Selection = None, conv_strategy: ConvStrategyLike = "grouped"):
+    def __init__(self, model: nn.Module, adapt: Selection = None, conv_strategy: ConvStrategyLike = "grouped",
+                 task_chunk: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastlaplace: the model must be an nn.Module, got {type(model).__name__}")
+        if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, int)
+                                       or task_chunk < 1):
+            raise ValueError(f"fastlaplace: task_chunk must be None or an integer >= 1, got {task_chunk!r}")
+        self.task_chunk = task_chunk
+        self._planned: set[tuple] = set()  # chunk shapes whose convolutions "auto" has timed (see _recomputed)
         modules = list(model.named_modules())
         for name, module in modules:
             if isinstance(module, torch.jit.ScriptModule):
@@ -449,11 +470,38 @@ class TaskBatchedNetwork:
         return out
 
     def __call__(
-        self, params: dict[str, Tensor], x: Tensor, record: bool = False
+        self, params: dict[str, Tensor], x: Tensor, record: bool = False, recompute: bool = False
     ) -> tuple[Tensor, list[LayerRecord]]:
         """Outputs [tasks, examples, ...] for inputs [tasks, examples, ...] and per-task
         ``params`` (each [tasks, *shape], keyed as :meth:`adapted_parameters`); with
-        ``record``, also the K-FAC rows of every call of every adapted layer."""
+        ``record``, also the K-FAC rows of every call of every adapted layer. With
+        ``recompute`` (and gradients on), each chunk of tasks keeps no activations: the
+        backward runs its forward again (``torch.utils.checkpoint``), one chunk at a time,
+        so the peak holds one chunk's (the outputs are then not to be differentiated twice)."""
+        T, chunk = x.shape[0], self.task_chunk or x.shape[0]
+        recompute = recompute and not record and torch.is_grad_enabled()
+        if record or (chunk >= T and not recompute):
+            return self._run(params, x, record)
+        run = self._recomputed if recompute else self._outputs
+        outs = [run({k: p[t:t + chunk] for k, p in params.items()}, x[t:t + chunk]) for t in range(0, T, chunk)]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), []
+
+    def _outputs(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return self._run(params, x, False)[0]
+
+    def _recomputed(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        key = (tuple(x.shape), x.dtype, x.device)
+        if self.convs.strategy is ConvStrategy.AUTO and key not in self._planned and not torch.compiler.is_compiling():
+            # "auto" times its candidates with autograd, which cannot run inside a checkpoint: first a plain pass
+            with torch.no_grad():
+                self._outputs(params, x)
+            self._planned.add(key)
+        keys = list(params)
+        return checkpoint(lambda x, *values: self._outputs(dict(zip(keys, values)), x), x, *params.values(),
+                          use_reentrant=False)
+
+    def _run(self, params: dict[str, Tensor], x: Tensor, record: bool) -> tuple[Tensor, list[LayerRecord]]:
+        """:meth:`__call__` on all of ``x``'s tasks at once."""
         T, N = x.shape[:2]
         call = _Call(params, T, N, self.example_major, record, self.convs)
         rows = x.transpose(0, 1).reshape(N * T, *x.shape[2:]) if self.example_major else x.reshape(T * N, *x.shape[2:])

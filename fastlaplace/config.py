@@ -78,6 +78,13 @@ class Config:
         "grouped", "how the adapted convolutions run over the tasks: grouped, loop, or auto (the faster, timed per "
         "layer shape on first use: not bit-reproducible; recorded in the run's conv_strategy.json)", group="run",
         choices=choices(ConvStrategy), resume=MAY_CHANGE)
+    task_chunk: int | None = setting(
+        None, "run the network on at most N tasks at a time (default: all at once); same results up to rounding, "
+        "a lower peak memory (1: about a per-task loop's), see fastlaplace.batched", group="run", metavar="N",
+        resume=MAY_CHANGE)
+    recompute_query: bool = setting(False, "keep no activations of the query pass: the backward recomputes them, one "
+                                           "task chunk at a time (less memory, one more forward pass)", group="run",
+                                    resume=MAY_CHANGE)
     out: str | None = setting(None, "output folder (default runs/DATASET-METHOD-seedS)", group="run",
                               metavar="DIR", resume=FROM_USER)
     checkpoint_every: int = setting(500, "iterations between checkpoints", group="run", metavar="N",
@@ -134,6 +141,8 @@ class Config:
             positive_int(flag(name), getattr(self, name), 1, MAXIMA.get(name))
         for name in ("meta_lr", "inner_lr", "tau"):
             positive_float(flag(name), getattr(self, name))
+        if self.task_chunk is not None:
+            positive_int("--task-chunk", self.task_chunk, 1, MAXIMA["meta_batch"])
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise UsageError(f"--eta must be >= 0, got {self.eta!r}")
         limit = MAXIMA["test_inner_steps"]
@@ -146,6 +155,8 @@ class Config:
         lo_hi = self.x_range
         if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or not lo_hi[0] < lo_hi[1]:
             raise UsageError(f"--x-range must be two finite numbers LO < HI, got {lo_hi!r}")
+        if self.cuda_graph and self.recompute_query:  # the recomputation saves and restores the RNG state
+            raise UsageError("--recompute-query cannot be captured in a CUDA graph (--cuda-graph): use one of them")
         check_device(self.device)
         if self.cuda_graph and not self.device.startswith("cuda"):
             raise UsageError(f"--cuda-graph needs --device cuda (CUDA graphs exist only on a GPU), got {self.device!r}")

@@ -69,23 +69,35 @@ class MAML(nn.Module):
             ``"auto"``'s choice depends on timings, so two runs with one seed may then differ
             in the last bits (like ``cudnn.benchmark``): the default is the fixed
             ``"grouped"``. :meth:`conv_choices` says what ran.
+        task_chunk: evaluate the network on at most this many tasks at a time (``None``:
+            all at once; see :class:`fastlaplace.batched.TaskBatchedNetwork`). Same results
+            up to rounding; smaller chunks lower the peak memory of the meta-gradient's
+            backward (with 1, close to the per-task loop's) and, for large images on a CPU,
+            may be faster (tensors as small as the loop's: fewer page faults).
+        recompute_query: keep no activations of the query pass; the backward recomputes them
+            (``torch.utils.checkpoint``), one task chunk at a time: with ``task_chunk``, the
+            peak memory holds one chunk's query activations instead of all tasks'. It costs
+            one more forward pass of the query set. Same results up to rounding. (LLAMA on a
+            network without BatchNorm runs support and query sets in one recorded pass,
+            which keeps its activations.)
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, loss: str = "mse", check_finite: bool = True, adapt=None,
-                 conv_strategy: str = "grouped"):
+                 conv_strategy: str = "grouped", task_chunk: int | None = None, recompute_query: bool = False):
         super().__init__()
         _check_positive("inner_lr", inner_lr)
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
         loss = parse(Loss, loss, "loss").value
         self.model = model
-        self.net = TaskBatchedNetwork(model, adapt, conv_strategy)
+        self.net = TaskBatchedNetwork(model, adapt, conv_strategy, task_chunk)
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.loss = loss
         self.check_finite = check_finite
+        self.recompute_query = bool(recompute_query)
 
     @property
     def likelihood(self) -> str:
@@ -171,12 +183,16 @@ class MAML(nn.Module):
         """Outputs [tasks, examples, ...] of the adapted networks."""
         return self.net(params, x)[0]
 
+    def _query_losses(self, params: dict[str, Tensor], x_query: Tensor, y_query: Tensor) -> Tensor:
+        """L_qry(φ̂) per task [tasks], the query pass recomputed in the backward if asked."""
+        return self.task_losses(self.net(params, x_query, recompute=self.recompute_query)[0], y_query)
+
     # ------------------------------------------------------------------ objective
     def meta_objective(self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor,
                        generator: torch.Generator | None = None) -> MetaLoss:
         self._check_episode(x_support, y_support, x_query, y_query)
         params = self._adapt(x_support, y_support)
-        query_loss = self.task_losses(self.predict(params, x_query), y_query)
+        query_loss = self._query_losses(params, x_query, y_query)
         return MetaLoss(query_loss.mean(), query_loss)
 
     def meta_loss(self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor,
@@ -208,9 +224,9 @@ class LLAMA(MAML):
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, loss: str = "mse", eta: float = 1e-6, tau: float = 1e-3,
                  logdet_method: str = "factored", fisher: str = "auto", check_finite: bool = True, adapt=None,
-                 conv_strategy: str = "grouped"):
+                 conv_strategy: str = "grouped", task_chunk: int | None = None, recompute_query: bool = False):
         super().__init__(model, inner_lr, inner_steps, first_order, loss, check_finite, adapt=adapt,
-                         conv_strategy=conv_strategy)
+                         conv_strategy=conv_strategy, task_chunk=task_chunk, recompute_query=recompute_query)
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         _check_positive("tau", tau)
@@ -234,7 +250,7 @@ class LLAMA(MAML):
         # Two passes with BatchNorm (batch statistics must not mix support and query examples)
         # and in evaluation (without a graph from θ to the outputs, the one pass gives no g rows).
         if self.net.has_batchnorm or not torch.is_grad_enabled():
-            query_loss = self.task_losses(self.predict(params, x_query), y_query)
+            query_loss = self._query_losses(params, x_query, y_query)
             logdet = self.laplace_logdet(params, x_support, y_support, generator)
         else:  # one pass over support and query examples serves both terms
             out, records = self.net(params, torch.cat([x_support, x_query], 1), record=True)

@@ -20,10 +20,10 @@ METHODS: Registry[Builder] = Registry("method")
 
 def inner_loop(loss: Loss, cfg) -> dict:
     """The arguments every learner of a run takes: the inner loop's, the loss, the convolutions'
-    strategy; no finite check of the inputs (a host sync on CUDA), as they come from the
-    problem's own samplers."""
+    strategy, the tasks per chunk, the query pass's recomputation; no finite check of the
+    inputs (a host sync on CUDA), as they come from the problem's own samplers."""
     return dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, loss=loss, conv_strategy=cfg.conv_strategy,
-                check_finite=False)
+                task_chunk=cfg.task_chunk, recompute_query=cfg.recompute_query, check_finite=False)
 
 
 def maml(model: nn.Module, loss: Loss, cfg) -> MAML:

@@ -58,7 +58,8 @@ LINES = {
         "--seed 4611686018427387904", "--seed -4611686018427387905", "--seed 1.5", "--checkpoint-every -1",
         "--log-every -5", "--eval-tasks -1", "--eval-tasks 10000000000", "--support 100000000 --meta-batch 100",
         "--iterations 10000000000000", "--inner-steps 5000 --iterations 1",
-        "--test-inner-steps 1 5000000 --iterations 1",
+        "--test-inner-steps 1 5000000 --iterations 1", "--task-chunk 0", "--task-chunk 1.5",
+        "--recompute-query --cuda-graph --device cuda",
         # choices and combinations
         "--dataset digits --ways 0", "--dataset digits --ways 100", "--dataset digits --shots 1000",
         "--dataset digits --query 0", "--dataset digits --filters -1", "--dataset digits --model mlp",

@@ -10,6 +10,9 @@ import pytest
 from fastlaplace import train as train_mod
 from fastlaplace.config import RESUMABLE_CHANGES, USER_ONLY, Config, add_arguments, check_types, given
 from fastlaplace.datasets import DATASETS
+from fastlaplace.methods import METHODS
+from fastlaplace.models import sinusoid_mlp
+from fastlaplace.options import Loss
 
 
 def help_text() -> str:
@@ -64,8 +67,8 @@ def test_resume_reads_the_saved_settings_under_those_given(tmp_path):
 
 
 def test_resume_rules_come_from_the_fields():
-    assert RESUMABLE_CHANGES == ("iterations", "meta_lr", "inner_lr", "device", "conv_strategy", "checkpoint_every",
-                                 "log_every", "eval_tasks", "cuda_graph")
+    assert RESUMABLE_CHANGES == ("iterations", "meta_lr", "inner_lr", "device", "conv_strategy", "task_chunk",
+                                 "recompute_query", "checkpoint_every", "log_every", "eval_tasks", "cuda_graph")
     assert USER_ONLY == ("out", "data_root", "allow_pickle", "overwrite")
 
 
@@ -78,3 +81,12 @@ def test_resume_rules_come_from_the_fields():
 def test_types_of_a_settings_file(values, message):
     with pytest.raises(ValueError, match=message):
         check_types(values, "f.json")
+
+
+def test_task_chunk_and_recompute_query_reach_the_learner():
+    cfg = train_mod.parse_args(["--method", "maml", "--task-chunk", "3", "--recompute-query"])[0]
+    assert cfg.task_chunk == 3 and cfg.recompute_query
+    learner = METHODS["maml"](sinusoid_mlp(), Loss.MSE, cfg.resolved())
+    assert learner.net.task_chunk == 3 and learner.recompute_query
+    with pytest.raises(ValueError, match="--recompute-query cannot be captured in a CUDA graph"):
+        Config(recompute_query=True, cuda_graph=True, device="cuda").resolved()

@@ -332,6 +332,58 @@ def test_conv_strategies_agree(device):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [MAML, LLAMA])
+@pytest.mark.parametrize("case,chunk", [("residual", 1), ("nested", 2), ("nested-no-bn", 2)])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_task_chunks_agree_with_all_tasks_at_once(case, chunk, cls, recompute):
+    """In float64: the objective, its second-order meta-gradient, φ̂ and the predictions
+    (3 tasks in chunks of 2: one chunk is short), also with the query pass recomputed in
+    the backward (alone and with chunks)."""
+    model, batch, loss, fisher = build(case)
+    results = []
+    for task_chunk in (None, chunk) if not recompute else (None, chunk, None):
+        learner = make_learner(cls, model, loss, fisher, task_chunk=task_chunk,
+                               recompute_query=recompute and len(results) > 0)
+        objective = learner.meta_loss(*batch)
+        with torch.no_grad():
+            params = learner.adapt(*batch[:2])
+            predictions = learner.predict(params, batch[2])
+        results.append([objective, *torch.autograd.grad(objective, list(model.parameters())), *params.values(),
+                        predictions])
+    for other in results[1:]:
+        for want, got in zip(results[0], other, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="task_chunk must be None or an integer >= 1"):
+            MAML(model, task_chunk=bad)
+
+
+def test_recompute_query_keeps_no_query_activations():
+    model, batch, loss, fisher = build("residual")
+    saved = {}
+    for recompute in (False, True):
+        learner = make_learner(MAML, model, loss, fisher, task_chunk=1, recompute_query=recompute)
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            learner.meta_loss(*batch).backward()
+        saved[recompute] = count[0]
+    assert saved[True] < saved[False]
+    # "auto" times its convolutions with autograd: outside the checkpoint, before it
+    auto = make_learner(MAML, model, loss, fisher, conv_strategy="auto", task_chunk=1, recompute_query=True)
+    reference = make_learner(MAML, model, loss, fisher)
+    for _ in range(2):
+        got, want = auto.meta_loss(*batch), reference.meta_loss(*batch)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        for g, w in zip(torch.autograd.grad(got, list(model.parameters())),
+                        torch.autograd.grad(want, list(model.parameters()))):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_layer_called_twice_has_the_rows_of_both_calls():
     model, (xs, ys, _, _), _, _ = build("functional")
     net = TaskBatchedNetwork(model)

@@ -221,8 +221,9 @@ def test_evaluation_group_shrinks_to_the_memory(monkeypatch):
 
 def test_conv_strategy_is_recorded_and_may_change_on_resume(tmp_path):
     cfg = small_config(tmp_path, dataset="digits", method="maml", iterations=2, meta_batch=2, query=1, filters=4,
-                       checkpoint_every=1, conv_strategy="loop")
+                       checkpoint_every=1, conv_strategy="loop", task_chunk=1)
     train(cfg, progress=False, evaluate_at_end=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["task_chunk"] == 1
     recorded = json.loads((tmp_path / "run" / "conv_strategy.json").read_text())
     assert recorded["conv_strategy"] == "loop" and list(recorded["layers"]) == ["0", "4", "8", "12"]
     assert all(set(shapes.values()) == {"loop"} for shapes in recorded["layers"].values())
