@@ -14,7 +14,7 @@ SPLITS = ("train", "val", "test")
 def read_splits(dataset: str, root: str | None, seed: int = 0, allow_pickle: bool = False) -> dict[str, ImageClasses]:
     """The data set's splits, through the decoded cache beside the data when there is one."""
     if dataset == "digits":
-        return read_digits(seed=seed)
+        return read_digits()
     if dataset not in ("omniglot", "miniimagenet"):
         raise ValueError(f"unknown image data set {dataset!r}")
     root = Path(root)
