@@ -1,5 +1,7 @@
-"""Figures: ``python -m fastlaplace.plot posterior CHECKPOINT`` (the paper's Figure 5) and
-``python -m fastlaplace.plot curves RUN_DIR`` (training curves). Needs matplotlib
+"""Figures: ``python -m fastlaplace.plot posterior CHECKPOINT`` (the paper's Figure 5),
+``python -m fastlaplace.plot curves RUN_DIR`` (training curves) and ``python -m
+fastlaplace.plot reliability CHECKPOINT`` (the reliability diagram of an image run: LLAMA's
+posterior predictive against MAML's point prediction). Needs matplotlib
 (``pip install fastlaplace[plots]``).
 """
 
@@ -10,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from .calibration import BINS, reliability
 from .cli import MAXIMA, check_output, check_seed, errors_as_messages, positive_float, positive_int
-from .config import LOGDET_METHODS
+from .config import IMAGE_SHAPES, LOGDET_METHODS
 from .meta import LLAMA
 from .runs import METRICS, checkpoint_inputs, load_for_evaluation, read_metrics, run_files
-from .uncertainty import calibrate
+from .uncertainty import ClassificationResult, calibrate, classification_report
 
 
 def _pyplot():
@@ -96,6 +99,37 @@ def curves_figure(run_dir: str, out: str) -> None:
     fig.savefig(out, dpi=120)
 
 
+RELIABILITY_PANELS = (("llama_mc", "LLAMA, posterior predictive (MC)"), ("maml_point", "MAML, point prediction"),
+                      ("maml_temperature", "MAML, temperature-scaled"))
+
+
+def reliability_figure(result: ClassificationResult, out: str, title: str = "") -> None:
+    """Accuracy against confidence in BINS equal-width bins (every test query pooled), one panel
+    per predictor, with its ECE and MCE; the bars' shade says how many queries a bin holds."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(RELIABILITY_PANELS), figsize=(4 * len(RELIABILITY_PANELS), 4), sharey=True)
+    edges = torch.linspace(0, 1, BINS + 1)
+    for ax, (key, label) in zip(axes, RELIABILITY_PANELS):
+        rel = reliability(result.probs[key], result.y)
+        share = (rel.count / rel.count.sum()).float()
+        for b in range(BINS):
+            if rel.count[b] > 0:
+                ax.bar(float(edges[b]), float(rel.accuracy[b]), width=1 / BINS, align="edge", color="tab:blue",
+                       alpha=0.25 + 0.75 * float(share[b] / share.max()), edgecolor="black", lw=0.5)
+        ax.plot([0, 1], [0, 1], color="black", ls="--", lw=1, label="perfect calibration")
+        ax.plot(rel.confidence[rel.count > 0], rel.accuracy[rel.count > 0], "o", color="tab:red", ms=3,
+                label="mean confidence of the bin")
+        ax.set_title(f"{label}\nECE {rel.ece:.3f}, MCE {rel.mce:.3f}", fontsize=9)
+        ax.set_xlabel("confidence")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=7)
+    fig.suptitle(title or f"Reliability on {result.y.shape[0]} test episodes ({BINS} equal-width bins)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fastlaplace.plot", description=__doc__)
     sub = p.add_subparsers(dest="figure", required=True)
@@ -111,11 +145,31 @@ def main(argv: list[str] | None = None) -> None:
     pc = sub.add_parser("curves", help="training curves of a run")
     pc.add_argument("run_dir")
     pc.add_argument("--out", default="curves.png")
+    pr = sub.add_parser("reliability", help="reliability diagram of an image run: LLAMA against MAML")
+    pr.add_argument("checkpoint", help="a LLAMA checkpoint of an image run")
+    pr.add_argument("--out", default="reliability.png")
+    pr.add_argument("--maml", help="a MAML checkpoint of the same data set (default: the LLAMA run's φ̂)")
+    pr.add_argument("--tasks", type=int, default=600, help="test episodes")
+    pr.add_argument("--samples", type=int, default=100, help="posterior samples per episode")
+    pr.add_argument("--data-root", default=None, help="the data folder of an image run")
     args = p.parse_args(argv)
     with errors_as_messages():
         if args.figure == "curves":
             check_output("--out", args.out, run_files(args.run_dir))
             curves_figure(args.run_dir, args.out)
+        elif args.figure == "reliability":
+            check_output("--out", args.out, [*checkpoint_inputs(args.checkpoint, args.maml), args.data_root])
+            positive_int("--tasks", args.tasks, 1, MAXIMA["eval_tasks"])
+            positive_int("--samples", args.samples, 2, MAXIMA["samples"])
+            needs = dict(device="cpu", data_root=args.data_root, datasets=tuple(IMAGE_SHAPES),
+                         purpose="the reliability diagram needs a LLAMA run of an image data set")
+            learner, problem, cfg = load_for_evaluation(args.checkpoint, **needs)
+            if not isinstance(learner, LLAMA):
+                raise ValueError(f"{args.checkpoint}: the reliability diagram needs a LLAMA run (--method llama)")
+            point = load_for_evaluation(args.maml, **needs)[0] if args.maml else None
+            result = classification_report(learner, problem, point, args.tasks, cfg.eval_seed, args.samples,
+                                           steps=cfg.test_inner_steps[-1])
+            reliability_figure(result, args.out)
         else:
             check_output("--out", args.out, checkpoint_inputs(args.checkpoint, args.maml))
             if args.tau is not None:

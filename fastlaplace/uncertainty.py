@@ -202,7 +202,8 @@ def episode_probs(learner: LLAMA, point: MAML, problem, split: str, tasks: int, 
         if ood:
             x = torch.cat([x, problem.sample("val", n, gen_ood).x_query, *_corrupted(b.x_query, gen_ood)], 1)
         if llama:
-            post = learner.posterior(b.x_support, b.y_support, prior=prior, method=method, steps=steps)
+            post = learner.posterior(b.x_support, b.y_support, prior=prior, method=method, steps=steps,
+                                     generator=gen_post)
             pred = post.predict(x, samples, gen_post, chunk=SAMPLES_AT_ONCE)
             parts["mc"].append(pred.probs("mc"))
             parts["probit"].append(pred.probs("probit"))

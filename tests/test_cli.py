@@ -167,7 +167,7 @@ ISSUE_LINES = dict([
     ("train --out {d}/stale --iterations 1", "pass --overwrite"),
     ("train --support 2000000000 --out {d}/new", "--support must be at most"),
     ("train --meta-batch 1000000000 --out {d}/new", "--meta-batch must be at most"),
-    ("uncertainty {d}/digits/checkpoint.pt --tasks 2 --samples 2", "(sinusoid runs) only"),
+    ("uncertainty {d}/digits/checkpoint.pt --sampled-networks", "for regression runs"),
     ("evaluate {d}/nan/checkpoint.pt", "non-finite values"),
     ("evaluate {d}/run/checkpoint.pt --steps 100000000", "--steps must be at most"),
 ])
@@ -200,6 +200,28 @@ def test_command_lines_of_issue_22_are_refused_and_change_nothing(issue_lines, l
     assert_one_error_line(err)
     assert ISSUE_LINES[line] in err.splitlines()[-1], err
     assert after == before
+
+
+def test_uncertainty_and_reliability_of_a_digits_run_from_the_repository_root(runs, tmp_path):
+    """The classification report of an image run (its data set taken from the run) and the
+    reliability diagram, as processes started from the repository root."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    checkpoint, report = str(runs / "digits" / "checkpoint.pt"), tmp_path / "report.json"
+    png = tmp_path / "reliability.png"
+    for args in (["uncertainty", checkpoint, "--tasks", "3", "--samples", "4", "--json", str(report)],
+                 ["plot", "reliability", checkpoint, "--tasks", "3", "--samples", "4", "--out", str(png)]):
+        run = subprocess.run([sys.executable, "-m", f"fastlaplace.{args[0]}", *args[1:]], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+    out = json.loads(report.read_text())
+    assert out["episodes"] == 3 and "15 equal-width" in out["calibration_bins"] and out["temperature"] > 0
+    assert out["prior"] == "early_stopping_first_order"
+    for predictor in ("llama_mc", "llama_probit", "maml_point", "maml_temperature"):
+        for metric in ("accuracy", "nll", "brier", "ece", "mce", "auroc_entropy_unseen_classes",
+                       "auroc_entropy_noise", "auroc_entropy_rotation"):
+            value = out[predictor][metric]
+            assert value["n"] == 3 and value["mean"] == value["mean"], (predictor, metric)
+    assert png.stat().st_size > 10_000
 
 
 def test_size_beyond_memory_is_refused_before_allocating(runs, capsys):

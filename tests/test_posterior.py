@@ -10,12 +10,12 @@ from helpers import dense_kfac_precision, dense_posterior_covariance, dense_post
 from torch.func import functional_call, jacrev, vmap
 
 from fastlaplace import LLAMA, ops, sinusoid_mlp
+from fastlaplace.calibration import Z50, Z90, NoiseModel, coverage, laplace_marginal_nll, mixture_nll, point_nll
 from fastlaplace.curvature import rows_logdet, support_rows
 from fastlaplace.data import SinusoidTasks
 from fastlaplace.posterior import EigenLayerPosterior, FactoredLayerPosterior, LayerPosterior, Predictive
-from fastlaplace.problems import SinusoidProblem
-from fastlaplace.calibration import Z50, Z90, NoiseModel, coverage, laplace_marginal_nll, mixture_nll, point_nll
 from fastlaplace.prior import Prior
+from fastlaplace.problems import SinusoidProblem
 from fastlaplace.uncertainty import calibrate, report
 
 F64 = torch.float64
@@ -253,7 +253,8 @@ def test_implicit_prior_matches_dense_theory(steps):
     for layer in post.layers:
         assert layer.method == "exact" and layer.tau.shape == layer.mean.shape
         for t, (_prior, precision) in enumerate(dense_implicit_prior(layer, s, learner.inner_lr, steps)):
-            torch.testing.assert_close(dense_posterior_covariance(layer)[t], torch.linalg.inv(precision), rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(dense_posterior_covariance(layer)[t], torch.linalg.inv(precision),
+                                       rtol=1e-8, atol=1e-10)
     first = learner.posterior(b.x_support, b.y_support, prior="early_stopping_first_order")
     N = b.y_support.shape[1]
     assert all(layer.tau == pytest.approx(N / (2 * learner.inner_lr * steps)) for layer in first.layers)
