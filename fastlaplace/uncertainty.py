@@ -62,7 +62,7 @@ from .runs import checkpoint_inputs, load_for_evaluation
 CALIBRATION_TASKS, CALIBRATION_SAMPLES = 200, 50  # at most: fewer when the report itself uses fewer
 EXTRAPOLATION_POINTS = 201  # the grid of extrapolation_ratio
 NOISE_SD, QUARTER_TURNS = 0.5, 1  # the corruptions of the out-of-distribution images
-TASKS_AT_ONCE, SAMPLES_AT_ONCE = 10, 5  # episodes and posterior samples per pass (memory only)
+TASKS_AT_ONCE, SAMPLES_AT_ONCE = 10, 10  # episodes and posterior samples per pass (memory only)
 BOOTSTRAP = 1000  # resamples of episodes for the CIs of ECE and MCE
 
 
