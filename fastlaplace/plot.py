@@ -8,16 +8,18 @@ posterior predictive against MAML's point prediction). Needs matplotlib
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from pathlib import Path
 
 import torch
 
-from .calibration import BINS, reliability
+from .calibration import BINS, Reliability, reliability
 from .cli import MAXIMA, check_output, check_seed, errors_as_messages, positive_float, positive_int
 from .config import IMAGE_SHAPES, LOGDET_METHODS
 from .meta import LLAMA
 from .runs import METRICS, checkpoint_inputs, load_for_evaluation, read_metrics, run_files
-from .uncertainty import ClassificationResult, calibrate, classification_report
+from .uncertainty import calibrate, classification_report
 
 
 def _pyplot():
@@ -103,14 +105,15 @@ RELIABILITY_PANELS = (("llama_mc", "LLAMA, posterior predictive (MC)"), ("maml_p
                       ("maml_temperature", "MAML, temperature-scaled"))
 
 
-def reliability_figure(result: ClassificationResult, out: str, title: str = "") -> None:
+def reliability_figure(rels: dict[str, Reliability], out: str, title: str) -> None:
     """Accuracy against confidence in BINS equal-width bins (every test query pooled), one panel
-    per predictor, with its ECE and MCE; the bars' shade says how many queries a bin holds."""
+    per predictor of RELIABILITY_PANELS, with its ECE and MCE; the bars' shade says how many
+    queries a bin holds."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(RELIABILITY_PANELS), figsize=(4 * len(RELIABILITY_PANELS), 4), sharey=True)
     edges = torch.linspace(0, 1, BINS + 1)
     for ax, (key, label) in zip(axes, RELIABILITY_PANELS):
-        rel = reliability(result.probs[key], result.y)
+        rel = rels[key]
         share = (rel.count / rel.count.sum()).float()
         for b in range(BINS):
             if rel.count[b] > 0:
@@ -125,9 +128,29 @@ def reliability_figure(result: ClassificationResult, out: str, title: str = "") 
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=7)
-    fig.suptitle(title or f"Reliability on {result.y.shape[0]} test episodes ({BINS} equal-width bins)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+def _reliability_title(report: dict) -> str:
+    return (f"Reliability on {report['episodes']} test episodes ({BINS} equal-width bins, every query pooled; "
+            f"LLAMA: {report['samples']} posterior samples, prior {report['prior']})")
+
+
+def _saved_reliability(path: str) -> tuple[dict[str, Reliability], str]:
+    """The bins and the title of a saved report of fastlaplace.uncertainty."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        rels = {}
+        for key, _ in RELIABILITY_PANELS:
+            bins = report[key]["reliability"]
+            rels[key] = Reliability(*(torch.tensor([math.nan if v is None else v for v in bins[k]],
+                                                   dtype=torch.float64) for k in ("count", "confidence", "accuracy")))
+        return rels, _reliability_title(report)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a report of fastlaplace.uncertainty on an image run ({exc!r})") from exc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     pc.add_argument("run_dir")
     pc.add_argument("--out", default="curves.png")
     pr = sub.add_parser("reliability", help="reliability diagram of an image run: LLAMA against MAML")
-    pr.add_argument("checkpoint", help="a LLAMA checkpoint of an image run")
+    pr.add_argument("checkpoint", nargs="?", help="a LLAMA checkpoint of an image run")
+    pr.add_argument("--report", help="instead of a checkpoint: the --json report of fastlaplace.uncertainty on "
+                                     "an image run (draws its bins without computing them again)")
     pr.add_argument("--out", default="reliability.png")
     pr.add_argument("--maml", help="a MAML checkpoint of the same data set (default: the LLAMA run's φ̂)")
     pr.add_argument("--tasks", type=int, default=600, help="test episodes")
@@ -157,7 +182,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.figure == "curves":
             check_output("--out", args.out, run_files(args.run_dir))
             curves_figure(args.run_dir, args.out)
+        elif args.figure == "reliability" and args.report:
+            if args.checkpoint or args.maml:
+                raise ValueError("give a checkpoint or --report, not both")
+            check_output("--out", args.out, [args.report])
+            rels, title = _saved_reliability(args.report)
+            reliability_figure(rels, args.out, title)
         elif args.figure == "reliability":
+            if not args.checkpoint:
+                raise ValueError("reliability needs a LLAMA checkpoint of an image run, or --report")
             check_output("--out", args.out, [*checkpoint_inputs(args.checkpoint, args.maml), args.data_root])
             positive_int("--tasks", args.tasks, 1, MAXIMA["eval_tasks"])
             positive_int("--samples", args.samples, 2, MAXIMA["samples"])
@@ -169,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             point = load_for_evaluation(args.maml, **needs)[0] if args.maml else None
             result = classification_report(learner, problem, point, args.tasks, cfg.eval_seed, args.samples,
                                            steps=cfg.test_inner_steps[-1])
-            reliability_figure(result, args.out)
+            rels = {key: reliability(result.probs[key], result.y) for key, _ in RELIABILITY_PANELS}
+            reliability_figure(rels, args.out, _reliability_title(result.report))
         else:
             check_output("--out", args.out, checkpoint_inputs(args.checkpoint, args.maml))
             if args.tau is not None:
@@ -185,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
             point = load_for_evaluation(args.maml, **needs)[0] if args.maml else None
             tau = args.tau
             if tau is None:
-                tau = calibrate(learner, problem, point, method=args.method, linearized=not args.sampled_networks).tau
+                tau = calibrate(learner, problem, point, method=args.method,
+                                linearized=not args.sampled_networks).prior.tau  # a scalar chosen on validation
             posterior_figure(learner, problem.tasks, args.out, tau, point, seed=args.seed, method=args.method,
                              linearized=not args.sampled_networks, steps=args.steps)
     print(f"wrote {args.out}")

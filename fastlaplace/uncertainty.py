@@ -246,8 +246,11 @@ def _scores(probs: Tensor, y: Tensor, seed: int) -> dict:
     """The metrics of one predictor: probs [tasks, query·(1 + OOD sets), classes]."""
     q = y.shape[1]
     query = probs[:, :q]
+    rel = reliability(query, y)
+    bins = {k: [None if math.isnan(v) else v for v in getattr(rel, k).tolist()]
+            for k in ("count", "confidence", "accuracy")}
     out = {"accuracy": vars(Estimate.of(accuracy(query, y))), "nll": vars(Estimate.of(nll(query, y))),
-           "brier": vars(Estimate.of(brier(query, y))), **_calibration_errors(query, y, seed)}
+           "brier": vars(Estimate.of(brier(query, y))), **_calibration_errors(query, y, seed), "reliability": bins}
     h = entropy(probs)
     for i, name in enumerate(OOD_SETS):
         ood = h[:, (i + 1) * q:(i + 2) * q]

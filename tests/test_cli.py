@@ -222,6 +222,11 @@ def test_uncertainty_and_reliability_of_a_digits_run_from_the_repository_root(ru
             value = out[predictor][metric]
             assert value["n"] == 3 and value["mean"] == value["mean"], (predictor, metric)
     assert png.stat().st_size > 10_000
+    assert sum(out["llama_mc"]["reliability"]["count"]) == 3 * 5 * 5  # episodes × ways × queries
+    plot.main(["reliability", "--report", str(report), "--out", str(tmp_path / "again.png")])
+    assert (tmp_path / "again.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="not a report"):
+        plot.main(["reliability", "--report", str(runs / "run" / "config.json"), "--out", str(tmp_path / "x.png")])
 
 
 def test_size_beyond_memory_is_refused_before_allocating(runs, capsys):
