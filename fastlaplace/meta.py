@@ -270,7 +270,7 @@ class LLAMA(MAML):
         steps = self.inner_steps if steps is None else steps
         if prior is not None and tau is not None:
             raise ValueError("give either tau or prior, not both")
-        prior = Prior.of(self.tau if prior is None and tau is None else tau if prior is None else prior)
+        prior = Prior.of(self.tau if prior is None and tau is None else prior if tau is None else tau)
         method = prior.method(method, self.logdet_method)
         with torch.no_grad():
             params = self._adapt(x_support, y_support, steps=steps)
