@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "chosen on validation tasks by predictive NLL (validation)")
     p.add_argument("--tau", type=float, help="a fixed prior precision τ instead of --prior (only the noise model "
                                              "is chosen on validation tasks)")
+    p.add_argument("--taus", type=float, nargs="+", help="the candidates of --prior validation (default: 0.1 to 1e6, "
+                                                         "15 values)")
     p.add_argument("--sampled-networks", action="store_true",
                    help="predict with the sampled networks rather than the network linearised at φ̂ (regression)")
     p.add_argument("--data-root", default=None, help="the data folder of an image run (never taken from the "
@@ -339,7 +341,9 @@ def main(argv: list[str] | None = None) -> dict:
             if point_cfg.dataset != cfg.dataset:
                 raise ValueError(f"--maml {args.maml} is a {point_cfg.dataset} run; {args.checkpoint} is a "
                                  f"{cfg.dataset} run")
-        prior = args.tau if args.tau is not None else args.prior
+        if args.taus and args.prior != VALIDATION:
+            raise ValueError("--taus are the candidates of --prior validation")
+        prior = args.tau if args.tau is not None else Prior.validation(args.taus) if args.taus else args.prior
         if learner.loss == "mse":
             # the predictions of the test tasks and the extrapolation grid, all tasks at once
             points = cfg.query_points + EXTRAPOLATION_POINTS
