@@ -198,17 +198,18 @@ def episode_probs(learner: LLAMA, point: MAML, problem, split: str, tasks: int, 
     for start in range(0, tasks, TASKS_AT_ONCE):
         n = min(TASKS_AT_ONCE, tasks - start)
         b = problem.sample(split, n, gen)
-        x = b.x_query
-        if ood:
-            x = torch.cat([x, problem.sample("val", n, gen_ood).x_query, *_corrupted(b.x_query, gen_ood)], 1)
+        # each set on its own: BatchNorm normalises with the statistics of the images it is given
+        sets = [b.x_query, problem.sample("val", n, gen_ood).x_query, *_corrupted(b.x_query, gen_ood)] if ood \
+            else [b.x_query]
         if llama:
             post = learner.posterior(b.x_support, b.y_support, prior=prior, method=method, steps=steps,
                                      generator=gen_post)
-            pred = post.predict(x, samples, gen_post, chunk=SAMPLES_AT_ONCE)
-            parts["mc"].append(pred.probs("mc"))
-            parts["probit"].append(pred.probs("probit"))
+            preds = [post.predict(x, samples, gen_post, chunk=SAMPLES_AT_ONCE) for x in sets]
+            parts["mc"].append(torch.cat([p.probs("mc") for p in preds], 1))
+            parts["probit"].append(torch.cat([p.probs("probit") for p in preds], 1))
         with torch.no_grad():
-            parts["point_logits"].append(point.predict(point.adapt(b.x_support, b.y_support, steps=steps), x))
+            phi = point.adapt(b.x_support, b.y_support, steps=steps)
+            parts["point_logits"].append(torch.cat([point.predict(phi, x) for x in sets], 1))
         parts["y"].append(b.y_query)
     return {k: torch.cat(v) for k, v in parts.items() if v}
 

@@ -15,7 +15,7 @@ from fastlaplace import cli, evaluate, plot, train, uncertainty
 from fastlaplace.cli import UsageError, check_output
 from fastlaplace.config import Config
 from fastlaplace.data import convert
-from fastlaplace.runs import checkpoint_inputs, read_checkpoint, save_checkpoint
+from fastlaplace.runs import checkpoint_inputs, load_for_evaluation, read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,6 +223,12 @@ def test_uncertainty_and_reliability_of_a_digits_run_from_the_repository_root(ru
             assert value["n"] == 3 and value["mean"] == value["mean"], (predictor, metric)
     assert png.stat().st_size > 10_000
     assert sum(out["llama_mc"]["reliability"]["count"]) == 3 * 5 * 5  # episodes × ways × queries
+    # the query images are predicted on their own: the out-of-distribution sets do not enter
+    # their BatchNorm statistics
+    learner, problem, _ = load_for_evaluation(checkpoint, device="cpu")
+    both, alone = (uncertainty.episode_probs(learner, learner, problem, "test", 2, 0, 2, "early_stopping_first_order",
+                                             None, 1, ood=ood) for ood in (True, False))
+    torch.testing.assert_close(both["point_logits"][:, :alone["y"].shape[1]], alone["point_logits"])
     plot.main(["reliability", "--report", str(report), "--out", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="not a report"):
