@@ -108,7 +108,8 @@ def _images(name: str, help: str, read, image_shape: tuple[int, int, int], defau
             data_root: bool = True) -> None:
     DATASETS.register(name, DatasetSpec(help, ImageProblem, functools.partial(image_problem, name, read),
                                         defaults, ("conv4", "resnet12"),
-                                        functools.partial(conv4_footprint, image_shape), data_root))
+                                        functools.partial(conv4_footprint, image_shape), data_root,
+                                        figures=("reliability",)))
 
 
 # Defaults: the paper's (miniImageNet), Finn et al.'s (Omniglot), ours (digits).

@@ -3,7 +3,6 @@ Subroutines 3 and 4, batched over the tasks of a meta-batch."""
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -14,9 +13,9 @@ from torch import Tensor, nn
 from . import ops
 from .batched import TaskBatchedNetwork, autograd_enabled, normal_tensor, param_key
 from .curvature import layer_rows, rows_logdet, support_rows
-from .options import FisherType, LogdetMethod, Loss, Prior, parse, posterior_method
+from .options import FisherType, LogdetMethod, Loss, parse
 from .posterior import LaplacePosterior, LayerPosterior
-from .prior import direction_precisions, first_order_tau, inner_loss_scale
+from .prior import Prior
 
 
 @dataclass
@@ -261,18 +260,19 @@ class LLAMA(MAML):
         return MetaLoss((query_loss + self.eta * logdet).mean(), query_loss, logdet)
 
     def posterior(self, x_support: Tensor, y_support: Tensor, tau: float | None = None, method: str | None = None,
-                  generator: torch.Generator | None = None, steps: int | None = None,
-                  prior: str | None = None) -> LaplacePosterior:
-        """Each task's Laplace posterior N(φ̂, Ĥ⁻¹) over its adapted layers (paper Section 5.1).
+                  generator: torch.Generator | None = None, steps: int | None = None, prior=None,
+                  noise_var: float | Tensor = 1.0) -> LaplacePosterior:
+        """Each task's Laplace posterior N(φ̂, σ²·Ĥ⁻¹) over its adapted layers (paper Section 5.1).
 
         Ĥ = c·A⊗G + prior precision, with c·A⊗G the K-FAC Fisher of the support set's summed
-        negative log likelihood under unit noise (``docs/design.md`` §2).
+        negative log likelihood under unit noise (``docs/design.md`` §2); σ² = ``noise_var``
+        (regression's observation noise, per task or one number; §6).
 
         Args:
             x_support, y_support: the tasks' support sets [tasks, examples, ...].
-            tau: a scalar prior precision (default: the training τ), e.g. chosen on
-                validation tasks (:func:`fastlaplace.uncertainty.calibrate`); or
-            prior: the inner loop's implicit prior (:mod:`fastlaplace.prior`, paper Section
+            tau: a scalar prior precision (default: the training τ); or
+            prior: anything :meth:`fastlaplace.prior.Prior.of` takes: a number, one per layer
+                (a mapping of layer names), or the inner loop's implicit prior (paper Section
                 3.2): ``"early_stopping"`` (exact per eigen-direction; ``method="exact"``) or
                 ``"early_stopping_first_order"`` (τ = 1/(s·α·K), either method).
             method: ``"factored"`` or ``"exact"`` precision (default: ``logdet_method``, or
@@ -280,35 +280,25 @@ class LLAMA(MAML):
             generator: for sampled-label Fisher curvature.
             steps: inner steps to reach φ̂ (default: the training K); the implicit prior is
                 that of these steps.
+            noise_var: σ², the observation noise of regression (1 for classification).
         """
         self._check_batch(x_support, y_support, "support set")
         steps = self.inner_steps if steps is None else steps
-        prior = None if prior is None else parse(Prior, prior, "prior")
-        method = None if method is None else parse(LogdetMethod, method, "method")
         if prior is not None and tau is not None:
             raise ValueError("give either tau or prior, not both")
-        method = posterior_method(prior, method, LogdetMethod(self.logdet_method))
-        if prior is None:
-            tau = self.tau if tau is None else tau
-            _check_positive("tau", tau)
-        elif prior is Prior.EARLY_STOPPING_FIRST_ORDER:
-            tau = first_order_tau(self.loss, y_support, self.inner_lr, steps)
-        elif not isinstance(steps, int) or steps < 1:  # Prior.EARLY_STOPPING
-            raise ValueError(f"the implicit prior needs at least one inner step, got {steps!r}")
+        prior = Prior.of(self.tau if prior is None and tau is None else prior if tau is None else tau)
+        method = prior.method(method, self.logdet_method)
         with torch.no_grad():
             params = self._adapt(x_support, y_support, steps=steps)
         rows = support_rows(self.net, params, x_support, y_support, self.likelihood, self.fisher,
                             create_graph=False, generator=generator)
+        prior.check_layers([record.name for record, _, _ in rows])
         layers = []
         for record, a, g in rows:
             A, G = ops.kron_factors(a.detach(), g.detach(), record.bias)
             c = float(g.shape[1])
-            if prior is Prior.EARLY_STOPPING:  # a precision per eigen-direction of the layer's A⊗G
-                layer_tau = functools.partial(direction_precisions, scale=c, s=inner_loss_scale(self.loss, y_support),
-                                              lr=self.inner_lr, steps=steps)
-            else:
-                layer_tau = tau
+            layer_tau = prior.resolve(record.name, c, self.loss, y_support, self.inner_lr, steps)
             bias = params[param_key(record.name, "bias")].detach() if record.bias else None
             layers.append(LayerPosterior.build(record.name, params[param_key(record.name, "weight")].detach(), bias,
                                                A, G, c, layer_tau, method))
-        return LaplacePosterior(self.net, {k: v.detach() for k, v in params.items()}, layers)
+        return LaplacePosterior(self.net, {k: v.detach() for k, v in params.items()}, layers, noise_var)

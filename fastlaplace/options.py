@@ -65,8 +65,8 @@ class Loss(Option):
         return Likelihood.GAUSSIAN if self is Loss.MSE else Likelihood.CATEGORICAL
 
 
-class Prior(Option):
-    """The inner loop's implicit prior as the posterior's prior (:mod:`fastlaplace.prior`)."""
+class ImplicitPrior(Option):
+    """The inner loop's implicit prior as the posterior's prior (:class:`fastlaplace.prior.Prior`)."""
 
     EARLY_STOPPING = "early_stopping"  # exact per eigen-direction (exact method only)
     EARLY_STOPPING_FIRST_ORDER = "early_stopping_first_order"  # τ = 1/(s·α·K)
@@ -84,7 +84,7 @@ class ConvStrategy(Option):
 LogdetMethodLike = LogdetMethod | Literal["factored", "exact"]
 FisherTypeLike = FisherType | Literal["auto", "gauss_newton", "sampled", "empirical"]
 LossLike = Loss | Literal["mse", "cross_entropy"]
-PriorLike = Prior | Literal["early_stopping", "early_stopping_first_order"]
+ImplicitPriorLike = ImplicitPrior | Literal["early_stopping", "early_stopping_first_order"]
 ConvStrategyLike = ConvStrategy | Literal["grouped", "loop", "auto"]
 
 E = TypeVar("E", bound=Option)
@@ -106,18 +106,6 @@ def parse(kind: type[E], value: object, name: str) -> E:
             if member.value == value:
                 return member
     raise ValueError(f"{name} must be one of {choices(kind)}, got {value!r}")
-
-
-def posterior_method(prior: Prior | None, method: LogdetMethod | None, default: LogdetMethod) -> LogdetMethod:
-    """The posterior's precision for an (already parsed) prior and method: the method given,
-    else ``"exact"`` under the per-direction implicit prior, else ``default``. The
-    per-direction prior has no factored form, so that pair is refused."""
-    if prior is Prior.EARLY_STOPPING:
-        if method is LogdetMethod.FACTORED:
-            raise ValueError("prior='early_stopping' is per eigen-direction and needs method='exact'; "
-                             "use prior='early_stopping_first_order' with the factored method")
-        return LogdetMethod.EXACT
-    return method or default
 
 
 class Registry(Generic[T]):

@@ -1,21 +1,26 @@
-"""Figures: ``python -m fastlaplace.plot posterior CHECKPOINT`` (the paper's Figure 5) and
-``python -m fastlaplace.plot curves RUN_DIR`` (training curves). Needs matplotlib
+"""Figures: ``python -m fastlaplace.plot posterior CHECKPOINT`` (the paper's Figure 5),
+``python -m fastlaplace.plot curves RUN_DIR`` (training curves) and ``python -m
+fastlaplace.plot reliability CHECKPOINT`` (the reliability diagram of an image run: LLAMA's
+posterior predictive against MAML's point prediction). Needs matplotlib
 (``pip install fastlaplace[plots]``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from pathlib import Path
 
 import torch
 
+from .calibration import BINS, Reliability, reliability
 from .cli import MAXIMA, check_output, check_seed, errors_as_messages, positive_float, positive_int
 from .config import LOGDET_METHODS
 from .datasets import DATASETS
 from .meta import LLAMA
 from .runs import METRICS, checkpoint_inputs, load_for_evaluation, read_metrics, run_files
-from .uncertainty import calibrate
+from .uncertainty import calibrate, classification_report
 
 
 def _pyplot():
@@ -97,6 +102,58 @@ def curves_figure(run_dir: str, out: str) -> None:
     fig.savefig(out, dpi=120)
 
 
+RELIABILITY_PANELS = (("llama_mc", "LLAMA, posterior predictive (MC)"), ("maml_point", "MAML, point prediction"),
+                      ("maml_temperature", "MAML, temperature-scaled"))
+
+
+def reliability_figure(rels: dict[str, Reliability], out: str, title: str) -> None:
+    """Accuracy against confidence in BINS equal-width bins (every test query pooled), one panel
+    per predictor of RELIABILITY_PANELS, with its ECE and MCE; the bars' shade says how many
+    queries a bin holds."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(RELIABILITY_PANELS), figsize=(4 * len(RELIABILITY_PANELS), 4), sharey=True)
+    edges = torch.linspace(0, 1, BINS + 1)
+    for ax, (key, label) in zip(axes, RELIABILITY_PANELS):
+        rel = rels[key]
+        share = (rel.count / rel.count.sum()).float()
+        for b in range(BINS):
+            if rel.count[b] > 0:
+                ax.bar(float(edges[b]), float(rel.accuracy[b]), width=1 / BINS, align="edge", color="tab:blue",
+                       alpha=0.25 + 0.75 * float(share[b] / share.max()), edgecolor="black", lw=0.5)
+        ax.plot([0, 1], [0, 1], color="black", ls="--", lw=1, label="perfect calibration")
+        ax.plot(rel.confidence[rel.count > 0], rel.accuracy[rel.count > 0], "o", color="tab:red", ms=3,
+                label="mean confidence of the bin")
+        ax.set_title(f"{label}\nECE {rel.ece:.3f}, MCE {rel.mce:.3f}", fontsize=9)
+        ax.set_xlabel("confidence")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def _reliability_title(report: dict) -> str:
+    return (f"Reliability on {report['episodes']} test episodes ({BINS} equal-width bins, every query pooled; "
+            f"LLAMA: {report['samples']} posterior samples, prior {report['prior']})")
+
+
+def _saved_reliability(path: str) -> tuple[dict[str, Reliability], str]:
+    """The bins and the title of a saved report of fastlaplace.uncertainty."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        rels = {}
+        for key, _ in RELIABILITY_PANELS:
+            bins = report[key]["reliability"]
+            rels[key] = Reliability(*(torch.tensor([math.nan if v is None else v for v in bins[k]],
+                                                   dtype=torch.float64) for k in ("count", "confidence", "accuracy")))
+        return rels, _reliability_title(report)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a report of fastlaplace.uncertainty on an image run ({exc!r})") from exc
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fastlaplace.plot", description=__doc__)
     sub = p.add_subparsers(dest="figure", required=True)
@@ -112,11 +169,43 @@ def main(argv: list[str] | None = None) -> None:
     pc = sub.add_parser("curves", help="training curves of a run")
     pc.add_argument("run_dir")
     pc.add_argument("--out", default="curves.png")
+    pr = sub.add_parser("reliability", help="reliability diagram of an image run: LLAMA against MAML")
+    pr.add_argument("checkpoint", nargs="?", help="a LLAMA checkpoint of an image run")
+    pr.add_argument("--report", help="instead of a checkpoint: the --json report of fastlaplace.uncertainty on "
+                                     "an image run (draws its bins without computing them again)")
+    pr.add_argument("--out", default="reliability.png")
+    pr.add_argument("--maml", help="a MAML checkpoint of the same data set (default: the LLAMA run's φ̂)")
+    pr.add_argument("--tasks", type=int, default=600, help="test episodes")
+    pr.add_argument("--samples", type=int, default=100, help="posterior samples per episode")
+    pr.add_argument("--data-root", default=None, help="the data folder of an image run")
     args = p.parse_args(argv)
     with errors_as_messages():
+        drawable = tuple(name for name, spec in DATASETS.items() if args.figure in spec.figures)
         if args.figure == "curves":
             check_output("--out", args.out, run_files(args.run_dir))
             curves_figure(args.run_dir, args.out)
+        elif args.figure == "reliability" and args.report:
+            if args.checkpoint or args.maml:
+                raise ValueError("give a checkpoint or --report, not both")
+            check_output("--out", args.out, [args.report])
+            rels, title = _saved_reliability(args.report)
+            reliability_figure(rels, args.out, title)
+        elif args.figure == "reliability":
+            if not args.checkpoint:
+                raise ValueError("reliability needs a LLAMA checkpoint of an image run, or --report")
+            check_output("--out", args.out, [*checkpoint_inputs(args.checkpoint, args.maml), args.data_root])
+            positive_int("--tasks", args.tasks, 1, MAXIMA["eval_tasks"])
+            positive_int("--samples", args.samples, 2, MAXIMA["samples"])
+            needs = dict(device="cpu", data_root=args.data_root, datasets=drawable,
+                         purpose="the reliability diagram needs a LLAMA run of an image data set")
+            learner, problem, cfg = load_for_evaluation(args.checkpoint, **needs)
+            if not isinstance(learner, LLAMA):
+                raise ValueError(f"{args.checkpoint}: the reliability diagram needs a LLAMA run (--method llama)")
+            point = load_for_evaluation(args.maml, **needs)[0] if args.maml else None
+            result = classification_report(learner, problem, point, args.tasks, cfg.eval_seed, args.samples,
+                                           steps=cfg.test_inner_steps[-1])
+            rels = {key: reliability(result.probs[key], result.y) for key, _ in RELIABILITY_PANELS}
+            reliability_figure(rels, args.out, _reliability_title(result.report))
         else:
             check_output("--out", args.out, checkpoint_inputs(args.checkpoint, args.maml))
             if args.tau is not None:
@@ -124,7 +213,6 @@ def main(argv: list[str] | None = None) -> None:
             if args.steps is not None:
                 positive_int("--steps", args.steps, 0, MAXIMA["inner_steps"])
             check_seed("--seed", args.seed)
-            drawable = tuple(name for name, spec in DATASETS.items() if args.figure in spec.figures)
             needs = dict(device="cpu", datasets=drawable,
                          purpose="the posterior figure needs a LLAMA sinusoid checkpoint")
             learner, problem, _ = load_for_evaluation(args.checkpoint, **needs)
@@ -133,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
             point = load_for_evaluation(args.maml, **needs)[0] if args.maml else None
             tau = args.tau
             if tau is None:
-                tau = calibrate(learner, problem, point, method=args.method, linearized=not args.sampled_networks).tau
+                tau = calibrate(learner, problem, point, method=args.method,
+                                linearized=not args.sampled_networks).prior.tau  # a scalar chosen on validation
             posterior_figure(learner, problem.tasks, args.out, tau, point, seed=args.seed, method=args.method,
                              linearized=not args.sampled_networks, steps=args.steps)
     print(f"wrote {args.out}")

@@ -3,7 +3,8 @@
 Ĥ is block diagonal over the adapted layers; each block is Kronecker factored
 (``docs/design.md`` §3). With the layer's weight and bias as one matrix W = [W | b] of
 shape [d_out, d_A] and its column-stacked vec, a layer's posterior is one of two kinds with
-one interface (:class:`LayerPosterior`: ``sample``, ``variance``, ``logdet``, ``split``):
+one interface (:class:`LayerPosterior`: ``sample``, ``variance``, ``logdet``, ``split``),
+registered by its ``method`` in :attr:`LayerPosterior.kinds` (a new kind is a subclass):
 
 - :class:`FactoredLayerPosterior` (``"factored"``): precision A_d ⊗ G_d with the damped
   factors A_d = √c·A + π√τ·I and G_d = √c·G + (√τ/π)·I; a sample is W = Ŵ + L_G⁻ᵀ Z L_A⁻¹
@@ -11,7 +12,7 @@ one interface (:class:`LayerPosterior`: ``sample``, ``variance``, ``logdet``, ``
 - :class:`EigenLayerPosterior` (``"exact"``): precision c·A⊗G + τI; with A = U_A diag(a) U_Aᵀ
   and G = U_G diag(g) U_Gᵀ a sample is W = Ŵ + U_G (Z ⊙ S) U_Aᵀ, S_ji = (c·a_i·g_j + τ_ji)^(-1/2).
   τ is a scalar or one precision per eigen-direction (the inner loop's implicit prior,
-  :mod:`fastlaplace.prior`).
+  :class:`fastlaplace.prior.Prior`).
 
 The damping and the eigenvalue arithmetic are :mod:`fastlaplace.kfac_math`'s, the same as the
 log-det kernels' reference. c·A⊗G is the K-FAC Fisher of the support set only, of its summed
@@ -19,14 +20,19 @@ negative log likelihood under unit noise, with c = N·T rows (``docs/design.md``
 mean-squared-error inner loss is (2/N)·that NLL. The factored precision's cross terms are
 positive semi-definite: it is never below the exact one, so its posterior is never wider.
 
-No dense covariance is ever formed (except by ``dense_precision`` and ``dense_covariance``,
-for tests on small layers).
+Observation noise σ² (regression) scales the whole posterior covariance: the likelihood's
+curvature is Ĥ₁/σ², and the prior that makes φ̂ the MAP estimate scales with it (the inner
+loss, and so its implicit prior, is on the scale of the data's squared error), so the
+covariance is σ²(Ĥ₁ + τ)⁻¹ with τ on NLL₁'s scale (``docs/design.md`` §6). The layers hold
+the unit-noise factorisation; :class:`LaplacePosterior` applies σ per task.
+
+No dense covariance is ever formed.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,10 +42,7 @@ from torch import Tensor
 from . import kfac_math, ops
 from .batched import TaskBatchedNetwork, param_key
 from .options import LogdetMethod, LogdetMethodLike, parse
-
-# A prior precision: a scalar, or (exact only) a function of the factors' eigenvalues
-# a [tasks, d_A] and g [tasks, d_G] giving one per eigen-direction [tasks, d_G, d_A].
-PriorPrecision = float | Callable[[Tensor, Tensor], Tensor]
+from .prior import LayerPrecision
 
 
 @dataclass
@@ -59,20 +62,26 @@ class LayerPosterior(ABC):
     G: Tensor  # [tasks, d_out, d_out], float64
 
     method: ClassVar[LogdetMethod]
+    kinds: ClassVar[dict[LogdetMethod, type[LayerPosterior]]] = {}  # every kind, by its method
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "method" in cls.__dict__:
+            LayerPosterior.kinds[cls.method] = cls
 
     @staticmethod
     def build(name: str, weight: Tensor, bias: Tensor | None, A: Tensor, G: Tensor, scale: float,
-              tau: PriorPrecision, method: LogdetMethodLike) -> LayerPosterior:
+              tau: LayerPrecision, method: LogdetMethodLike) -> LayerPosterior:
         """The posterior of ``method``'s precision; arguments as :meth:`from_factors`."""
-        kind = {LogdetMethod.FACTORED: FactoredLayerPosterior, LogdetMethod.EXACT: EigenLayerPosterior}
-        return kind[parse(LogdetMethod, method, "method")].from_factors(name, weight, bias, A, G, scale, tau)
+        kind = LayerPosterior.kinds[parse(LogdetMethod, method, "method")]
+        return kind.from_factors(name, weight, bias, A, G, scale, tau)
 
     @classmethod
     def from_factors(cls, name: str, weight: Tensor, bias: Tensor | None, A: Tensor, G: Tensor, scale: float,
-                     tau: PriorPrecision) -> LayerPosterior:
+                     tau: LayerPrecision) -> LayerPosterior:
         """From the layer's adapted weight [tasks, d_out, ...] and bias [tasks, d_out] (or None),
         and its K-FAC factors. ``tau`` is a float, or (exact only) a function of the factors'
-        eigenvalues giving a precision per eigen-direction (:data:`PriorPrecision`). The
+        eigenvalues giving a precision per eigen-direction (:data:`fastlaplace.prior.LayerPrecision`). The
         factorisations run in float64 (float32 eigensolvers fail on the nearly singular
         factors of a few support points); samples come back in the parameters' dtype."""
         if cls is LayerPosterior:
@@ -102,17 +111,19 @@ class LayerPosterior(ABC):
         """log det of the layer's precision per task, ``[tasks]`` (float64)."""
 
     @abstractmethod
-    def dense_precision(self) -> Tensor:
-        """The precision of vec([W | b]) (column-stacked) per task, [tasks, D, D]: for tests only."""
+    def prior_terms(self, delta: Tensor) -> Tensor:
+        """½·δᵀΛδ − ½·log det Λ per task [tasks] for the prior precision Λ and δ = vec(Φ̂ − Θ)
+        given as [tasks, d_out, d_A] (float64): −log N(φ̂; θ, Λ⁻¹) without its (D/2)·log 2π.
+        Directions with a flat prior (precision 0) add nothing: an improper prior has no normaliser."""
 
-    def dense_covariance(self) -> Tensor:
-        """Covariance of vec([W | b]) (column-stacked) per task, [tasks, D, D]: for tests only."""
-        return torch.linalg.inv(self.dense_precision())
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n draws of [W | b]: ``[n, tasks, d_out, d_A]``."""
+    def sample(self, n: int, generator: torch.Generator | None = None, sd: Tensor | None = None) -> Tensor:
+        """n draws of [W | b]: ``[n, tasks, d_out, d_A]``; ``sd`` [tasks] scales each task's
+        deviation from the mean (σ, the observation noise's standard deviation)."""
         Z = torch.randn((n, *self.mean.shape), generator=generator, dtype=torch.float64, device=self.mean.device)
-        return self.mean + self._noise(Z).to(self.mean.dtype)
+        noise = self._noise(Z)
+        if sd is not None:
+            noise = noise * sd.to(noise).view(1, -1, 1, 1)
+        return self.mean + noise.to(self.mean.dtype)
 
     def split(self, W: Tensor) -> dict[str, Tensor]:
         """[..., d_out, d_A] -> {name.weight: [..., *weight_shape], name.bias: [..., d_out]}."""
@@ -121,6 +132,10 @@ class LayerPosterior(ABC):
         if self.bias:
             out[param_key(self.name, "bias")] = W[..., -1]
         return out
+
+
+def _scalar_prior_terms(tau: float, delta: Tensor) -> Tensor:
+    return 0.5 * tau * delta.square().flatten(1).sum(1) - 0.5 * delta[0].numel() * math.log(tau)
 
 
 @dataclass
@@ -158,12 +173,8 @@ class FactoredLayerPosterior(LayerPosterior):
         # log det(A_d ⊗ G_d): the damped factors' own log-dets, so no factor c to add
         return kfac_math.factored_logdet(ld(self.L_A), self.A.shape[-1], ld(self.L_G), self.G.shape[-1], 1.0)
 
-    def dense_precision(self) -> Tensor:
-        return torch.stack([torch.kron(LA @ LA.mT, LG @ LG.mT) for LA, LG in zip(self.L_A, self.L_G)])
-
-    def dense_covariance(self) -> Tensor:
-        return torch.stack([torch.kron(torch.cholesky_inverse(LA), torch.cholesky_inverse(LG))
-                            for LA, LG in zip(self.L_A, self.L_G)])
+    def prior_terms(self, delta: Tensor) -> Tensor:
+        return _scalar_prior_terms(self.tau, delta)
 
 
 @dataclass
@@ -195,16 +206,23 @@ class EigenLayerPosterior(LayerPosterior):
     def logdet(self) -> Tensor:
         return -2 * self.std.log().flatten(1).sum(1)
 
-    def dense_precision(self) -> Tensor:
-        U = torch.stack([torch.kron(UA, UG) for UA, UG in zip(self.U_A, self.U_G)])  # vec(U_G E U_Aᵀ) = (U_A⊗U_G) vec E
-        return U @ torch.diag_embed(self.std.mT.flatten(1).pow(-2)) @ U.mT
+    def prior_terms(self, delta: Tensor) -> Tensor:
+        if not isinstance(self.tau, Tensor):  # a scalar is the same in every basis
+            return _scalar_prior_terms(self.tau, delta)
+        rotated = self.U_G.mT @ delta @ self.U_A  # the eigenbasis in which τ is diagonal
+        log_tau = torch.where(self.tau == 0, torch.zeros_like(self.tau), self.tau.log())
+        return (0.5 * self.tau * rotated.square() - 0.5 * log_tau).flatten(1).sum(1)
 
 
 @dataclass
 class Predictive:
-    """Predictions of posterior samples: ``samples`` [samples, tasks, points, outputs]."""
+    """Predictions of posterior samples: ``samples`` [samples, tasks, points, outputs] (the
+    sampled functions for regression, logits for classification), and ``mode`` = f(x, φ̂)
+    [tasks, points, outputs] when the predictions are linearised at φ̂ (then the samples are
+    exactly Gaussian around it)."""
 
     samples: Tensor
+    mode: Tensor | None = None
 
     @property
     def mean(self) -> Tensor:
@@ -215,35 +233,73 @@ class Predictive:
         """Spread of the sampled functions (epistemic), without observation noise."""
         return self.samples.std(0, unbiased=self.samples.shape[0] > 1)
 
+    def rescaled(self, sd: Tensor) -> Predictive:
+        """The predictive of the posterior with its covariance scaled by sd² per task (``sd``
+        [tasks] or broadcastable to [tasks, points, outputs]): exact for a linearised predictive,
+        whose deviations from the mode are linear in the parameters'."""
+        if self.mode is None:
+            raise ValueError("only a linearised predictive can be rescaled; predict again with the noise instead")
+        sd = sd.reshape(sd.shape[0], *[1] * (self.mode.dim() - 1)) if sd.dim() == 1 else sd
+        return Predictive(self.mode + sd * (self.samples - self.mode), self.mode)
+
+    def probs(self, approximation: str = "mc") -> Tensor:
+        """Class probabilities of logit samples, ``[tasks, points, classes]``: ``"mc"``, the
+        mean over samples of softmax(f_s); or ``"probit"``, the extended probit approximation
+        softmax(μ / sqrt(1 + π/8·v)) of E[softmax(f)] for Gaussian logits of mean μ (the mode of
+        a linearised predictive, else the sample mean) and variance v per class (MacKay 1992;
+        as laplace-torch's ``link_approx="probit"``), with v estimated from the samples."""
+        if approximation == "mc":
+            return self.samples.softmax(-1).mean(0)
+        if approximation != "probit":
+            raise ValueError(f"approximation must be 'mc' or 'probit', got {approximation!r}")
+        if self.mode is not None:
+            mu, var = self.mode, (self.samples - self.mode).square().mean(0)
+        else:
+            mu, var = self.samples.mean(0), self.samples.var(0, unbiased=self.samples.shape[0] > 1)
+        return (mu / (1 + math.pi / 8 * var).sqrt()).softmax(-1)
+
 
 class LaplacePosterior:
-    """Per-task Laplace posteriors N(φ̂, Ĥ⁻¹) of the adapted layers of a meta-learner.
+    """Per-task Laplace posteriors N(φ̂, σ²·Ĥ⁻¹) of the adapted layers of a meta-learner, Ĥ
+    the unit-noise precision of ``layers`` and σ² the observation noise ``noise_var`` (a
+    number, or one per task [tasks]; 1 for classification).
 
     Built by :meth:`fastlaplace.LLAMA.posterior`. Parameters that are not adapted (BatchNorm)
     stay at their meta-learned values in every sample.
     """
 
-    def __init__(self, net: TaskBatchedNetwork, params: dict[str, Tensor], layers: list[LayerPosterior]):
+    def __init__(self, net: TaskBatchedNetwork, params: dict[str, Tensor], layers: list[LayerPosterior],
+                 noise_var: float | Tensor = 1.0):
         self.net, self.params, self.layers = net, params, layers
         self.tasks = next(iter(params.values())).shape[0]
+        noise_var = torch.as_tensor(noise_var, dtype=torch.float64).flatten()
+        if noise_var.numel() not in (1, self.tasks) or not bool((noise_var > 0).all() & noise_var.isfinite().all()):
+            raise ValueError(f"noise_var must be positive and finite, one number or one per task ({self.tasks}), "
+                             f"got {noise_var.numel()} values")
+        self.noise_var = noise_var.expand(self.tasks)
+
+    def with_noise(self, noise_var: float | Tensor) -> LaplacePosterior:
+        """The same posterior under observation noise ``noise_var`` (shares the factorisations)."""
+        return LaplacePosterior(self.net, self.params, self.layers, noise_var)
 
     def logdet(self) -> Tensor:
-        """log det Ĥ per task, ``[tasks]`` (float64): the sum over the adapted layers."""
+        """log det Ĥ per task, ``[tasks]`` (float64): the sum over the adapted layers (unit noise)."""
         return sum(layer.logdet() for layer in self.layers)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """n parameter sets per task: a dict of ``[n, tasks, *shape]``."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"number of samples must be an integer >= 1, got {n!r}")
+        sd = self.noise_var.sqrt()
         out = {}
         for layer in self.layers:
-            out.update(layer.split(layer.sample(n, generator)))
+            out.update(layer.split(layer.sample(n, generator, sd)))
         return out
 
     def predict(self, x: Tensor, n_samples: int = 100, generator: torch.Generator | None = None,
                 linearized: bool = True, chunk: int = 50) -> Predictive:
         """Predictions of ``n_samples`` posterior samples at inputs x [tasks, points, ...]:
-        ``samples`` [samples, tasks, points, outputs].
+        ``samples`` [samples, tasks, points, outputs], ``chunk`` samples at a time.
 
         ``linearized=True`` (default) predicts with the network linearised at φ̂,
         f(x, φ̂) + J(x)(φ − φ̂) (the GLM predictive of Immer et al. 2021: the one the Laplace
@@ -255,24 +311,32 @@ class LaplacePosterior:
             raise ValueError(f"x has {x.shape[0]} tasks but the posterior has {self.tasks}")
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"number of samples must be an integer >= 1, got {n_samples!r}")
-        outs = []
+        outs, mode = [], None
         with torch.no_grad():
             for start in range(0, n_samples, chunk):
                 n = min(chunk, n_samples - start)
                 drawn = self.sample(n, generator)
-                mode = {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in self.params.items()}
-                params = {k: drawn[k].flatten(0, 1) if k in drawn else v for k, v in mode.items()}
+                modes = {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in self.params.items()}
+                params = {k: drawn[k].flatten(0, 1) if k in drawn else v for k, v in modes.items()}
                 xs = x.repeat(n, *[1] * (x.dim() - 1))
                 if linearized:
-                    tangent = {k: params[k] - mode[k] for k in mode}
-                    f, df = torch.func.jvp(lambda p, xs=xs: self.net(p, xs)[0], (mode,), (tangent,))
+                    tangent = {k: params[k] - modes[k] for k in modes}
+                    f, df = torch.func.jvp(lambda p, xs=xs: self.net(p, xs)[0], (modes,), (tangent,))
                     out = f + df
+                    mode = f[: self.tasks]
                 else:
                     out, _ = self.net(params, xs)
                 outs.append(out.reshape(n, self.tasks, *out.shape[1:]))
-        return Predictive(torch.cat(outs))
+        return Predictive(torch.cat(outs), mode)
 
-    def predict_mean_params(self, x: Tensor) -> Tensor:
-        """Outputs of the posterior mode φ̂ (MAML's point estimate)."""
-        with torch.no_grad():
-            return self.net(self.params, x)[0]
+    def laplace_terms(self, theta: dict[str, Tensor]) -> Tensor:
+        """−log p(φ̂|θ) + ½·log det Ĥ − (D/2)·log 2π per task [tasks] (unit noise; the 2π
+        terms cancel), θ the meta-learned (shared) parameters: the Laplace estimate of
+        −log p(X|θ) less the data's −log p(X|φ̂) (paper equation 11)."""
+        total = 0.0
+        for layer in self.layers:
+            W = theta[param_key(layer.name, "weight")].reshape(layer.weight_shape[0], -1)
+            if layer.bias:
+                W = torch.cat([W, theta[param_key(layer.name, "bias")].unsqueeze(-1)], dim=-1)
+            total = total + layer.prior_terms(layer.mean.double() - W.double()) + 0.5 * layer.logdet()
+        return total.to(self.layers[0].mean.dtype)

@@ -1,19 +1,27 @@
-"""Calibrated uncertainty from LLAMA's posterior: metrics, calibration on validation tasks,
-and ``python -m fastlaplace.uncertainty CHECKPOINT`` (the paper's Figure 5, measured).
+"""Calibrated uncertainty from LLAMA's posterior: ``python -m fastlaplace.uncertainty CHECKPOINT``
+(the paper's Figure 5, measured), for regression and classification runs alike; the metrics
+are :mod:`fastlaplace.calibration`'s.
 
-Predictive distribution of a task at a point: the mixture over posterior samples of
-N(f_s(x), σ²), with f_s the linearised network of each sample (see
-:meth:`LaplacePosterior.predict`) and σ² the observation noise. Its negative log
-likelihood is computed exactly (log-mean-exp over samples); central intervals use the
-mixture's mean and variance (var_s f + σ²) under a Gaussian approximation.
+Regression (sinusoids): the predictive of a point is the mixture over posterior samples of
+N(f_s(x), σ²), f_s the linearised network of each sample (see
+:meth:`~fastlaplace.posterior.LaplacePosterior.predict`) and σ² the observation noise, which
+also scales the posterior's covariance (σ²(Ĥ₁ + τ)⁻¹, ``docs/design.md`` §6). The noise is a
+single σ² ("global"), or one per task proportional to the signal power of its support set,
+σ_t² = k·mean(y_support²) + s₀ ("relative": sinusoid amplitudes span 0.1 to 5, so the misfit
+of a few-shot prediction scales with the task). The noise model is chosen on validation tasks
+(minimum predictive NLL), never on test tasks, and so is τ under ``--prior validation``; by
+default the prior is the inner loop's own, to first order (``--prior
+early_stopping_first_order``; :class:`fastlaplace.prior.Prior`).
 
-Observation noise: a single σ² ("global"), or one per task proportional to the signal power
-of its support set, σ_t² = k·mean(y_support²) + s₀ ("relative": sinusoid amplitudes span
-0.1 to 5, so the misfit of a few-shot prediction scales with the task). The prior precision
-τ and the noise model are chosen together on validation tasks (minimum predictive NLL),
-never on test tasks — or τ is not chosen at all but taken from the inner loop's implicit
-prior (the command's default, ``--prior early_stopping_first_order``: better calibrated on
-sinusoids than the validation-chosen τ; :mod:`fastlaplace.prior`), and only the noise model is.
+Classification (image runs, the data set taken from the run): over test episodes, LLAMA's
+linearised predictive of the logits (class probabilities by Monte Carlo over samples, and by
+the probit approximation) against MAML's point prediction (``--maml RUN``, else the LLAMA
+run's own φ̂), as it is and with a temperature chosen on validation episodes: accuracy, NLL,
+Brier score (mean ± 95 % CI over episodes), ECE and MCE (15 equal-width confidence bins, every
+query pooled; 95 % CI by a bootstrap over episodes), and per episode the AUROC of predictive
+entropy telling the episode's query images from out-of-distribution ones: images of the
+validation classes (never in a test episode), and the query images corrupted by Gaussian noise
+(sd 0.5, clipped) or rotated by 90°.
 """
 
 from __future__ import annotations
@@ -21,162 +29,79 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .batched import param_key
+from .calibration import (
+    Z50,
+    Z90,
+    NoiseModel,
+    accuracy,
+    auroc,
+    brier,
+    coverage,
+    entropy,
+    fit_temperature,
+    laplace_marginal_nll,
+    mixture_nll,
+    nll,
+    noise_grid,
+    point_nll,
+    reliability,
+)
 from .cli import MAXIMA, check_memory, check_output, errors_as_messages, positive_int
 from .config import LOGDET_METHODS
-from .curvature import rows_logdet, support_rows
 from .evaluate import Estimate
 from .meta import LLAMA, MAML
-from .options import Prior, parse
 from .posterior import LaplacePosterior, Predictive
-from .prior import PRIORS, first_order_tau
+from .prior import PRIORS, VALIDATION, Prior
 from .runs import checkpoint_inputs, load_for_evaluation
-
-Z50, Z90 = 0.6744897501960817, 1.6448536269514722
-
-
-@dataclass(frozen=True)
-class NoiseModel:
-    """σ_t² = var (global) or k·mean(y_support²) + var (relative)."""
-
-    var: float
-    k: float = 0.0
-
-    def variance(self, y_support: Tensor) -> Tensor:
-        """[tasks, 1, 1] noise variance of each task."""
-        power = y_support.pow(2).flatten(1).mean(1)
-        return (self.k * power + self.var).view(-1, *[1] * (y_support.dim() - 1))
-
-    @property
-    def kind(self) -> str:
-        return "relative" if self.k else "global"
-
-
-def noise_grid() -> list[NoiseModel]:
-    globals_ = [NoiseModel(10.0 ** (e / 4)) for e in range(-12, 5)]
-    relatives = [NoiseModel(s0, k) for k in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5) for s0 in (0.001, 0.01, 0.05, 0.1, 0.2)]
-    return globals_ + relatives
-
-
-def mixture_nll(pred: Predictive, y: Tensor, noise_var: Tensor | float) -> Tensor:
-    """Mean over points of −log (1/S) Σ_s N(y; f_s, σ²), per task [tasks]."""
-    noise_var = torch.as_tensor(noise_var, dtype=y.dtype)
-    log_p = -0.5 * ((y - pred.samples) ** 2 / noise_var + torch.log(2 * math.pi * noise_var))
-    log_mix = torch.logsumexp(log_p, dim=0) - math.log(pred.samples.shape[0])
-    return -log_mix.flatten(1).mean(1)
-
-
-def point_nll(f: Tensor, y: Tensor, noise_var: Tensor | float) -> Tensor:
-    """Gaussian NLL of a point prediction with noise σ², mean over points, per task."""
-    noise_var = torch.as_tensor(noise_var, dtype=y.dtype)
-    return (0.5 * ((y - f) ** 2 / noise_var + torch.log(2 * math.pi * noise_var))).flatten(1).mean(1)
-
-
-def coverage(pred: Predictive, y: Tensor, noise_var: Tensor | float, z: float) -> Tensor:
-    """Fraction of points inside mean ± z·sqrt(var_s f + σ²), per task."""
-    sd = (pred.std**2 + noise_var).sqrt()
-    return ((y - pred.mean).abs() <= z * sd).float().flatten(1).mean(1)
-
-
-def laplace_marginal_nll(learner: LLAMA, x_support: Tensor, y_support: Tensor, tau: float | None = None,
-                         prior: str | None = None) -> Tensor:
-    """Per-task Laplace estimate of −log p(X_j | θ) (paper equation 11), [tasks]:
-    −log p(X|φ̂) − log p(φ̂|θ) + ½·log det Ĥ − (D/2)·log 2π, with unit Gaussian noise
-    (regression) or the categorical likelihood, D the number of adapted parameters.
-
-    With a scalar τ (default: the training τ; ``prior="early_stopping_first_order"`` gives
-    τ = 1/(s·α·K)) that is −log p(X|φ̂) + (τ/2)‖φ̂ − θ‖² − (D/2)·log τ + ½·log det Ĥ (the
-    learner's log-det method). With ``prior="early_stopping"`` the prior is the inner loop's
-    exact one per eigen-direction of each layer's A⊗G (exact log-det):
-    Σ_ij [½·τ_ij·δ_ij² − ½·log τ_ij + ½·log(c·a_i·g_j + τ_ij)] with δ = U_Gᵀ(Φ̂ − Θ)U_A.
-    """
-    if prior is not None:
-        prior = parse(Prior, prior, "prior")
-    if prior == "early_stopping_first_order":
-        tau = first_order_tau(learner.loss, y_support, learner.inner_lr, learner.inner_steps)
-    tau = learner.tau if tau is None else tau
-    with torch.no_grad():
-        params = learner.adapt(x_support, y_support)
-        out = learner.predict(params, x_support)
-        T = out.shape[0]
-        if learner.loss == "mse":
-            nll = (0.5 * (out - y_support) ** 2 + 0.5 * math.log(2 * math.pi)).reshape(T, -1).sum(1)
-        else:
-            nll = learner.task_losses(out, y_support) * y_support.shape[1]
-        theta = learner.net.adapted_parameters()
-        if prior == "early_stopping":
-            return nll + _implicit_prior_terms(learner.posterior(x_support, y_support, prior=prior), theta)
-        sq = sum((params[k] - theta[k]).pow(2).flatten(1).sum(1) for k in params)
-        D = sum(p.numel() for p in theta.values())
-        rows = support_rows(learner.net, params, x_support, y_support, learner.likelihood, learner.fisher,
-                            create_graph=False)
-        logdet = rows_logdet(rows, tau, learner.logdet_method)
-    return nll + 0.5 * tau * sq - 0.5 * D * math.log(tau) + 0.5 * logdet
-
-
-def _implicit_prior_terms(post: LaplacePosterior, theta: dict[str, Tensor]) -> Tensor:
-    """−log p(φ̂|θ) + ½·log det Ĥ − (D/2)·log 2π per task, from an exact posterior whose τ
-    is per eigen-direction: Ĥ's eigenvalues are std⁻². Directions with a flat prior (precision
-    0, where the inner step overshoots) add nothing to −log p(φ̂|θ): an improper prior has no
-    normaliser."""
-    total = 0.0
-    for layer in post.layers:
-        W = theta[param_key(layer.name, "weight")].reshape(layer.weight_shape[0], -1)
-        if layer.bias:
-            W = torch.cat([W, theta[param_key(layer.name, "bias")].unsqueeze(-1)], dim=-1)
-        delta = layer.U_G.mT @ (layer.mean.double() - W.double()) @ layer.U_A  # [tasks, d_out, d_A]
-        flat = layer.tau == 0
-        log_tau = torch.where(flat, torch.zeros_like(layer.tau), layer.tau.log())
-        terms = 0.5 * layer.tau * delta**2 - 0.5 * log_tau - layer.std.log()
-        total = total + terms.flatten(1).sum(1)
-    return total.to(post.layers[0].mean.dtype)
-
-
-def _posterior(learner: LLAMA, x_support: Tensor, y_support: Tensor, prior: float | str,
-               method: str | None) -> LaplacePosterior:
-    """The posterior under a scalar τ or a named implicit prior."""
-    if isinstance(prior, str):
-        return learner.posterior(x_support, y_support, prior=prior, method=method)
-    return learner.posterior(x_support, y_support, tau=prior, method=method)
-
 
 CALIBRATION_TASKS, CALIBRATION_SAMPLES = 200, 50  # at most: fewer when the report itself uses fewer
 EXTRAPOLATION_POINTS = 201  # the grid of extrapolation_ratio
-REGRESSION_ONLY = ("uncertainty measures the calibration of regression predictions (sinusoid runs) only; "
-                   "uncertainty of image classification is not implemented yet")
+NOISE_SD, QUARTER_TURNS = 0.5, 1  # the corruptions of the out-of-distribution images
+TASKS_AT_ONCE, SAMPLES_AT_ONCE = 10, 10  # episodes and posterior samples per pass (memory only)
+BOOTSTRAP = 1000  # resamples of episodes for the CIs of ECE and MCE
 
 
+def noisy_predictive(post: LaplacePosterior, x: Tensor, samples: int, generator: torch.Generator,
+                     linearized: bool, noise_var: Tensor, chunk: int = 50) -> Predictive:
+    """The predictive of ``post`` under observation noise ``noise_var`` [tasks, 1, 1] (it scales
+    the covariance): a linearised one is predicted at unit noise and rescaled (exact)."""
+    if linearized:
+        return post.predict(x, samples, generator, chunk=chunk).rescaled(noise_var.sqrt().flatten())
+    return post.with_noise(noise_var).predict(x, samples, generator, linearized=False, chunk=chunk)
+
+
+# ------------------------------------------------------------------------------- regression
 @dataclass
 class Calibration:
-    tau: float | str  # a prior precision, or the name of an implicit prior (not chosen)
+    prior: Prior  # a scalar τ or an implicit prior (never "validation": that one is chosen)
     noise: NoiseModel
     val_nll: float
     point_noise: NoiseModel  # best noise model for the point (MAML) prediction, same grid
 
 
 def calibrate(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: int = CALIBRATION_TASKS,
-              seed: int = 7, taus=None, noises: list[NoiseModel] | None = None, samples: int = CALIBRATION_SAMPLES,
-              method: str | None = None, linearized: bool = True, prior: str | float | None = None) -> Calibration:
-    """Choose τ and the noise model on validation tasks by predictive NLL; likewise the
-    noise model of the point-prediction baseline. With ``prior`` (an implicit prior of
-    :mod:`fastlaplace.prior`, or a fixed τ) τ is not chosen: only the noise model is."""
-    taus = [prior] if prior is not None else taus or [10.0 ** (e / 2) for e in range(-2, 13)]  # 0.1 … 1e6
+              seed: int = 7, prior=VALIDATION, noises: list[NoiseModel] | None = None,
+              samples: int = CALIBRATION_SAMPLES, method: str | None = None, linearized: bool = True) -> Calibration:
+    """Choose the noise model (and τ, for a ``"validation"`` prior: among its candidates) on
+    validation tasks by predictive NLL; likewise the noise model of the point-prediction baseline."""
     noises = noises or noise_grid()
     batch = problem.sample("val", tasks, torch.Generator().manual_seed(seed))
-    gen = torch.Generator().manual_seed(seed + 1)
     best = (math.inf, None, None)
-    for tau in taus:
-        post = _posterior(learner, batch.x_support, batch.y_support, tau, method)
-        pred = post.predict(batch.x_query, samples, gen, linearized=linearized)
+    for candidate in Prior.of(prior).candidates():
+        post = learner.posterior(batch.x_support, batch.y_support, prior=candidate, method=method)
+        unit = post.predict(batch.x_query, samples, torch.Generator().manual_seed(seed + 1)) if linearized else None
         for noise in noises:
-            nll = float(mixture_nll(pred, batch.y_query, noise.variance(batch.y_support)).mean())
-            if nll < best[0]:
-                best = (nll, tau, noise)
+            var = noise.variance(batch.y_support)
+            pred = (unit.rescaled(var.sqrt().flatten()) if linearized else
+                    noisy_predictive(post, batch.x_query, samples, torch.Generator().manual_seed(seed + 1), False, var))
+            score = float(mixture_nll(pred, batch.y_query, var).mean())
+            if score < best[0]:
+                best = (score, candidate, noise)
     point = point_learner or learner
     with torch.no_grad():
         f = point.predict(point.adapt(batch.x_support, batch.y_support), batch.x_query)
@@ -184,19 +109,19 @@ def calibrate(learner: LLAMA, problem, point_learner: MAML | None = None, tasks:
     return Calibration(best[1], best[2], best[0], point_noise)
 
 
-def extrapolation_ratio(learner: LLAMA, tasks, tau: float | str, n_tasks: int = 600, seed: int = 11, samples: int = 100,
+def extrapolation_ratio(learner: LLAMA, tasks, prior, n_tasks: int = 600, seed: int = 11, samples: int = 100,
                         method: str | None = None, linearized: bool = True) -> Estimate:
     """Support points only in the lowest fifth of the input range: predictive spread (of
     sampled functions) averaged over the upper half of the range, divided by its average
-    within the support points' span, per task."""
+    within the support points' span, per task (a ratio per task, so the noise's scaling of
+    the covariance cancels: unit noise)."""
     lo, hi = tasks.x_range
     support_range = (lo, lo + (hi - lo) / 5)
     g = torch.Generator().manual_seed(seed)
     b = tasks.sample(n_tasks, g, support_range=support_range)
     grid = torch.linspace(lo, hi, EXTRAPOLATION_POINTS).view(1, -1, 1).expand(n_tasks, -1, -1)
-    pred = _posterior(learner, b.x_support, b.y_support, tau, method).predict(grid, samples, g,
-                                                                              linearized=linearized)
-    std = pred.std.squeeze(-1)  # [tasks, grid]
+    post = learner.posterior(b.x_support, b.y_support, prior=prior, method=method)
+    std = post.predict(grid, samples, g, linearized=linearized).std.squeeze(-1)  # [tasks, grid]
     x = grid[0, :, 0]
     upper = std[:, x >= (lo + hi) / 2].mean(1)
     span_lo, span_hi = b.x_support.min(1).values, b.x_support.max(1).values  # [tasks, 1]
@@ -205,65 +130,195 @@ def extrapolation_ratio(learner: LLAMA, tasks, tau: float | str, n_tasks: int = 
     return Estimate.of(upper / within)
 
 
+def _noise_json(noise: NoiseModel) -> dict:
+    return {"kind": noise.kind, "var": noise.var, "k": noise.k}
+
+
 def report(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: int = 600, seed: int = 1_000_003,
            samples: int = 100, method: str | None = None, linearized: bool = True,
-           calibration: Calibration | None = None, prior: str | float | None = None) -> dict:
-    """The figures of issue #4 on new test tasks, after calibrating on validation tasks (τ and
-    the noise model, or the noise model alone under an implicit ``prior``): at most
-    CALIBRATION_TASKS tasks and CALIBRATION_SAMPLES samples, no more than ``tasks`` and ``samples``."""
+           calibration: Calibration | None = None, prior=VALIDATION) -> dict:
+    """Regression figures on new test tasks, after calibrating on validation tasks (the noise
+    model, and τ under a ``"validation"`` prior): at most CALIBRATION_TASKS tasks and
+    CALIBRATION_SAMPLES samples, no more than ``tasks`` and ``samples``."""
     cal = calibration or calibrate(learner, problem, point_learner, tasks=min(CALIBRATION_TASKS, tasks),
                                    samples=min(CALIBRATION_SAMPLES, samples), method=method,
                                    linearized=linearized, prior=prior)
     batch = problem.sample("test", tasks, torch.Generator().manual_seed(seed))
-    gen = torch.Generator().manual_seed(seed + 1)
-    pred = _posterior(learner, batch.x_support, batch.y_support, cal.tau, method).predict(
-        batch.x_query, samples, gen, linearized=linearized)
     noise = cal.noise.variance(batch.y_support)
+    post = learner.posterior(batch.x_support, batch.y_support, prior=cal.prior, method=method)
+    pred = noisy_predictive(post, batch.x_query, samples, torch.Generator().manual_seed(seed + 1), linearized, noise)
     point = point_learner or learner
     with torch.no_grad():
         f = point.predict(point.adapt(batch.x_support, batch.y_support), batch.x_query)
+    implicit = cal.prior.kind in PRIORS
     out = {
-        "calibration": {"tau": cal.tau, "noise": {"kind": cal.noise.kind, **asdict(cal.noise)},
-                        "val_nll": cal.val_nll,
-                        "point_noise": {"kind": cal.point_noise.kind, **asdict(cal.point_noise)}},
-        "prior": (cal.tau if isinstance(cal.tau, str) else "fixed tau" if prior is not None
-                  else "scalar tau chosen on validation tasks"),
-        "method": method or ("exact" if cal.tau == "early_stopping" else learner.logdet_method),
+        "calibration": {"prior": str(cal.prior), "noise": _noise_json(cal.noise), "val_nll": cal.val_nll,
+                        "point_noise": _noise_json(cal.point_noise)},
+        "prior": str(cal.prior) if implicit or Prior.of(prior).kind != VALIDATION
+        else f"scalar tau chosen on validation tasks ({cal.prior})",
+        "method": str(cal.prior.method(method, learner.logdet_method)),
         "predictive": "linearized" if linearized else "sampled networks",
+        "posterior_covariance": "noise-scaled: sigma^2 (H_1 + tau)^-1",
         "llama_nll": vars(Estimate.of(mixture_nll(pred, batch.y_query, noise))),
         "maml_point_nll": vars(Estimate.of(point_nll(f, batch.y_query, cal.point_noise.variance(batch.y_support)))),
         "coverage50": vars(Estimate.of(coverage(pred, batch.y_query, noise, Z50))),
         "coverage90": vars(Estimate.of(coverage(pred, batch.y_query, noise, Z90))),
         "laplace_marginal_nll": vars(Estimate.of(laplace_marginal_nll(learner, batch.x_support, batch.y_support))),
     }
-    if isinstance(cal.tau, str):
+    if implicit:
         out["laplace_marginal_nll_at_prior"] = vars(Estimate.of(
-            laplace_marginal_nll(learner, batch.x_support, batch.y_support, prior=cal.tau)))
+            laplace_marginal_nll(learner, batch.x_support, batch.y_support, prior=cal.prior, method=method)))
     if hasattr(problem, "tasks"):
-        out["extrapolation_std_ratio"] = vars(extrapolation_ratio(learner, problem.tasks, cal.tau, tasks,
+        out["extrapolation_std_ratio"] = vars(extrapolation_ratio(learner, problem.tasks, cal.prior, tasks,
                                                                   samples=samples, method=method,
                                                                   linearized=linearized))
     return out
+
+
+# --------------------------------------------------------------------------- classification
+def _corrupted(x: Tensor, generator: torch.Generator) -> list[Tensor]:
+    """The query images with Gaussian noise (clipped to [0, 1]) and rotated by 90°."""
+    noisy = (x + NOISE_SD * torch.randn(x.shape, generator=generator, dtype=x.dtype)).clamp(0, 1)
+    return [noisy, torch.rot90(x, QUARTER_TURNS, dims=(-2, -1))]
+
+
+OOD_SETS = ("unseen classes", "noise", "rotation")
+
+
+def episode_probs(learner: LLAMA, point: MAML, problem, split: str, tasks: int, seed: int, samples: int,
+                  prior, method: str | None, steps: int, ood: bool = True, llama: bool = True) -> dict:
+    """Class probabilities on ``tasks`` episodes of ``split``, TASKS_AT_ONCE at a time: LLAMA's
+    posterior predictive (``"mc"``, ``"probit"``) and the point prediction's logits
+    (``"point_logits"``), each [tasks, points, classes] with points = the query images, then
+    (``ood``) as many of each out-of-distribution set; and the labels ``"y"`` [tasks, query].
+    Without ``llama`` only the point prediction's."""
+    gen, gen_ood = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    gen_post = torch.Generator().manual_seed(seed + 2)
+    parts: dict[str, list[Tensor]] = {"mc": [], "probit": [], "point_logits": [], "y": []}
+    for start in range(0, tasks, TASKS_AT_ONCE):
+        n = min(TASKS_AT_ONCE, tasks - start)
+        b = problem.sample(split, n, gen)
+        # each set on its own: BatchNorm normalises with the statistics of the images it is given
+        sets = [b.x_query, problem.sample("val", n, gen_ood).x_query, *_corrupted(b.x_query, gen_ood)] if ood \
+            else [b.x_query]
+        if llama:
+            post = learner.posterior(b.x_support, b.y_support, prior=prior, method=method, steps=steps,
+                                     generator=gen_post)
+            preds = [post.predict(x, samples, gen_post, chunk=SAMPLES_AT_ONCE) for x in sets]
+            parts["mc"].append(torch.cat([p.probs("mc") for p in preds], 1))
+            parts["probit"].append(torch.cat([p.probs("probit") for p in preds], 1))
+        with torch.no_grad():
+            phi = point.adapt(b.x_support, b.y_support, steps=steps)
+            parts["point_logits"].append(torch.cat([point.predict(phi, x) for x in sets], 1))
+        parts["y"].append(b.y_query)
+    return {k: torch.cat(v) for k, v in parts.items() if v}
+
+
+def choose_prior(learner: LLAMA, problem, prior, tasks: int, seed: int, samples: int, method: str | None,
+                 steps: int) -> Prior:
+    """The prior itself, or for a ``"validation"`` prior the candidate τ of least NLL (Monte
+    Carlo predictive) on validation episodes."""
+    prior = Prior.of(prior)
+    if prior.kind != VALIDATION:
+        return prior
+
+    def score(candidate: Prior) -> float:
+        out = episode_probs(learner, learner, problem, "val", tasks, seed, samples, candidate, method, steps,
+                            ood=False)
+        return float(nll(out["mc"], out["y"]).mean())
+
+    return min(prior.candidates(), key=score)
+
+
+def _calibration_errors(probs: Tensor, y: Tensor, seed: int) -> dict:
+    """Pooled ECE and MCE, each with the half-width of its 95 % bootstrap interval over episodes."""
+    rel = reliability(probs, y)
+    g = torch.Generator().manual_seed(seed)
+    draws = [torch.randint(0, probs.shape[0], (probs.shape[0],), generator=g) for _ in range(BOOTSTRAP)]
+    boot = [reliability(probs[i], y[i]) for i in draws]
+    out = {}
+    for name, value, values in (("ece", rel.ece, [r.ece for r in boot]), ("mce", rel.mce, [r.mce for r in boot])):
+        lo, hi = torch.tensor(values, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64))
+        out[name] = {"mean": value, "ci95": float(hi - lo) / 2, "n": probs.shape[0]}
+    return out
+
+
+def _scores(probs: Tensor, y: Tensor, seed: int) -> dict:
+    """The metrics of one predictor: probs [tasks, query·(1 + OOD sets), classes]."""
+    q = y.shape[1]
+    query = probs[:, :q]
+    rel = reliability(query, y)
+    bins = {k: [None if math.isnan(v) else v for v in getattr(rel, k).tolist()]
+            for k in ("count", "confidence", "accuracy")}
+    out = {"accuracy": vars(Estimate.of(accuracy(query, y))), "nll": vars(Estimate.of(nll(query, y))),
+           "brier": vars(Estimate.of(brier(query, y))), **_calibration_errors(query, y, seed), "reliability": bins}
+    h = entropy(probs)
+    for i, name in enumerate(OOD_SETS):
+        ood = h[:, (i + 1) * q:(i + 2) * q]
+        out[f"auroc_entropy_{name.replace(' ', '_')}"] = vars(Estimate.of(auroc(h[:, :q], ood)))
+    return out
+
+
+@dataclass
+class ClassificationResult:
+    report: dict
+    probs: dict[str, Tensor]  # each predictor's probabilities of the test queries [tasks, query, classes]
+    y: Tensor
+
+
+def classification_report(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: int = 600,
+                          seed: int = 1_000_003, samples: int = 100, method: str | None = None,
+                          prior="early_stopping_first_order", steps: int | None = None) -> ClassificationResult:
+    """The classification figures (module docstring) on ``tasks`` test episodes; the prior (under
+    ``"validation"``) and the point prediction's temperature chosen on validation episodes."""
+    steps = learner.inner_steps if steps is None else steps
+    point = point_learner or learner
+    val_tasks = min(CALIBRATION_TASKS, tasks)
+    chosen = choose_prior(learner, problem, prior, val_tasks, seed + 7, min(CALIBRATION_SAMPLES, samples), method,
+                          steps)
+    val = episode_probs(learner, point, problem, "val", val_tasks, seed + 7, 1, chosen, method, steps, ood=False,
+                        llama=False)
+    temperature = fit_temperature(val["point_logits"], val["y"])
+    test = episode_probs(learner, point, problem, "test", tasks, seed, samples, chosen, method, steps)
+    predictors = {
+        "llama_mc": test["mc"], "llama_probit": test["probit"],
+        "maml_point": test["point_logits"].softmax(-1),
+        "maml_temperature": (test["point_logits"] / temperature).softmax(-1),
+    }
+    out = {
+        "episodes": tasks, "samples": samples, "inner_steps": steps, "prior": str(chosen),
+        "method": str(chosen.method(method, learner.logdet_method)),
+        "point_prediction": "the MAML run (--maml)" if point_learner is not None else "the LLAMA run's own φ̂",
+        "temperature": temperature, "calibration_bins": "15 equal-width confidence bins, every query pooled",
+        "ood": {"unseen classes": "query images of validation-split episodes",
+                "noise": f"the query images plus Gaussian noise of sd {NOISE_SD}, clipped to [0, 1]",
+                "rotation": f"the query images rotated by {90 * QUARTER_TURNS}°"},
+        **{name: _scores(p, test["y"], seed) for name, p in predictors.items()},
+    }
+    q = test["y"].shape[1]
+    return ClassificationResult(out, {name: p[:, :q] for name, p in predictors.items()}, test["y"])
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m fastlaplace.uncertainty", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a LLAMA checkpoint.pt written by fastlaplace.train")
-    p.add_argument("--maml", help="a MAML checkpoint for the point-prediction baseline (default: the LLAMA "
-                                  "checkpoint's own adapted parameters φ̂)")
+    p.add_argument("--maml", help="a MAML checkpoint of the same data set for the point-prediction baseline "
+                                  "(default: the LLAMA checkpoint's own adapted parameters φ̂)")
     p.add_argument("--tasks", type=int, default=600)
     p.add_argument("--samples", type=int, default=100)
     p.add_argument("--method", choices=LOGDET_METHODS, default=None)
-    p.add_argument("--prior", choices=("validation",) + PRIORS, default="early_stopping_first_order",
+    p.add_argument("--prior", choices=(VALIDATION,) + PRIORS, default="early_stopping_first_order",
                    help="the posterior's prior: the inner loop's implicit prior to first order, τ = N/(2αK) for "
-                        "a mean squared error (early_stopping_first_order, the default: the best calibrated on "
-                        "sinusoids, see the README), exactly per eigen-direction (early_stopping; exact method), "
-                        "or a scalar τ chosen on validation tasks by predictive NLL (validation)")
+                        "a mean squared error and N/(αK) for a cross-entropy (early_stopping_first_order, the "
+                        "default), exactly per eigen-direction (early_stopping; exact method), or a scalar τ "
+                        "chosen on validation tasks by predictive NLL (validation)")
     p.add_argument("--tau", type=float, help="a fixed prior precision τ instead of --prior (only the noise model "
                                              "is chosen on validation tasks)")
+    p.add_argument("--taus", type=float, nargs="+", help="the candidates of --prior validation (default: 0.1 to 1e6, "
+                                                         "15 values)")
     p.add_argument("--sampled-networks", action="store_true",
-                   help="predict with the sampled networks rather than the network linearised at φ̂")
+                   help="predict with the sampled networks rather than the network linearised at φ̂ (regression)")
     p.add_argument("--data-root", default=None, help="the data folder of an image run (never taken from the "
                                                      "checkpoint)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -277,20 +332,34 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--tau must be a positive number, got {args.tau}")
         if args.json:
             check_output("--json", args.json, [*checkpoint_inputs(args.checkpoint, args.maml), args.data_root])
-        data = dict(device="cpu", data_root=args.data_root, allow_pickle=args.allow_pickle,
-                    datasets=("sinusoid",), purpose=REGRESSION_ONLY)
+        data = dict(device="cpu", data_root=args.data_root, allow_pickle=args.allow_pickle)
         learner, problem, cfg = load_for_evaluation(args.checkpoint, **data)
         if not isinstance(learner, LLAMA):
             raise ValueError(f"{args.checkpoint} is not a LLAMA run (train with --method llama)")
-        # the predictions of the test tasks and the extrapolation grid, all tasks at once
-        points = cfg.query_points + EXTRAPOLATION_POINTS
-        check_memory(f"--tasks {args.tasks} × --samples {args.samples} predictions at {points} points",
-                     4 * args.tasks * args.samples * points, "cpu")
-        point = load_for_evaluation(args.maml, **data)[0] if args.maml else None
-        result = report(learner, problem, point, args.tasks, cfg.eval_seed, args.samples, args.method,
-                        linearized=not args.sampled_networks,
-                        prior=args.tau if args.tau is not None else None if args.prior == "validation" else args.prior)
-        text = json.dumps(result, indent=2)
+        point = None
+        if args.maml:
+            point, _, point_cfg = load_for_evaluation(args.maml, **data)
+            if point_cfg.dataset != cfg.dataset:
+                raise ValueError(f"--maml {args.maml} is a {point_cfg.dataset} run; {args.checkpoint} is a "
+                                 f"{cfg.dataset} run")
+        if args.taus and args.prior != VALIDATION:
+            raise ValueError("--taus are the candidates of --prior validation")
+        prior = args.tau if args.tau is not None else Prior.validation(args.taus) if args.taus else args.prior
+        if learner.loss == "mse":
+            # the predictions of the test tasks and the extrapolation grid, all tasks at once
+            points = cfg.query_points + EXTRAPOLATION_POINTS
+            check_memory(f"--tasks {args.tasks} × --samples {args.samples} predictions at {points} points",
+                         4 * args.tasks * args.samples * points, "cpu")
+            result = report(learner, problem, point, args.tasks, cfg.eval_seed, args.samples, args.method,
+                            linearized=not args.sampled_networks, prior=prior)
+        else:
+            if args.sampled_networks:
+                raise ValueError("--sampled-networks is for regression runs; classification uses the "
+                                 "linearised predictive")
+            steps = cfg.test_inner_steps[-1]
+            result = classification_report(learner, problem, point, args.tasks, cfg.eval_seed, args.samples,
+                                           args.method, prior, steps).report
+        text = json.dumps(result, indent=2, ensure_ascii=False)
         print(text)
         if args.json:
             with open(args.json, "w") as f:

@@ -112,3 +112,16 @@ def fuzz_failures(cases: int, *args: str) -> list[str]:
         failures.append(f"CRASH {last}: exit status {run.returncode}; {run.stderr.strip()[-300:]}")
         start = last + 1
     return failures
+
+
+def dense_posterior_precision(layer):
+    """The precision of a layer posterior's vec([W | b]) (column-stacked) per task, [tasks, D, D],
+    built densely from its factorisation (the oracle of the posterior's tests)."""
+    if layer.method == "factored":
+        return torch.stack([torch.kron(LA @ LA.mT, LG @ LG.mT) for LA, LG in zip(layer.L_A, layer.L_G)])
+    U = torch.stack([torch.kron(UA, UG) for UA, UG in zip(layer.U_A, layer.U_G)])  # vec(U_G E U_Aᵀ) = (U_A⊗U_G) vec E
+    return U @ torch.diag_embed(layer.std.mT.flatten(1).pow(-2)) @ U.mT
+
+
+def dense_posterior_covariance(layer):
+    return torch.linalg.inv(dense_posterior_precision(layer))

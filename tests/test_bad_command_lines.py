@@ -15,7 +15,7 @@ changed files (another run's files overwritten, a resume to fewer iterations rew
 results and rotating the checkpoints, config.json of a run with NaN parameters rewritten),
 4 exit statuses 0 (NaN or infinite parameters evaluated or plotted) and 33 lines still running
 (unbounded iterations, inner steps, tasks and samples; uncertainty reports written over their
-own inputs; uncertainty of a digits run, which needs over 13 GB).
+own inputs; uncertainty of a digits run, which then needed over 13 GB).
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ LINES = {
         CK + " --maml {d}/nan.pt", CK + " --maml {d}/digits/checkpoint.pt --tasks 2 --samples 2",
         CK + " --maml {d}/llama", CK + " --maml {d}/trunc.pt", CK + " --tasks 2 --samples 100000000",
         "{d}/nan.pt", "{d}/inf.pt", "{d}/trunc.pt", "{d}/dir.pt", "{d}/maml/checkpoint.pt",
-        "{d}/digits/checkpoint.pt --tasks 2 --samples 2", "{d}/digits/checkpoint.pt", "",
+        "{d}/digits/checkpoint.pt --sampled-networks", "{d}/digits/checkpoint.pt --maml {d}/maml/checkpoint.pt",
+        "{d}/digits/checkpoint.pt --samples 1", "",
     ],
     "plot": [
         "posterior " + CK + " --out " + CK + " --tau 1", "posterior " + CK + " --out {d}/llama/config.json --tau 1",
@@ -128,6 +129,9 @@ LINES = {
         "posterior " + CK + " --tau inf", "posterior " + CK + " --seed x",
         "posterior " + CK + " --maml {d}/digits/checkpoint.pt --tau 1",
         "posterior " + CK + " --maml {d}/nan.pt --tau 1",
+        "reliability " + CK, "reliability {d}/digits/checkpoint.pt --out {d}/digits/checkpoint.pt",
+        "reliability {d}/digits/checkpoint.pt --tasks 0", "reliability {d}/digits/checkpoint.pt --samples 1",
+        "reliability {d}/digits/checkpoint.pt --maml " + CK, "reliability {d}/nan.pt",
         "curves {d}/llama/checkpoint.pt", "curves {d}/stringmetrics", "curves", "posterior", "histogram {d}/llama",
         "posterior {d}/maml/checkpoint.pt --tau 1", "posterior " + CK + " --method bogus",
     ],

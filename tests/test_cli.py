@@ -15,7 +15,7 @@ from fastlaplace import cli, evaluate, plot, train, uncertainty
 from fastlaplace.cli import UsageError, check_output
 from fastlaplace.config import Config
 from fastlaplace.data import convert
-from fastlaplace.runs import checkpoint_inputs, read_checkpoint, save_checkpoint
+from fastlaplace.runs import checkpoint_inputs, load_for_evaluation, read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ ISSUE_LINES = dict([
     ("train --out {d}/stale --iterations 1", "pass --overwrite"),
     ("train --support 2000000000 --out {d}/new", "--support must be at most"),
     ("train --meta-batch 1000000000 --out {d}/new", "--meta-batch must be at most"),
-    ("uncertainty {d}/digits/checkpoint.pt --tasks 2 --samples 2", "(sinusoid runs) only"),
+    ("uncertainty {d}/digits/checkpoint.pt --sampled-networks", "for regression runs"),
     ("evaluate {d}/nan/checkpoint.pt", "non-finite values"),
     ("evaluate {d}/run/checkpoint.pt --steps 100000000", "--steps must be at most"),
 ])
@@ -200,6 +200,39 @@ def test_command_lines_of_issue_22_are_refused_and_change_nothing(issue_lines, l
     assert_one_error_line(err)
     assert ISSUE_LINES[line] in err.splitlines()[-1], err
     assert after == before
+
+
+def test_uncertainty_and_reliability_of_a_digits_run_from_the_repository_root(runs, tmp_path):
+    """The classification report of an image run (its data set taken from the run) and the
+    reliability diagram, as processes started from the repository root."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    checkpoint, report = str(runs / "digits" / "checkpoint.pt"), tmp_path / "report.json"
+    png = tmp_path / "reliability.png"
+    for args in (["uncertainty", checkpoint, "--tasks", "3", "--samples", "4", "--json", str(report)],
+                 ["plot", "reliability", checkpoint, "--tasks", "3", "--samples", "4", "--out", str(png)]):
+        run = subprocess.run([sys.executable, "-m", f"fastlaplace.{args[0]}", *args[1:]], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+    out = json.loads(report.read_text())
+    assert out["episodes"] == 3 and "15 equal-width" in out["calibration_bins"] and out["temperature"] > 0
+    assert out["prior"] == "early_stopping_first_order"
+    for predictor in ("llama_mc", "llama_probit", "maml_point", "maml_temperature"):
+        for metric in ("accuracy", "nll", "brier", "ece", "mce", "auroc_entropy_unseen_classes",
+                       "auroc_entropy_noise", "auroc_entropy_rotation"):
+            value = out[predictor][metric]
+            assert value["n"] == 3 and value["mean"] == value["mean"], (predictor, metric)
+    assert png.stat().st_size > 10_000
+    assert sum(out["llama_mc"]["reliability"]["count"]) == 3 * 5 * 5  # episodes × ways × queries
+    # the query images are predicted on their own: the out-of-distribution sets do not enter
+    # their BatchNorm statistics
+    learner, problem, _ = load_for_evaluation(checkpoint, device="cpu")
+    both, alone = (uncertainty.episode_probs(learner, learner, problem, "test", 2, 0, 2, "early_stopping_first_order",
+                                             None, 1, ood=ood) for ood in (True, False))
+    torch.testing.assert_close(both["point_logits"][:, :alone["y"].shape[1]], alone["point_logits"])
+    plot.main(["reliability", "--report", str(report), "--out", str(tmp_path / "again.png")])
+    assert (tmp_path / "again.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="not a report"):
+        plot.main(["reliability", "--report", str(runs / "run" / "config.json"), "--out", str(tmp_path / "x.png")])
 
 
 def test_size_beyond_memory_is_refused_before_allocating(runs, capsys):

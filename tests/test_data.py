@@ -99,9 +99,14 @@ def test_miniimagenet_malformed(tmp_path, damage):
 
 def test_digits_reader():
     splits = read_digits()
-    assert splits["train"].num_classes == 20 and splits["val"].num_classes == 20
+    # validation classes are held out of meta-training: digits 3 and 4 and their rotations
+    assert splits["train"].num_classes == 12 and splits["val"].num_classes == 8
+    assert {n.split("@")[0] for n in splits["train"].names} == {"0", "1", "2"}
+    assert {n.split("@")[0] for n in splits["val"].names} == {"3", "4"}
     assert splits["test"].num_classes == 5 and splits["test"].names == ["5", "6", "7", "8", "9"]
     assert splits["train"].image_shape == (1, 16, 16)
+    with pytest.raises(ValueError, match="val_digits"):
+        read_digits(val_digits=(0, 1, 2, 3, 4))
 
 
 def test_episode_sampler():

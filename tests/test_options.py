@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from fastlaplace import LLAMA, MAML, ops, options, reference
-from fastlaplace.options import FisherType, Likelihood, LogdetMethod, Loss, Prior, choices, parse, posterior_method
+from fastlaplace.options import FisherType, ImplicitPrior, Likelihood, LogdetMethod, Loss, choices, parse
+from fastlaplace.prior import Prior
 
 
 def test_strings_and_members_parse_to_members():
     assert parse(LogdetMethod, "exact", "method") is LogdetMethod.EXACT
     assert parse(LogdetMethod, LogdetMethod.FACTORED, "method") is LogdetMethod.FACTORED
     assert LogdetMethod.EXACT == "exact" and f"{LogdetMethod.EXACT}" == "exact"
-    assert str(Prior.EARLY_STOPPING) == "early_stopping"
+    assert str(ImplicitPrior.EARLY_STOPPING) == "early_stopping"
     assert choices(LogdetMethod) == ("factored", "exact")
     assert choices(FisherType) == ("auto", "gauss_newton", "sampled", "empirical")
     assert Loss.MSE.likelihood is Likelihood.GAUSSIAN and Loss.CROSS_ENTROPY.likelihood is Likelihood.CATEGORICAL
@@ -25,18 +26,18 @@ def test_strings_and_members_parse_to_members():
 
 def test_literal_hints_name_the_same_strings():
     for hint, kind in [(options.LogdetMethodLike, LogdetMethod), (options.FisherTypeLike, FisherType),
-                       (options.LossLike, Loss), (options.PriorLike, Prior)]:
+                       (options.LossLike, Loss), (options.ImplicitPriorLike, ImplicitPrior)]:
         members, literal = typing.get_args(hint)
         assert members is kind and typing.get_args(literal) == choices(kind)
 
 
-def test_posterior_method():
-    assert posterior_method(None, None, LogdetMethod.FACTORED) is LogdetMethod.FACTORED
-    assert posterior_method(Prior.EARLY_STOPPING, None, LogdetMethod.FACTORED) is LogdetMethod.EXACT
-    first_order, exact, factored = Prior.EARLY_STOPPING_FIRST_ORDER, LogdetMethod.EXACT, LogdetMethod.FACTORED
-    assert posterior_method(first_order, exact, factored) is exact
+def test_prior_method():
+    exact, factored = LogdetMethod.EXACT, LogdetMethod.FACTORED
+    assert Prior.of(1.0).method(None, factored) is factored
+    assert Prior.of("early_stopping").method(None, factored) is exact
+    assert Prior.of("early_stopping_first_order").method("exact", factored) is exact
     with pytest.raises(ValueError, match="needs method='exact'"):
-        posterior_method(Prior.EARLY_STOPPING, LogdetMethod.FACTORED, LogdetMethod.EXACT)
+        Prior.of("early_stopping").method(factored, exact)
 
 
 def test_every_entry_point_uses_the_one_check():

@@ -6,25 +6,17 @@ import sys
 
 import pytest
 import torch
-from helpers import dense_kfac_precision
+from helpers import dense_kfac_precision, dense_posterior_covariance, dense_posterior_precision
 from torch.func import functional_call, jacrev, vmap
 
 from fastlaplace import LLAMA, ops, sinusoid_mlp
+from fastlaplace.calibration import Z50, Z90, NoiseModel, coverage, laplace_marginal_nll, mixture_nll, point_nll
 from fastlaplace.curvature import rows_logdet, support_rows
 from fastlaplace.data import SinusoidTasks
 from fastlaplace.posterior import EigenLayerPosterior, FactoredLayerPosterior, LayerPosterior, Predictive
+from fastlaplace.prior import Prior
 from fastlaplace.problems import SinusoidProblem
-from fastlaplace.uncertainty import (
-    Z50,
-    Z90,
-    NoiseModel,
-    calibrate,
-    coverage,
-    laplace_marginal_nll,
-    mixture_nll,
-    point_nll,
-    report,
-)
+from fastlaplace.uncertainty import calibrate, report
 
 F64 = torch.float64
 
@@ -65,8 +57,8 @@ def test_layer_posterior_interface_matches_dense(method, shape):
     assert post.method == method
     dense = dense_kfac_precision(post.A, post.G, post.scale, 0.7, method)
     T, d_out, d_A = post.mean.shape
-    torch.testing.assert_close(post.dense_precision(), dense, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(post.dense_covariance(), torch.linalg.inv(dense), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense_posterior_precision(post), dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dense_posterior_covariance(post), torch.linalg.inv(dense), rtol=1e-8, atol=1e-10)
     diag = torch.linalg.inv(dense).diagonal(dim1=-2, dim2=-1).reshape(T, d_A, d_out).mT  # vec is column-stacked
     torch.testing.assert_close(post.variance(), diag, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(post.logdet(), torch.linalg.slogdet(dense).logabsdet, rtol=1e-10, atol=1e-9)
@@ -111,7 +103,7 @@ def test_posterior_predict_shapes(method, linearized):
     assert pred.mean.shape == (3, 10, 1) and bool((pred.std > 0).all())
     # the samples spread around the posterior mode
     torch.testing.assert_close(post.predict(b.x_query, 2000, linearized=True).mean,
-                               post.predict_mean_params(b.x_query), atol=0.3, rtol=0)
+                               learner.predict(post.params, b.x_query), atol=0.3, rtol=0)
 
 
 def test_posterior_errors():
@@ -195,7 +187,7 @@ def test_laplace_marginal_nll_matches_dense_jacobian_computation(method):
     blocks = jacobian_kfac_precisions(learner.model, phi, b.x_support, tau, method)
     logdet = torch.stack([sum(torch.linalg.slogdet(H).logabsdet for H in task) for task in blocks])
     expected = nll + 0.5 * tau * sq - 0.5 * D * math.log(tau) + 0.5 * logdet
-    torch.testing.assert_close(laplace_marginal_nll(learner, b.x_support, b.y_support, tau=tau), expected.detach())
+    torch.testing.assert_close(laplace_marginal_nll(learner, b.x_support, b.y_support, prior=tau), expected.detach())
     post = learner.posterior(b.x_support, b.y_support, tau=tau)
     torch.testing.assert_close(post.logdet(), logdet, rtol=1e-9, atol=1e-9)
     rows = support_rows(learner.net, phi, b.x_support, b.y_support, "gaussian", create_graph=False)
@@ -205,8 +197,8 @@ def test_laplace_marginal_nll_matches_dense_jacobian_computation(method):
 def test_report_runs_on_few_tasks():
     learner = sinusoid_learner()
     problem = SinusoidProblem(SinusoidTasks())
-    cal = calibrate(learner, problem, tasks=10, taus=[1.0, 100.0], samples=5)
-    assert cal.tau in (1.0, 100.0)
+    cal = calibrate(learner, problem, tasks=10, prior=Prior.validation([1.0, 100.0]), samples=5)
+    assert cal.prior in (Prior.of(1.0), Prior.of(100.0))
     out = report(learner, problem, tasks=12, samples=5, calibration=cal)
     for key in ("llama_nll", "maml_point_nll", "coverage50", "coverage90", "laplace_marginal_nll",
                 "extrapolation_std_ratio"):
@@ -261,7 +253,8 @@ def test_implicit_prior_matches_dense_theory(steps):
     for layer in post.layers:
         assert layer.method == "exact" and layer.tau.shape == layer.mean.shape
         for t, (_prior, precision) in enumerate(dense_implicit_prior(layer, s, learner.inner_lr, steps)):
-            torch.testing.assert_close(layer.dense_covariance()[t], torch.linalg.inv(precision), rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(dense_posterior_covariance(layer)[t], torch.linalg.inv(precision),
+                                       rtol=1e-8, atol=1e-10)
     first = learner.posterior(b.x_support, b.y_support, prior="early_stopping_first_order")
     N = b.y_support.shape[1]
     assert all(layer.tau == pytest.approx(N / (2 * learner.inner_lr * steps)) for layer in first.layers)
@@ -298,7 +291,7 @@ def test_marginal_nll_under_implicit_prior_matches_dense():
     tau = 4 / (2 * learner.inner_lr * 2)
     first_order = laplace_marginal_nll(learner, b.x_support, b.y_support, prior="early_stopping_first_order")
     torch.testing.assert_close(first_order,
-                               laplace_marginal_nll(learner, b.x_support, b.y_support, tau=tau))
+                               laplace_marginal_nll(learner, b.x_support, b.y_support, prior=tau))
 
 
 def test_implicit_prior_errors_and_report():
@@ -307,7 +300,7 @@ def test_implicit_prior_errors_and_report():
         learner.posterior(b.x_support, b.y_support, prior="early_stopping", method="factored")
     with pytest.raises(ValueError, match="either tau or prior"):
         learner.posterior(b.x_support, b.y_support, tau=1.0, prior="early_stopping")
-    with pytest.raises(ValueError, match="prior must be one of"):
+    with pytest.raises(ValueError, match="prior must be a positive number, .* or one of"):
         learner.posterior(b.x_support, b.y_support, prior="flat")
     learner.inner_lr = 0.5  # the inner step overshoots in some directions: flat prior (precision 0) there
     post = learner.posterior(b.x_support, b.y_support, prior="early_stopping")
@@ -319,7 +312,53 @@ def test_implicit_prior_errors_and_report():
     problem = SinusoidProblem(SinusoidTasks())
     for prior in ("early_stopping", "early_stopping_first_order"):
         out = report(learner, problem, tasks=8, samples=5, prior=prior)
-        assert out["calibration"]["tau"] == prior == out["prior"]
+        assert out["calibration"]["prior"] == prior == out["prior"]
         for key in ("llama_nll", "coverage50", "coverage90", "laplace_marginal_nll_at_prior",
                     "extrapolation_std_ratio"):
             assert math.isfinite(out[key]["mean"]), key
+
+
+# ------------------------------------------------------------------ observation noise (docs/design.md §6)
+@pytest.mark.parametrize("prior", ["early_stopping", "early_stopping_first_order", 3.0])
+def test_noise_scales_the_covariance_as_bayesian_linear_regression(prior):
+    """For a linear model K-FAC is exact (c·A⊗G = XᵀX), so the posterior must be Bayesian linear
+    regression's (float64). Under noise σ² the prior whose MAP is the inner loop's iterate φ̂ has
+    covariance σ²·(s·Q) (the inner loss is on the squared error's scale), and the posterior
+    covariance is σ²(XᵀX + (sQ)⁻¹)⁻¹: the unit-noise one scaled by σ², with τ unchanged."""
+    from fastlaplace.theory import early_stopping_prior
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 1)).double()
+    lr, steps, N, var = 0.05, 3, 6, 0.3
+    learner = LLAMA(net, inner_lr=lr, inner_steps=steps, logdet_method="exact")
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(2, N, 3, generator=g, dtype=F64)
+    ys = torch.randn(2, N, 1, generator=g, dtype=F64)
+    post = learner.posterior(xs, ys, prior=prior, method="exact", noise_var=var)
+    (layer,) = post.layers
+    theta = torch.cat([net[0].weight.detach(), net[0].bias.detach()[:, None]], 1).reshape(-1)  # vec [W | b]
+    s = 2.0 / N
+    for t in range(2):
+        X = torch.cat([xs[t], torch.ones(N, 1, dtype=F64)], 1)
+        XtX = X.T @ X
+        if prior == "early_stopping":
+            prior_precision = torch.linalg.inv(s * early_stopping_prior(s * XtX, steps, lr=lr))
+        else:
+            tau = prior if isinstance(prior, float) else 1 / (s * lr * steps)
+            prior_precision = tau * torch.eye(4, dtype=F64)
+        # Bayesian linear regression with noise σ² and prior N(θ, σ²·Λ⁻¹)
+        cov = torch.linalg.inv(XtX / var + prior_precision / var)
+        map_ = theta + cov @ X.T @ (ys[t, :, 0] - X @ theta) / var
+        torch.testing.assert_close(cov, var * dense_posterior_covariance(layer)[t], rtol=1e-9, atol=1e-12)
+        if prior == "early_stopping":  # the implicit prior's MAP is the iterate itself, at any σ²
+            torch.testing.assert_close(layer.mean[t].reshape(-1), map_, rtol=1e-9, atol=1e-12)
+    # sampling applies σ per task: the deviations are exactly σ times the unit-noise ones
+    unit = post.with_noise(1.0).sample(3, torch.Generator().manual_seed(2))
+    noisy = post.sample(3, torch.Generator().manual_seed(2))
+    for k, v in noisy.items():
+        torch.testing.assert_close(v - post.params[k], var**0.5 * (unit[k] - post.params[k]))
+    # the linearised predictive rescales exactly
+    pred = post.with_noise(1.0).predict(xs, 4, torch.Generator().manual_seed(3))
+    again = post.predict(xs, 4, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(pred.rescaled(torch.full((2,), var**0.5, dtype=F64)).samples, again.samples)
+    with pytest.raises(ValueError, match="noise_var"):
+        post.with_noise(torch.tensor([1.0, -1.0]))

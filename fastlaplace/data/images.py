@@ -248,33 +248,32 @@ def _read_mini_csv(path: Path, image_dir: Path, size: int) -> ImageClasses:
 # ---------------------------------------------------------------------------------------- digits
 
 
-def read_digits(size: int = 16, val_fraction: float = 0.3, seed: int = 0) -> dict[str, ImageClasses]:
-    """scikit-learn's bundled 8×8 handwritten digits (no download): meta-training on digits
-    0-4 with rotations by 90°, 180° and 270° as extra classes (20 classes), validation on
-    held-out images of those classes, testing on digits 5-9. Images are upsampled to
-    ``size``×``size`` so that four 2×2 poolings fit."""
+def read_digits(size: int = 16, val_digits: tuple[int, ...] = (3, 4)) -> dict[str, ImageClasses]:
+    """scikit-learn's bundled 8×8 handwritten digits (no download), as three disjoint sets of
+    classes: meta-training on digits 0-4 except ``val_digits``, validation on ``val_digits``
+    (by default 3 and 4), each with its rotations by 90°, 180° and 270° as extra classes
+    (12 and 8 classes), and testing on digits 5-9. Validation classes are never meta-trained
+    on, so that a setting chosen on them (η, τ, a temperature) is chosen on unseen classes, as
+    the test classes are. Images are upsampled to ``size``×``size`` so that four 2×2 poolings fit."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
         raise ImportError("the digits data set ships with scikit-learn: pip install 'fastlaplace[digits]'") from exc
+    if not val_digits or not set(val_digits) < set(range(5)):
+        raise ValueError(f"val_digits must be some but not all of the digits 0-4, got {val_digits!r}")
     digits = load_digits()
     images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     labels = torch.from_numpy(digits.target)
-    g = torch.Generator().manual_seed(seed)
-    train_groups, val_groups = [], []
-    for d in range(5):
-        members = images[labels == d]
-        perm = torch.randperm(len(members), generator=g)
-        n_val = int(len(members) * val_fraction)
-        val_groups.append(members[perm[:n_val]])
-        train_groups.append(members[perm[n_val:]])
-    names = [str(d) for d in range(5)]
+
+    def classes(ds) -> ImageClasses:
+        return ImageClasses.from_groups([images[labels == d] for d in ds], [str(d) for d in ds])
+
     return {
-        "train": ImageClasses.from_groups(train_groups, names).with_rotations(),
-        "val": ImageClasses.from_groups(val_groups, names).with_rotations(),
-        "test": ImageClasses.from_groups([images[labels == d] for d in range(5, 10)], [str(d) for d in range(5, 10)]),
+        "train": classes([d for d in range(5) if d not in val_digits]).with_rotations(),
+        "val": classes(sorted(val_digits)).with_rotations(),
+        "test": classes(range(5, 10)),
     }
 
 

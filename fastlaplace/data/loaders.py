@@ -18,7 +18,7 @@ SPLITS = ("train", "val", "test")
 
 def digits_splits(root: str | None, seed: int = 0, allow_pickle: bool = False) -> dict[str, ImageClasses]:
     """scikit-learn's 8×8 digits, upsampled to 16×16 (no data folder)."""
-    return read_digits(seed=seed)
+    return read_digits()
 
 
 def omniglot_splits(root: str | None, seed: int = 0, allow_pickle: bool = False) -> dict[str, ImageClasses]:
