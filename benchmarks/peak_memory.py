@@ -1,4 +1,4 @@
-"""Peak memory of Conv4 meta-iterations, one learner per fresh process (issue 24).
+"""Peak memory of Conv4 meta-iterations, one learner per fresh process.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/peak_memory.py loop|maml|llama [--steps 2] [--size 84]
         [--task-chunk N] [--recompute-query]
