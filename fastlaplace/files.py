@@ -18,6 +18,7 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
     try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         tmp = Path(name)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; a written file gets the usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -30,3 +31,17 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

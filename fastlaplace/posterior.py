@@ -32,6 +32,7 @@ No dense covariance is ever formed.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -321,7 +322,9 @@ class LaplacePosterior:
                 xs = x.repeat(n, *[1] * (x.dim() - 1))
                 if linearized:
                     tangent = {k: params[k] - modes[k] for k in modes}
-                    f, df = torch.func.jvp(lambda p, xs=xs: self.net(p, xs)[0], (modes,), (tangent,))
+                    with warnings.catch_warnings():  # torch's first jvp scripts its decompositions
+                        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+                        f, df = torch.func.jvp(lambda p, xs=xs: self.net(p, xs)[0], (modes,), (tangent,))
                     out = f + df
                     mode = f[: self.tasks]
                 else:

@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -54,6 +55,7 @@ from .calibration import (
 from .cli import MAXIMA, check_memory, check_output, errors_as_messages, positive_int
 from .config import LOGDET_METHODS
 from .evaluate import Estimate
+from .files import atomic_write
 from .meta import LLAMA, MAML
 from .posterior import LaplacePosterior, Predictive
 from .prior import PRIORS, VALIDATION, Prior
@@ -362,8 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         text = json.dumps(result, indent=2, ensure_ascii=False)
         print(text)
         if args.json:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+            atomic_write(Path(args.json), lambda f: f.write((text + "\n").encode()))
     return result
 
 

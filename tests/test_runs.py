@@ -308,3 +308,5 @@ def test_atomic_write_never_writes_through_a_planted_link(tmp_path):
     assert victim.read_text() == "keep me"
     assert (tmp_path / "results.json").read_bytes() == b"{}" and (tmp_path / "fastlaplace-digits.pt").stat().st_size
     assert all(p.is_symlink() for p in tmp_path.glob("*.tmp")) and len(list(tmp_path.glob("*tmp"))) == 4
+    (tmp_path / "plain.json").write_bytes(b"{}")  # the mode any other written file gets
+    assert (tmp_path / "results.json").stat().st_mode == (tmp_path / "plain.json").stat().st_mode
