@@ -674,7 +674,7 @@ FL_HD void side_rows_grad(const Blk& blk, const Side& s, P rows, P Pm, Y out, P 
 FL_HD inline int64_t kfac_task_matrices(const Side& A, const Side& G, Method method) {
   return 2 * (A.n * A.n + G.n * G.n) + task_workspace(method, A.n, G.n);
 }
-FL_HD inline int64_t kfac_task_rows(const Side& A, const Side& G) { return A.R * A.D + G.R * G.D + maxi(A.d, G.d); }
+FL_HD inline int64_t kfac_task_rows(const Side& A, const Side& G) { return A.R * A.D + G.R * G.D + 8 + maxi(A.d, G.d); }
 
 template <class Blk, class P, class X, class Y>
 FL_HD double kfac_task(const Blk& blk, const Side& A, const Side& G, Method method, double c, double tau, X a,
@@ -682,7 +682,7 @@ FL_HD double kfac_task(const Blk& blk, const Side& A, const Side& G, Method meth
                        P rows) {
   P rowsA = rows;
   P rowsG = rowsA + A.R * A.D;
-  P acc = rowsG + G.R * G.D;
+  P acc = rowsG + G.R * G.D + 8;  // a gap: flush against the rows, side_rows_grad ran 1.3x slower (measured)
   P KA = mats;
   P KG = KA + A.n * A.n;
   P PA = KG + G.n * G.n;
