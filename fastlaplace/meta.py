@@ -292,13 +292,12 @@ class LLAMA(MAML):
             params = self._adapt(x_support, y_support, steps=steps)
         rows = support_rows(self.net, params, x_support, y_support, self.likelihood, self.fisher,
                             create_graph=False, generator=generator)
-        prior.check_layers([record.name for record, _, _ in rows])
+        prior.check_layers([layer.name for layer in rows])
         layers = []
-        for record, a, g in rows:
-            A, G = ops.kron_factors(a.detach(), g.detach(), record.bias)
-            c = float(g.shape[1])
-            layer_tau = prior.resolve(record.name, c, self.loss, y_support, self.inner_lr, steps)
-            bias = params[param_key(record.name, "bias")].detach() if record.bias else None
-            layers.append(LayerPosterior.build(record.name, params[param_key(record.name, "weight")].detach(), bias,
-                                               A, G, c, layer_tau, method))
+        for layer in rows:
+            A, G = ops.kron_factors(layer.a.detach(), layer.g.detach(), layer.bias)
+            layer_tau = prior.resolve(layer.name, layer.c, self.loss, y_support, self.inner_lr, steps)
+            bias = params[param_key(layer.name, "bias")].detach() if layer.bias else None
+            layers.append(LayerPosterior.build(layer.name, params[param_key(layer.name, "weight")].detach(), bias,
+                                               A, G, layer.c, layer_tau, method))
         return LaplacePosterior(self.net, {k: v.detach() for k, v in params.items()}, layers, noise_var)

@@ -78,6 +78,12 @@ def noisy_predictive(post: LaplacePosterior, x: Tensor, samples: int, generator:
 
 
 # ------------------------------------------------------------------------------- regression
+def point_prediction(point: MAML, batch) -> Tensor:
+    """The point learner's prediction of ``batch``'s queries after adapting to its support sets."""
+    with torch.no_grad():
+        return point.predict(point.adapt(batch.x_support, batch.y_support), batch.x_query)
+
+
 @dataclass
 class Calibration:
     prior: Prior  # a scalar τ or an implicit prior (never "validation": that one is chosen)
@@ -104,9 +110,7 @@ def calibrate(learner: LLAMA, problem, point_learner: MAML | None = None, tasks:
             score = float(mixture_nll(pred, batch.y_query, var).mean())
             if score < best[0]:
                 best = (score, candidate, noise)
-    point = point_learner or learner
-    with torch.no_grad():
-        f = point.predict(point.adapt(batch.x_support, batch.y_support), batch.x_query)
+    f = point_prediction(point_learner or learner, batch)
     point_noise = min(noises, key=lambda n: float(point_nll(f, batch.y_query, n.variance(batch.y_support)).mean()))
     return Calibration(best[1], best[2], best[0], point_noise)
 
@@ -149,9 +153,7 @@ def report(learner: LLAMA, problem, point_learner: MAML | None = None, tasks: in
     noise = cal.noise.variance(batch.y_support)
     post = learner.posterior(batch.x_support, batch.y_support, prior=cal.prior, method=method)
     pred = noisy_predictive(post, batch.x_query, samples, torch.Generator().manual_seed(seed + 1), linearized, noise)
-    point = point_learner or learner
-    with torch.no_grad():
-        f = point.predict(point.adapt(batch.x_support, batch.y_support), batch.x_query)
+    f = point_prediction(point_learner or learner, batch)
     implicit = cal.prior.kind in PRIORS
     out = {
         "calibration": {"prior": str(cal.prior), "noise": _noise_json(cal.noise), "val_nll": cal.val_nll,
