@@ -434,4 +434,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run_program(main)

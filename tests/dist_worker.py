@@ -73,7 +73,9 @@ def crashing_train(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    from fastlaplace import distributed
+
     if sys.argv[1] == "equivalence":
-        equivalence(sys.argv[2])
+        distributed.run_program(lambda: equivalence(sys.argv[2]))
     else:
-        crashing_train(sys.argv[2:])
+        distributed.run_program(lambda: crashing_train(sys.argv[2:]))
