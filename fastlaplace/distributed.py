@@ -183,7 +183,7 @@ def run_program(main: Callable[[], object]) -> None:
         else:
             print(exc.code, file=sys.stderr)
             code = 1
-    except BaseException:  # reported as the interpreter would, then exit code 1
+    except BaseException:  # noqa: BLE001 - reported as the interpreter would, then exit code 1
         traceback.print_exc()
         code = 1
     sys.stdout.flush()
