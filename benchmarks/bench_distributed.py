@@ -153,4 +153,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    distributed.run_program(main)
+    main()

@@ -26,9 +26,7 @@ sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT
 
 (or sample the global meta-batch identically on every rank and keep ``shard(batch, ctx)``).
 ``with distributed.session("cuda") as ctx:`` joins for a block and leaves at its end the
-group it joined (``python -m fastlaplace.train`` runs so). A program run under ``torchrun``
-should end through :func:`run_program` (``distributed.run_program(main)``), which ends each
-rank's process without the interpreter's finalisation, where Gloo can abort it.
+group it joined (``python -m fastlaplace.train`` runs so).
 With one process (no ``torchrun``, or ``WORLD_SIZE=1``) nothing here calls
 ``torch.distributed``: :func:`init` returns a one-rank :class:`Context` and
 :func:`average_gradients` returns at once. The module keeps no state of its own beyond the
@@ -41,9 +39,7 @@ import contextlib
 import datetime
 import hashlib
 import os
-import sys
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -158,37 +154,6 @@ def session(device="cpu", timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Iter
     yield ctx
     if joins:
         shutdown()
-
-
-def run_program(main: Callable[[], object]) -> None:
-    """Run a program's ``main()``; under ``torchrun`` (more than one rank) end the process
-    right after it, output flushed, with ``main``'s exit code (0, or 1 and its message or
-    traceback), rather than through the interpreter's finalisation.
-
-    Why: Gloo's worker threads release a finished collective's buffers after the rank has
-    moved on, and a buffer that Python tensors owned needs the GIL to be freed. If that
-    happens while the interpreter finalises, Python 3.11 ends the thread with an unwinding
-    that aborts the process ("terminate called without an active exception", SIGABRT after
-    a run that succeeded; about one two-rank run in 25 on a loaded 2-core machine). Every
-    file is written and closed by then, and every rank has passed the final barrier."""
-    if not from_env().distributed:
-        main()
-        return
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:  # sys.exit(), or a program's "error: ..." message
-        if exc.code is None or isinstance(exc.code, int):
-            code = exc.code or 0
-        else:
-            print(exc.code, file=sys.stderr)
-            code = 1
-    except BaseException:  # noqa: BLE001 - reported as the interpreter would, then exit code 1
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _initialized() -> bool:

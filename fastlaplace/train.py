@@ -434,4 +434,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    distributed.run_program(main)
+    main()

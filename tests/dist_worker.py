@@ -73,9 +73,7 @@ def crashing_train(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    from fastlaplace import distributed
-
     if sys.argv[1] == "equivalence":
-        distributed.run_program(lambda: equivalence(sys.argv[2]))
+        equivalence(sys.argv[2])
     else:
-        distributed.run_program(lambda: crashing_train(sys.argv[2:]))
+        crashing_train(sys.argv[2:])
