@@ -127,6 +127,12 @@ def init(device="cpu", timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Context
         return ctx
     import torch.distributed as dist
 
+    # torch.distributed.nn takes group.WORLD as default arguments when it is imported; imported
+    # after the group exists (the first optimiser imports it, through torch._dynamo), it keeps
+    # the group alive past destroy_process_group, and Gloo's worker threads then outlive the
+    # interpreter's finalisation, where freeing a Python-owned buffer aborts the process.
+    import torch.distributed.nn
+
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(local_device(device, ctx))
     dist.init_process_group(backend=backend_for(device), timeout=timeout)

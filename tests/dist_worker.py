@@ -12,6 +12,7 @@ one-process one, and writes the largest differences to OUT.json.
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -47,10 +48,18 @@ def equivalence(out: str) -> None:
         abs(grouped[s].mean - whole[s].mean) <= 1e-6 * abs(whole[s].mean) and grouped[s].n == whole[s].n
         for s in (0, 1))
     report["evaluation_n"] = split[1].n
+    torch.optim.Adam(learner.parameters())  # as training does: the first optimiser imports torch._dynamo
+    distributed.shutdown()
+    report["threads_after_shutdown"] = gloo_threads()
     if ctx.is_main:
         with open(out, "w") as f:
             json.dump(report, f)
-    distributed.shutdown()
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's threads that belong to Gloo (Linux)."""
+    names = [p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")]
+    return sorted(n for n in names if "gloo" in n)
 
 
 def crashing_train(argv: list[str]) -> None:

@@ -58,6 +58,10 @@ def test_two_ranks_average_to_the_one_process_meta_gradient(tmp_path):
         assert report[method + "_scale"] > 1e-3 and report[method] <= 1e-6 * report[method + "_scale"], report
     assert report["evaluation_equal"] and report["evaluation_n"] == 250, report
     assert report["evaluation_grouped_equal"], report
+    # the group is gone, its threads joined, before the interpreter finalises (a thread still
+    # freeing a tensor there aborts the process: "terminate called without an active exception")
+    if sys.platform == "linux":
+        assert report["threads_after_shutdown"] == [], report
 
 
 @pytest.fixture(scope="module")
