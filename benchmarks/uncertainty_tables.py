@@ -15,11 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-PREDICTORS = {"llama_mc": "LLAMA, posterior predictive (MC)", "llama_probit": "LLAMA, posterior predictive (probit)",
-              "maml_point": "MAML, point prediction", "maml_temperature": "MAML, temperature-scaled"}
-METRICS = {"accuracy": "accuracy", "nll": "NLL", "brier": "Brier", "ece": "ECE", "mce": "MCE",
-           "auroc_entropy_unseen_classes": "AUROC unseen classes", "auroc_entropy_noise": "AUROC noise",
-           "auroc_entropy_rotation": "AUROC rotation"}
+from fastlaplace.uncertainty import METRICS, PREDICTORS
 
 
 def cell(e: dict, scale: float = 1.0, digits: int = 3) -> str:

@@ -290,7 +290,9 @@ def classification_report(learner: LLAMA, problem, point_learner: MAML | None = 
         "maml_temperature": (test["point_logits"] / temperature).softmax(-1),
     }
     out = {
-        "episodes": tasks, "samples": samples, "inner_steps": steps, "prior": str(chosen),
+        "episodes": tasks, "samples": samples, "inner_steps": steps,
+        "prior": f"scalar tau chosen on validation episodes ({chosen})" if Prior.of(prior).kind == VALIDATION
+        else str(chosen),
         "method": str(chosen.method(method, learner.logdet_method)),
         "point_prediction": "the MAML run (--maml)" if point_learner is not None else "the LLAMA run's own φ̂",
         "temperature": temperature, "calibration_bins": "15 equal-width confidence bins, every query pooled",
@@ -301,6 +303,42 @@ def classification_report(learner: LLAMA, problem, point_learner: MAML | None = 
     }
     q = test["y"].shape[1]
     return ClassificationResult(out, {name: p[:, :q] for name, p in predictors.items()}, test["y"])
+
+
+# --------------------------------------------------------------------------- the printed summary
+PREDICTORS = {"llama_mc": "LLAMA, posterior predictive (MC)", "llama_probit": "LLAMA, posterior predictive (probit)",
+              "maml_point": "MAML, point prediction", "maml_temperature": "MAML, temperature-scaled"}
+METRICS = {"accuracy": "accuracy", "nll": "NLL", "brier": "Brier", "ece": "ECE", "mce": "MCE",
+           "auroc_entropy_unseen_classes": "AUROC unseen classes", "auroc_entropy_noise": "AUROC noise",
+           "auroc_entropy_rotation": "AUROC rotation"}
+
+
+def estimate_text(e: dict, digits: int = 3) -> str:
+    """``mean ± half-width`` of an estimate's dictionary."""
+    return f"{e['mean']:.{digits}f} ± {e['ci95']:.{digits}f}"
+
+
+def summary(result: dict) -> str:
+    """A report as a person reads it: the settings, then a Markdown table (mean ± 95 % CI over
+    episodes or tasks); ``--json`` keeps everything, the reliability bins included."""
+    if "llama_mc" not in result:  # regression
+        rows = [("predictive NLL, LLAMA", result["llama_nll"]), ("predictive NLL, MAML point", result["maml_point_nll"]),
+                ("coverage of the 50 % interval", result["coverage50"]),
+                ("coverage of the 90 % interval", result["coverage90"])]
+        if "extrapolation_std_ratio" in result:
+            rows.append(("sd away from the data / sd near it", result["extrapolation_std_ratio"]))
+        head = [f"prior: {result['prior']}; method: {result['method']}; predictive: {result['predictive']}; "
+                f"noise: {result['calibration']['noise']['kind']} (chosen on validation tasks)"]
+        return "\n".join([*head, "", "| figure | mean ± 95 % CI over tasks |", "|---|---|",
+                          *(f"| {name} | {estimate_text(e)} |" for name, e in rows)])
+    head = [f"{result['episodes']} test episodes, {result['samples']} posterior samples, {result['inner_steps']} inner "
+            f"steps; prior: {result['prior']}; method: {result['method']}",
+            f"point prediction: {result['point_prediction']}; temperature {result['temperature']:.3g} (chosen on "
+            f"validation episodes); ECE, MCE: {result['calibration_bins']} (CI: bootstrap over episodes)"]
+    table = ["| predictor | " + " | ".join(METRICS.values()) + " |", "|---|" + "---|" * len(METRICS)]
+    table += [f"| {label} | " + " | ".join(estimate_text(result[key][m]) for m in METRICS) + " |"
+              for key, label in PREDICTORS.items()]
+    return "\n".join([*head, "", *table])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -327,14 +365,15 @@ def main(argv: list[str] | None = None) -> dict:
                                                      "checkpoint)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read miniImageNet's pickle files (loading a pickle can run code: only files you trust)")
-    p.add_argument("--json", help="also write the report to this file")
+    p.add_argument("--json", help="write the whole report (the reliability bins too) to this file; '-' prints it "
+                                  "instead of the summary table")
     args = p.parse_args(argv)
     with errors_as_messages():
         positive_int("--tasks", args.tasks, 1, MAXIMA["eval_tasks"])
         positive_int("--samples", args.samples, 2, MAXIMA["samples"])
         if args.tau is not None and not (math.isfinite(args.tau) and args.tau > 0):
             raise ValueError(f"--tau must be a positive number, got {args.tau}")
-        if args.json:
+        if args.json and args.json != "-":
             check_output("--json", args.json, [*checkpoint_inputs(args.checkpoint, args.maml), args.data_root])
         data = dict(device="cpu", data_root=args.data_root, allow_pickle=args.allow_pickle)
         learner, problem, cfg = load_for_evaluation(args.checkpoint, **data)
@@ -364,8 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
             result = classification_report(learner, problem, point, args.tasks, cfg.eval_seed, args.samples,
                                            args.method, prior, steps).report
         text = json.dumps(result, indent=2, ensure_ascii=False)
-        print(text)
-        if args.json:
+        print(text if args.json == "-" else summary(result))
+        if args.json and args.json != "-":
             atomic_write(Path(args.json), lambda f: f.write((text + "\n").encode()))
     return result
 

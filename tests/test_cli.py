@@ -208,11 +208,16 @@ def test_uncertainty_and_reliability_of_a_digits_run_from_the_repository_root(ru
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     checkpoint, report = str(runs / "digits" / "checkpoint.pt"), tmp_path / "report.json"
     png = tmp_path / "reliability.png"
+    printed = []
     for args in (["uncertainty", checkpoint, "--tasks", "3", "--samples", "4", "--json", str(report)],
                  ["plot", "reliability", checkpoint, "--tasks", "3", "--samples", "4", "--out", str(png)]):
         run = subprocess.run([sys.executable, "-m", f"fastlaplace.{args[0]}", *args[1:]], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
+        printed.append(run.stdout)
+    table = [line for line in printed[0].splitlines() if line.startswith("| ")]  # the summary, not the JSON
+    assert table[0].startswith("| predictor | accuracy | NLL | Brier | ECE | MCE |") and len(table) == 5, printed[0]
+    assert table[1].startswith("| LLAMA, posterior predictive (MC) | ") and "3 test episodes" in printed[0]
     out = json.loads(report.read_text())
     assert out["episodes"] == 3 and "15 equal-width" in out["calibration_bins"] and out["temperature"] > 0
     assert out["prior"] == "early_stopping_first_order"
@@ -324,3 +329,9 @@ def test_calibration_honours_tasks_and_samples(runs, monkeypatch):
     with pytest.raises(SystemExit):
         uncertainty.main([str(runs / "run" / "checkpoint.pt")])
     assert seen == {"tasks": uncertainty.CALIBRATION_TASKS, "samples": uncertainty.CALIBRATION_SAMPLES}
+
+
+def test_uncertainty_prints_the_whole_report_with_json_dash(runs, capsys):
+    result = uncertainty.main([str(runs / "digits" / "checkpoint.pt"), "--tasks", "2", "--samples", "2",
+                               "--json", "-"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
