@@ -322,7 +322,8 @@ def summary(result: dict) -> str:
     """A report as a person reads it: the settings, then a Markdown table (mean ± 95 % CI over
     episodes or tasks); ``--json`` keeps everything, the reliability bins included."""
     if "llama_mc" not in result:  # regression
-        rows = [("predictive NLL, LLAMA", result["llama_nll"]), ("predictive NLL, MAML point", result["maml_point_nll"]),
+        rows = [("predictive NLL, LLAMA", result["llama_nll"]),
+                ("predictive NLL, MAML point", result["maml_point_nll"]),
                 ("coverage of the 50 % interval", result["coverage50"]),
                 ("coverage of the 90 % interval", result["coverage90"])]
         if "extrapolation_std_ratio" in result:

@@ -335,3 +335,12 @@ def test_uncertainty_prints_the_whole_report_with_json_dash(runs, capsys):
     result = uncertainty.main([str(runs / "digits" / "checkpoint.pt"), "--tasks", "2", "--samples", "2",
                                "--json", "-"])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+
+
+def test_uncertainty_of_a_regression_run_prints_its_figures(runs, capsys):
+    uncertainty.main([str(runs / "run" / "checkpoint.pt"), "--tasks", "3", "--samples", "4"])
+    out = capsys.readouterr().out
+    for figure in ("predictive NLL, LLAMA", "predictive NLL, MAML point", "coverage of the 50 % interval",
+                   "coverage of the 90 % interval", "sd away from the data / sd near it"):
+        assert f"| {figure} | " in out, out
+    assert out.startswith("prior: ") and "{" not in out
