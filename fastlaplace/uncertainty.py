@@ -219,19 +219,20 @@ def episode_probs(learner: LLAMA, point: MAML, problem, split: str, tasks: int, 
 
 
 def choose_prior(learner: LLAMA, problem, prior, tasks: int, seed: int, samples: int, method: str | None,
-                 steps: int) -> Prior:
+                 steps: int) -> tuple[Prior, dict[str, float]]:
     """The prior itself, or for a ``"validation"`` prior the candidate τ of least NLL (Monte
-    Carlo predictive) on validation episodes."""
+    Carlo predictive) on validation episodes; and each candidate's NLL (empty when none was chosen)."""
     prior = Prior.of(prior)
     if prior.kind != VALIDATION:
-        return prior
+        return prior, {}
 
     def score(candidate: Prior) -> float:
         out = episode_probs(learner, learner, problem, "val", tasks, seed, samples, candidate, method, steps,
                             ood=False)
         return float(nll(out["mc"], out["y"]).mean())
 
-    return min(prior.candidates(), key=score)
+    scores = {candidate: score(candidate) for candidate in prior.candidates()}
+    return min(scores, key=scores.get), {str(candidate): value for candidate, value in scores.items()}
 
 
 def _calibration_errors(probs: Tensor, y: Tensor, seed: int) -> dict:
@@ -278,8 +279,8 @@ def classification_report(learner: LLAMA, problem, point_learner: MAML | None = 
     steps = learner.inner_steps if steps is None else steps
     point = point_learner or learner
     val_tasks = min(CALIBRATION_TASKS, tasks)
-    chosen = choose_prior(learner, problem, prior, val_tasks, seed + 7, min(CALIBRATION_SAMPLES, samples), method,
-                          steps)
+    chosen, val_nll = choose_prior(learner, problem, prior, val_tasks, seed + 7, min(CALIBRATION_SAMPLES, samples),
+                                   method, steps)
     val = episode_probs(learner, point, problem, "val", val_tasks, seed + 7, 1, chosen, method, steps, ood=False,
                         llama=False)
     temperature = fit_temperature(val["point_logits"], val["y"])
@@ -293,6 +294,7 @@ def classification_report(learner: LLAMA, problem, point_learner: MAML | None = 
         "episodes": tasks, "samples": samples, "inner_steps": steps,
         "prior": f"scalar tau chosen on validation episodes ({chosen})" if Prior.of(prior).kind == VALIDATION
         else str(chosen),
+        "validation_nll": val_nll,  # each candidate τ's (Monte Carlo) NLL on the validation episodes
         "method": str(chosen.method(method, learner.logdet_method)),
         "point_prediction": "the MAML run (--maml)" if point_learner is not None else "the LLAMA run's own φ̂",
         "temperature": temperature, "calibration_bins": "15 equal-width confidence bins, every query pooled",

@@ -344,3 +344,11 @@ def test_uncertainty_of_a_regression_run_prints_its_figures(runs, capsys):
                    "coverage of the 90 % interval", "sd away from the data / sd near it"):
         assert f"| {figure} | " in out, out
     assert out.startswith("prior: ") and "{" not in out
+
+
+def test_uncertainty_records_each_candidate_prior_on_validation(runs, capsys):
+    result = uncertainty.main([str(runs / "digits" / "checkpoint.pt"), "--tasks", "2", "--samples", "2",
+                               "--prior", "validation", "--taus", "10", "1e6", "--json", "-"])
+    scores = result["validation_nll"]
+    assert sorted(scores) == ["tau=10", "tau=1e+06"] and all(v == v for v in scores.values())
+    assert result["prior"] == f"scalar tau chosen on validation episodes ({min(scores, key=scores.get)})"
