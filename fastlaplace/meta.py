@@ -282,22 +282,39 @@ class LLAMA(MAML):
                 that of these steps.
             noise_var: σ², the observation noise of regression (1 for classification).
         """
-        self._check_batch(x_support, y_support, "support set")
-        steps = self.inner_steps if steps is None else steps
         if prior is not None and tau is not None:
             raise ValueError("give either tau or prior, not both")
-        prior = Prior.of(self.tau if prior is None and tau is None else prior if tau is None else tau)
-        method = prior.method(method, self.logdet_method)
+        prior = self.tau if prior is None and tau is None else prior if tau is None else tau
+        return self.posteriors(x_support, y_support, [prior], method, generator, steps, noise_var)[0]
+
+    def posteriors(self, x_support: Tensor, y_support: Tensor, priors: list, method: str | None = None,
+                   generator: torch.Generator | None = None, steps: int | None = None,
+                   noise_var: float | Tensor = 1.0) -> list[LaplacePosterior]:
+        """:meth:`posterior` under each of ``priors``, from one adaptation and one K-FAC
+        curvature of the support set (what a sweep over candidate priors would otherwise
+        recompute for each); the same posteriors as separate calls with the same generator."""
+        self._check_batch(x_support, y_support, "support set")
+        steps = self.inner_steps if steps is None else steps
+        priors = [Prior.of(p) for p in priors]
+        if not priors:
+            raise ValueError("posteriors needs at least one prior")
+        methods = [prior.method(method, self.logdet_method) for prior in priors]  # bad combinations fail here
         with torch.no_grad():
             params = self._adapt(x_support, y_support, steps=steps)
         rows = support_rows(self.net, params, x_support, y_support, self.likelihood, self.fisher,
                             create_graph=False, generator=generator)
-        prior.check_layers([layer.name for layer in rows])
-        layers = []
-        for layer in rows:
-            A, G = ops.kron_factors(layer.a.detach(), layer.g.detach(), layer.bias)
-            layer_tau = prior.resolve(layer.name, layer.c, self.loss, y_support, self.inner_lr, steps)
-            bias = params[param_key(layer.name, "bias")].detach() if layer.bias else None
-            layers.append(LayerPosterior.build(layer.name, params[param_key(layer.name, "weight")].detach(), bias,
-                                               A, G, layer.c, layer_tau, method))
-        return LaplacePosterior(self.net, {k: v.detach() for k, v in params.items()}, layers, noise_var)
+        names = [layer.name for layer in rows]
+        for prior in priors:
+            prior.check_layers(names)
+        factors = [ops.kron_factors(layer.a.detach(), layer.g.detach(), layer.bias) for layer in rows]
+        weights = {layer.name: params[param_key(layer.name, "weight")].detach() for layer in rows}
+        biases = {layer.name: params[param_key(layer.name, "bias")].detach() if layer.bias else None for layer in rows}
+        detached = {k: v.detach() for k, v in params.items()}
+        posteriors = []
+        for prior, layer_method in zip(priors, methods):
+            layers = [LayerPosterior.build(layer.name, weights[layer.name], biases[layer.name], A, G, layer.c,
+                                           prior.resolve(layer.name, layer.c, self.loss, y_support, self.inner_lr,
+                                                         steps), layer_method)
+                      for layer, (A, G) in zip(rows, factors)]
+            posteriors.append(LaplacePosterior(self.net, detached, layers, noise_var))
+        return posteriors

@@ -100,8 +100,8 @@ def calibrate(learner: LLAMA, problem, point_learner: MAML | None = None, tasks:
     noises = noises or noise_grid()
     batch = problem.sample("val", tasks, torch.Generator().manual_seed(seed))
     best = (math.inf, None, None)
-    for candidate in Prior.of(prior).candidates():
-        post = learner.posterior(batch.x_support, batch.y_support, prior=candidate, method=method)
+    candidates = list(Prior.of(prior).candidates())
+    for candidate, post in zip(candidates, learner.posteriors(batch.x_support, batch.y_support, candidates, method)):
         unit = post.predict(batch.x_query, samples, torch.Generator().manual_seed(seed + 1)) if linearized else None
         for noise in noises:
             var = noise.variance(batch.y_support)
@@ -226,12 +226,23 @@ def choose_prior(learner: LLAMA, problem, prior, tasks: int, seed: int, samples:
     if prior.kind != VALIDATION:
         return prior, {}
 
-    def score(candidate: Prior) -> float:
-        out = episode_probs(learner, learner, problem, "val", tasks, seed, samples, candidate, method, steps,
-                            ood=False)
-        return float(nll(out["mc"], out["y"]).mean())
-
-    scores = {candidate: score(candidate) for candidate in prior.candidates()}
+    # One adaptation and curvature per episode serve every candidate (LLAMA.posteriors), and
+    # every candidate predicts from the same random draws: the figures of a separate
+    # episode_probs(..., candidate, ood=False) per candidate, at a fraction of the work.
+    candidates = list(prior.candidates())
+    gen, gen_post = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 2)
+    probs: list[list[Tensor]] = [[] for _ in candidates]
+    labels = []
+    for start in range(0, tasks, TASKS_AT_ONCE):
+        b = problem.sample("val", min(TASKS_AT_ONCE, tasks - start), gen)
+        posts = learner.posteriors(b.x_support, b.y_support, candidates, method, generator=gen_post, steps=steps)
+        draws = gen_post.get_state()
+        for mine, post in zip(probs, posts):
+            gen_post.set_state(draws)
+            mine.append(post.predict(b.x_query, samples, gen_post, chunk=SAMPLES_AT_ONCE).probs("mc"))
+        labels.append(b.y_query)
+    y = torch.cat(labels)
+    scores = {candidate: float(nll(torch.cat(mine), y).mean()) for candidate, mine in zip(candidates, probs)}
     return min(scores, key=scores.get), {str(candidate): value for candidate, value in scores.items()}
 
 

@@ -12,9 +12,11 @@ import torch
 from helpers import digests
 
 from fastlaplace import cli, evaluate, plot, train, uncertainty
+from fastlaplace.calibration import nll
 from fastlaplace.cli import UsageError, check_output
 from fastlaplace.config import Config
 from fastlaplace.data import convert
+from fastlaplace.prior import Prior
 from fastlaplace.runs import checkpoint_inputs, load_for_evaluation, read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,6 +236,14 @@ def test_uncertainty_and_reliability_of_a_digits_run_from_the_repository_root(ru
     both, alone = (uncertainty.episode_probs(learner, learner, problem, "test", 2, 0, 2, "early_stopping_first_order",
                                              None, 1, ood=ood) for ood in (True, False))
     torch.testing.assert_close(both["point_logits"][:, :alone["y"].shape[1]], alone["point_logits"])
+    # the validation sweep over τ shares one adaptation per episode and one set of random
+    # draws: the NLL of a separate pass per candidate, over two groups of episodes
+    sweep = Prior.validation([1.0, 1e4])
+    chosen, nlls = uncertainty.choose_prior(learner, problem, sweep, 12, 5, 3, None, 1)
+    for candidate in sweep.candidates():
+        alone = uncertainty.episode_probs(learner, learner, problem, "val", 12, 5, 3, candidate, None, 1, ood=False)
+        assert nlls[str(candidate)] == float(nll(alone["mc"], alone["y"]).mean())
+    assert nlls[str(chosen)] == min(nlls.values()) and len(set(nlls.values())) == 2
     plot.main(["reliability", "--report", str(report), "--out", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="not a report"):

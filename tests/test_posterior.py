@@ -122,6 +122,30 @@ def test_posterior_errors():
         learner.posterior(b.x_support, b.y_support, tau=-1.0)
 
 
+def test_posteriors_under_several_priors_equal_separate_calls():
+    """One adaptation and curvature for a sweep of priors: each posterior is the one a
+    separate call gives (sampled-label Fisher from the same generator state, both methods)."""
+    learner = LLAMA(sinusoid_mlp(), tau=1.0, fisher="sampled")
+    b = SinusoidTasks().sample(3, torch.Generator().manual_seed(0))
+    priors = [0.5, 100.0, "early_stopping_first_order", "early_stopping"]
+    swept = learner.posteriors(b.x_support, b.y_support, priors, generator=torch.Generator().manual_seed(3))
+    assert len(swept) == len(priors)
+    for prior, post in zip(priors, swept):
+        alone = learner.posterior(b.x_support, b.y_support, prior=prior, generator=torch.Generator().manual_seed(3))
+        assert [layer.name for layer in post.layers] == [layer.name for layer in alone.layers]
+        for k in alone.params:
+            assert torch.equal(post.params[k], alone.params[k])
+        one, other = (p.predict(b.x_query, 5, torch.Generator().manual_seed(4)) for p in (post, alone))
+        torch.testing.assert_close(one.samples, other.samples, rtol=0, atol=0)
+    # the priors differ, so do the posteriors' spreads
+    spreads = [p.predict(b.x_query, 200, torch.Generator().manual_seed(4)).std.mean() for p in swept[:2]]
+    assert spreads[0] > 2 * spreads[1]
+    with pytest.raises(ValueError, match="at least one prior"):
+        learner.posteriors(b.x_support, b.y_support, [])
+    with pytest.raises(ValueError, match="exact"):  # checked before any work
+        learner.posteriors(b.x_support, b.y_support, [1.0, "early_stopping"], method="factored")
+
+
 def test_metrics():
     torch.manual_seed(0)
     y = torch.zeros(2, 5000, 1)
