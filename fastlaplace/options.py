@@ -102,9 +102,10 @@ def parse(kind: type[E], value: object, name: str) -> E:
     if isinstance(value, kind):
         return value
     if isinstance(value, str):
-        for member in kind:
-            if member.value == value:
-                return member
+        try:
+            return kind(value)  # a lookup by value, which Dynamo traces (torch 2.11's cannot iterate an Enum)
+        except ValueError:
+            pass
     raise ValueError(f"{name} must be one of {choices(kind)}, got {value!r}")
 
 

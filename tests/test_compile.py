@@ -8,6 +8,7 @@ ops' fake implementations and their autograd, as inductor does, without compilin
 its inner loop takes gradients with ``torch.autograd.grad``, which Dynamo otherwise refuses
 to trace (a graph break at every inner step, an error with fullgraph=True)."""
 
+import pytest
 import torch
 import torch._dynamo
 
@@ -46,6 +47,10 @@ def test_every_op_compiles_with_fullgraph():
         assert_same(lambda a, g: ops.kfac_logdet(a[:, :2], g[:, :2], 2.0, 0.5, method), a, gr)  # Gram path
 
 
+# torch 2.11's Dynamo cannot delete an attribute of a module instance (the stand-in forward
+# the learner installs for a call; docs/design.md §9); 2.13 and 2.14 can (measured).
+@pytest.mark.skipif(tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13),
+                    reason="Dynamo before torch 2.13 cannot remove a module instance's attribute (fullgraph)")
 def test_llama_meta_objective_compiles_with_fullgraph():
     torch._dynamo.reset()
     torch.manual_seed(0)
