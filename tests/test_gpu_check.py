@@ -19,8 +19,8 @@ PASSING = {
 }
 
 
-def check_env(out: Path, budget: int = 300, **stubs: str) -> dict:
-    env = {**os.environ, "OUT": str(out), "BUDGET": str(budget), "GPU_CHECK_MIN_STAGE": "2"}
+def check_env(out: Path, budget: int = 300, min_stage: int = 2, **stubs: str) -> dict:
+    env = {**os.environ, "OUT": str(out), "BUDGET": str(budget), "GPU_CHECK_MIN_STAGE": str(min_stage)}
     for stage in STAGES:
         env[f"GPU_CHECK_{stage.upper()}"] = stubs.get(stage, PASSING.get(stage, f"echo {stage} done"))
     return env
@@ -69,7 +69,10 @@ def test_a_failed_build_stops_and_fails(tmp_path):
 
 
 def test_stages_left_without_time_are_not_run_and_do_not_fail(tmp_path):
-    rc, status = run_check(tmp_path, budget=4, build="sleep 3")
+    # The script counts whole seconds: the build is left at least 6 of 8 (it needs 5), and
+    # then at most 3, fewer than a stage's minimum of 4 (budget 4 with a 3-second build
+    # failed when the preflight straddled a second and cut the build's limit to 3).
+    rc, status = run_check(tmp_path, budget=8, min_stage=4, build="sleep 5")
     assert rc == 0, status
     assert status["build"] == "pass" and {status[s] for s in STAGES[2:]} == {"not-run"}
 
