@@ -295,6 +295,9 @@ class LLAMA(MAML):
         recompute for each); the same posteriors as separate calls with the same generator."""
         self._check_batch(x_support, y_support, "support set")
         steps = self.inner_steps if steps is None else steps
+        if isinstance(priors, (str, int, float, dict, Prior, Tensor)):
+            raise TypeError(f"priors must be a list of priors, got {type(priors).__name__} "
+                            "(for one prior: posterior(prior=...))")
         priors = [Prior.of(p) for p in priors]
         if not priors:
             raise ValueError("posteriors needs at least one prior")

@@ -142,6 +142,8 @@ def test_posteriors_under_several_priors_equal_separate_calls():
     assert spreads[0] > 2 * spreads[1]
     with pytest.raises(ValueError, match="at least one prior"):
         learner.posteriors(b.x_support, b.y_support, [])
+    with pytest.raises(TypeError, match="a list of priors"):
+        learner.posteriors(b.x_support, b.y_support, "early_stopping")
     with pytest.raises(ValueError, match="exact"):  # checked before any work
         learner.posteriors(b.x_support, b.y_support, [1.0, "early_stopping"], method="factored")
 
