@@ -8,6 +8,7 @@ classifier head; the median of 15 calls after 3 warm-ups, in seconds.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -32,6 +33,7 @@ def median_time(fn, reps: int = 15, warmup: int = 3) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     result = {}

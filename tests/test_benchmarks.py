@@ -1,5 +1,9 @@
 """The benchmarks' baseline: the best plain-PyTorch log-det computes what the kernels compute."""
 
+import runpy
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,3 +24,19 @@ def test_best_plain_pytorch_baseline_matches_reference(shape, method):
     wa = torch.autograd.grad(want.sum(), (a, b))
     assert all(torch.allclose(x, y, rtol=1e-6, atol=1e-9) for x, y in zip(ga, wa))
 
+
+
+BENCHMARKS = sorted(p for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")
+                    if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)
+def test_every_benchmark_script_imports_and_describes_itself(script, monkeypatch, capsys):
+    """Each script loads (its imports and the package's names it uses at module level exist)
+    and answers --help, in this process: a renamed API breaks here, not in a long run."""
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python benchmarks/x.py` sees its folder
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exc.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out
