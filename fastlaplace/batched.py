@@ -336,7 +336,8 @@ class ConvPlanner:
                    x.dtype, tasks)
             strategy = self._cache.get(key)
             if strategy is None:
-                if torch.compiler.is_compiling():
+                if torch.compiler.is_compiling() or _inside_functorch_transform():
+                    # timing needs plain autograd; the strategies give the same values
                     strategy = ConvStrategy.GROUPED
                 else:
                     strategy = self._cache[key] = self._measure(x, w, b, (tasks, stride, padding, dilation))
@@ -525,6 +526,12 @@ class TaskBatchedNetwork:
         return _StandIns(call, [(m, functools.partial(kind.forward, call, n, m))
                                 for (n, m), kind in zip(self.adapted, self.kinds)]
                          + [(m, functools.partial(_batch_norm, call, n, m)) for n, m in self.norms])
+
+
+def _inside_functorch_transform() -> bool:
+    """Inside torch.func's jvp, vmap or grad (the linearised predictive), where a tensor cannot
+    be detached and given requires_grad, as the "auto" strategy's timing does."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 class _StandIns:

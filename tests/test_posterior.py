@@ -122,6 +122,48 @@ def test_posterior_errors():
         learner.posterior(b.x_support, b.y_support, tau=-1.0)
 
 
+def repeated_primal_pushforward(post, x, drawn):
+    """The linearised predictive written plainly: the network at φ̂ repeated once per sample,
+    one jvp over all of them."""
+    n = next(iter(drawn.values())).shape[0]
+    modes = {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in post.params.items()}
+    tangents = {k: drawn[k].flatten(0, 1) - modes[k] if k in drawn else torch.zeros_like(v) for k, v in modes.items()}
+    xs = x.repeat(n, *[1] * (x.dim() - 1))
+    f, df = torch.func.jvp(lambda p: post.net(p, xs)[0], (modes,), (tangents,))
+    return f[: post.tasks], df.reshape(n, post.tasks, *df.shape[1:])
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv-grouped", "conv-loop", "conv-auto", "conv-head-only"])
+def test_linearized_predictive_computes_the_network_at_the_mode_once(case):
+    """The samples' tangents batched by vmap against the mode, in float64: the same mode and
+    the same J(φ − φ̂) as repeating the network at the mode once per sample (convolutions
+    under each strategy, per-task BatchNorm, layers left out of adaptation)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if case == "mlp":
+        learner = LLAMA(sinusoid_mlp(), tau=1.0).double()
+        b = SinusoidTasks().sample(3, g)
+        xs, ys, xq = b.x_support.double(), b.y_support.double(), b.x_query.double()
+    else:
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                  torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+        strategy = case.split("-")[1] if case != "conv-head-only" else "grouped"
+        learner = LLAMA(net, tau=1.0, loss="cross_entropy", conv_strategy=strategy,
+                        adapt=["5"] if case == "conv-head-only" else None).double()
+        xs, xq = (torch.rand(2, n, 1, 8, 8, generator=g, dtype=torch.float64) for n in (3, 6))
+        ys = torch.arange(3).expand(2, -1).contiguous()
+    post = learner.posterior(xs, ys)
+    drawn = post.sample(4, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        mode, jvps = post._pushforward(xq, drawn)
+        want_mode, want_jvps = repeated_primal_pushforward(post, xq, drawn)
+    torch.testing.assert_close(mode, want_mode, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jvps, want_jvps, rtol=1e-10, atol=1e-12)
+    assert jvps.shape == (4, *mode.shape) and bool(jvps.abs().amax() > 0)
+    pred = post.predict(xq, 4, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(pred.samples, want_mode + want_jvps, rtol=1e-10, atol=1e-12)
+
+
 def test_posteriors_under_several_priors_equal_separate_calls():
     """One adaptation and curvature for a sweep of priors: each posterior is the one a
     separate call gives (sampled-label Fisher from the same generator state, both methods)."""
