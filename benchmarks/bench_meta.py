@@ -77,6 +77,18 @@ def interleaved(steps: dict, reps: int, inner: int, device: str, clock=time.perf
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def random_episodes(tasks: int, size: int, channels: int, query: int, device: str = "cpu", ways: int = 5,
+                    shots: int = 1) -> tuple:
+    """A seeded meta-batch of ways-way episodes of random images: (x_support, y_support,
+    x_query, y_query), the same for every learner and every script that asks for it."""
+    g = torch.Generator().manual_seed(0)
+    xs = torch.rand(tasks, ways * shots, channels, size, size, generator=g)
+    xq = torch.rand(tasks, ways * query, channels, size, size, generator=g)
+    ys = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
+    yq = torch.arange(ways).repeat_interleave(query).expand(tasks, -1).contiguous()
+    return tuple(t.to(device) for t in (xs, ys, xq, yq))
+
+
 def learner_step(learner, batch, opt):
     def step():
         opt.zero_grad(set_to_none=True)
@@ -152,13 +164,8 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
     MAML under each convolution strategy and with ``task_chunk`` in ``chunks`` (with and
     without ``recompute_query``), LLAMA (all tasks at once, and the first of ``chunks`` with
     ``recompute_query``); then each one's peak memory, one after another."""
-    g = torch.Generator().manual_seed(0)
-    T, ways, shots, channels = 4, 5, 1, 3 if size >= 84 else 1  # miniImageNet's RGB, Omniglot's gray
-    xs = torch.rand(T, ways * shots, channels, size, size, generator=g).to(device)
-    xq = torch.rand(T, ways * query, channels, size, size, generator=g).to(device)
-    ys = torch.arange(ways).repeat_interleave(shots).expand(T, -1).contiguous().to(device)
-    yq = torch.arange(ways).repeat_interleave(query).expand(T, -1).contiguous().to(device)
-    batch = (xs, ys, xq, yq)
+    T, ways, channels = 4, 5, 3 if size >= 84 else 1  # miniImageNet's RGB, Omniglot's gray
+    batch = random_episodes(T, size, channels, query, device, ways)
 
     def network():
         return conv4(channels, ways, size, filters) if model == "conv4" else resnet12(channels, ways, widths)
@@ -206,16 +213,12 @@ def _resident_bytes() -> int:
 def resnet_worker(args) -> None:
     """One method's ResNet-12 meta-iterations in this (fresh) process; prints one JSON line."""
     device, T, ways, query = args.device, args.resnet_tasks, 5, args.resnet_query
-    g = torch.Generator().manual_seed(0)
-    xs = torch.rand(T, ways, 3, 84, 84, generator=g).to(device)
-    xq = torch.rand(T, ways * query, 3, 84, 84, generator=g).to(device)
-    ys = torch.arange(ways).expand(T, -1).contiguous().to(device)
-    yq = torch.arange(ways).repeat_interleave(query).expand(T, -1).contiguous().to(device)
+    batch = random_episodes(T, 84, 3, query, device, ways)
     torch.manual_seed(0)
     cls = MAML if args.resnet_worker == "MAML" else LLAMA
     learner = cls(resnet12(3, ways, args.resnet_widths), inner_lr=0.01, inner_steps=args.resnet_steps,
                   loss="cross_entropy").to(device)
-    step = learner_step(learner, (xs, ys, xq, yq), torch.optim.Adam(learner.parameters(), 1e-3))
+    step = learner_step(learner, batch, torch.optim.Adam(learner.parameters(), 1e-3))
     cuda = device.startswith("cuda")
     before = torch.cuda.memory_allocated(device) if cuda else _resident_bytes()
     if cuda:

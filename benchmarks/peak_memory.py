@@ -18,7 +18,7 @@ import resource
 import time
 
 import torch
-from bench_meta import _resident_bytes, learner_step, per_task_conv_loop
+from bench_meta import _resident_bytes, learner_step, per_task_conv_loop, random_episodes
 
 from fastlaplace import LLAMA, MAML, conv4
 
@@ -32,13 +32,8 @@ def main() -> None:
     p.add_argument("--task-chunk", type=int)
     p.add_argument("--recompute-query", action="store_true")
     args = p.parse_args()
-    g = torch.Generator().manual_seed(0)
-    T, ways, query, channels = 4, 5, 15, 3 if args.size >= 84 else 1
-    xs = torch.rand(T, ways, channels, args.size, args.size, generator=g)
-    xq = torch.rand(T, ways * query, channels, args.size, args.size, generator=g)
-    ys = torch.arange(ways).expand(T, -1).contiguous()
-    yq = torch.arange(ways).repeat_interleave(query).expand(T, -1).contiguous()
-    batch = (xs, ys, xq, yq)
+    ways, channels = 5, 3 if args.size >= 84 else 1
+    batch = random_episodes(4, args.size, channels, 15)
     torch.manual_seed(0)
     model = conv4(channels, ways, args.size, args.filters)
     opt = torch.optim.Adam(model.parameters(), 1e-3)

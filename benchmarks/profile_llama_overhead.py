@@ -10,6 +10,7 @@ import argparse
 import time
 
 import torch
+from bench_meta import learner_step, random_episodes
 from torch.profiler import ProfilerActivity, profile
 
 from fastlaplace import LLAMA, MAML
@@ -24,25 +25,14 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=25, help="ops listed")
     args = p.parse_args()
     torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    T, ways, query, channels = 4, 5, 15, 3 if args.size >= 84 else 1
-    xs = torch.rand(T, ways, channels, args.size, args.size, generator=g)
-    xq = torch.rand(T, ways * query, channels, args.size, args.size, generator=g)
-    ys = torch.arange(ways).expand(T, -1).contiguous()
-    yq = torch.arange(ways).repeat_interleave(query).expand(T, -1).contiguous()
+    ways, channels = 5, 3 if args.size >= 84 else 1
+    batch = random_episodes(4, args.size, channels, 15)
     seconds, profiles = {}, {}
     for cls in (MAML, LLAMA):
         torch.manual_seed(0)
         learner = cls(conv4(channels, ways, args.size, args.filters), inner_lr=0.01, inner_steps=args.steps,
                       loss="cross_entropy", conv_strategy="grouped")
-        opt = torch.optim.Adam(learner.parameters(), 1e-3)
-
-        def step():
-            loss = learner.meta_loss(xs, ys, xq, yq)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
+        step = learner_step(learner, batch, torch.optim.Adam(learner.parameters(), 1e-3))
         for _ in range(3):
             step()
         t = time.process_time()

@@ -310,14 +310,13 @@ class LLAMA(MAML):
         for prior in priors:
             prior.check_layers(names)
         factors = [ops.kron_factors(layer.a.detach(), layer.g.detach(), layer.bias) for layer in rows]
-        weights = {layer.name: params[param_key(layer.name, "weight")].detach() for layer in rows}
-        biases = {layer.name: params[param_key(layer.name, "bias")].detach() if layer.bias else None for layer in rows}
-        detached = {k: v.detach() for k, v in params.items()}
+        params = {k: v.detach() for k, v in params.items()}
         posteriors = []
         for prior, layer_method in zip(priors, methods):
-            layers = [LayerPosterior.build(layer.name, weights[layer.name], biases[layer.name], A, G, layer.c,
-                                           prior.resolve(layer.name, layer.c, self.loss, y_support, self.inner_lr,
-                                                         steps), layer_method)
+            layers = [LayerPosterior.build(layer.name, params[param_key(layer.name, "weight")],
+                                           params[param_key(layer.name, "bias")] if layer.bias else None, A, G,
+                                           layer.c, prior.resolve(layer.name, layer.c, self.loss, y_support,
+                                                                  self.inner_lr, steps), layer_method)
                       for layer, (A, G) in zip(rows, factors)]
-            posteriors.append(LaplacePosterior(self.net, detached, layers, noise_var))
+            posteriors.append(LaplacePosterior(self.net, params, layers, noise_var))
         return posteriors

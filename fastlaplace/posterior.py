@@ -320,11 +320,11 @@ class LaplacePosterior:
                 if linearized:
                     mode, jvps = self._pushforward(x, drawn)
                     outs.append(mode + jvps)
-                    continue
-                params = {k: drawn[k].flatten(0, 1) if k in drawn else v.repeat(n, *[1] * (v.dim() - 1))
-                          for k, v in self.params.items()}
-                out, _ = self.net(params, x.repeat(n, *[1] * (x.dim() - 1)))
-                outs.append(out.reshape(n, self.tasks, *out.shape[1:]))
+                else:
+                    params = {k: drawn[k].flatten(0, 1) if k in drawn else v.repeat(n, *[1] * (v.dim() - 1))
+                              for k, v in self.params.items()}
+                    out, _ = self.net(params, x.repeat(n, *[1] * (x.dim() - 1)))
+                    outs.append(out.reshape(n, self.tasks, *out.shape[1:]))
         return Predictive(torch.cat(outs), mode)
 
     def _pushforward(self, x: Tensor, drawn: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,6 @@ def test_best_plain_pytorch_baseline_matches_reference(shape, method):
     assert all(torch.allclose(x, y, rtol=1e-6, atol=1e-9) for x, y in zip(ga, wa))
 
 
-
 BENCHMARKS = sorted(p for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")
                     if not p.name.startswith("_"))
 
