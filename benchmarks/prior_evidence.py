@@ -32,10 +32,11 @@ def main() -> None:
     args = p.parse_args()
 
     learner, problem, _ = load_for_evaluation(args.checkpoint)
-    torch.manual_seed(args.seed)  # the sampled-label Fisher's labels (no generator argument there)
     for split in ("val", "test"):
         b = problem.sample(split, args.episodes, torch.Generator().manual_seed(args.seed))
-        marginal = torch.stack([laplace_marginal_nll(learner, b.x_support, b.y_support, prior=t)
+        # the same Fisher labels for every τ, so that only the prior differs between rows
+        marginal = torch.stack([laplace_marginal_nll(learner, b.x_support, b.y_support, prior=t,
+                                                     generator=torch.Generator().manual_seed(args.seed))
                                 for t in args.taus])  # [taus, episodes]
         best = marginal.argmin(0)
         print(f"{split}: τ, summed −log p(X|θ) over {args.episodes} episodes, episodes it minimises")

@@ -153,7 +153,7 @@ def fit_temperature(logits: Tensor, y: Tensor, grid: Tensor | None = None) -> fl
 
 # ---------------------------------------------------------------------- marginal likelihood
 def laplace_marginal_nll(learner: LLAMA, x_support: Tensor, y_support: Tensor, prior=None,
-                         method: str | None = None) -> Tensor:
+                         method: str | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Per-task Laplace estimate of −log p(X_j | θ) (paper equation 11), [tasks]:
     −log p(X|φ̂) − log p(φ̂|θ) + ½·log det Ĥ − (D/2)·log 2π, with unit Gaussian noise
     (regression) or the categorical likelihood, D the number of adapted parameters.
@@ -162,10 +162,11 @@ def laplace_marginal_nll(learner: LLAMA, x_support: Tensor, y_support: Tensor, p
     of the posterior's method, by default the learner's). With a scalar τ the prior terms are
     (τ/2)‖φ̂ − θ‖² − (D/2)·log τ; under the exact implicit prior, per eigen-direction of each
     layer's A⊗G, Σ_ij [½·τ_ij·δ_ij² − ½·log τ_ij] with δ = U_Gᵀ(Φ̂ − Θ)U_A (directions with a
-    flat prior add nothing: an improper prior has no normaliser).
+    flat prior add nothing: an improper prior has no normaliser). ``generator``: the labels
+    of a sampled-label Fisher (classification), as in :meth:`fastlaplace.LLAMA.posterior`.
     """
     with torch.no_grad():
-        post = learner.posterior(x_support, y_support, prior=prior, method=method)
+        post = learner.posterior(x_support, y_support, prior=prior, method=method, generator=generator)
         out = learner.predict(post.params, x_support)
         if learner.loss == "mse":
             data = (0.5 * (out - y_support) ** 2 + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)

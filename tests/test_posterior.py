@@ -235,6 +235,31 @@ def jacobian_kfac_precisions(model, phi, x, tau, method):
     return out
 
 
+def test_laplace_marginal_nll_draws_the_fisher_labels_from_its_generator():
+    """A classification learner's sampled-label Fisher: the same generator seed gives the same
+    estimate, equal to the parts of the posterior built with that seed; another seed another."""
+    from helpers import tiny_convnet
+
+    torch.manual_seed(0)
+    learner = LLAMA(tiny_convnet(), tau=1.0, loss="cross_entropy", fisher="sampled").double()
+    g = torch.Generator().manual_seed(1)
+    xs = torch.rand(2, 6, 1, 4, 4, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 3, (2, 6), generator=g)
+
+    def seeded(seed):
+        return torch.Generator().manual_seed(seed)
+
+    got = laplace_marginal_nll(learner, xs, ys, prior=2.0, generator=seeded(3))
+    torch.testing.assert_close(laplace_marginal_nll(learner, xs, ys, prior=2.0, generator=seeded(3)), got,
+                               rtol=0, atol=0)
+    post = learner.posterior(xs, ys, prior=2.0, generator=seeded(3))
+    with torch.no_grad():
+        data = learner.task_losses(learner.predict(post.params, xs), ys) * ys.shape[1]
+        want = data + post.laplace_terms(learner.net.adapted_parameters())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(laplace_marginal_nll(learner, xs, ys, prior=2.0, generator=seeded(4)), got)
+
+
 @pytest.mark.parametrize("method", ["factored", "exact"])
 def test_laplace_marginal_nll_matches_dense_jacobian_computation(method):
     """−log p(X|θ) from its parts, each computed independently: data NLL at φ̂, the prior's
