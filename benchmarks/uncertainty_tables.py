@@ -30,6 +30,12 @@ def regression(reports: list[tuple[str, dict]]) -> None:
               f"{cell(r['llama_nll'])} | {cell(r['maml_point_nll'])} | {cell(r['extrapolation_std_ratio'], 1, 2)} |")
 
 
+def overconfidence(bins: dict) -> float:
+    """Mean confidence minus accuracy over every query, from a report's reliability bins."""
+    rows = [(n, c, a) for n, c, a in zip(bins["count"], bins["confidence"], bins["accuracy"]) if n]
+    return sum(n * (c - a) for n, c, a in rows) / sum(n for n, _, _ in rows)
+
+
 def classification(reports: list[tuple[str, dict]]) -> None:
     names = [n for n, _ in reports]
     print("| predictor | metric | " + " | ".join(names) + " | mean of the reports |")
@@ -40,14 +46,16 @@ def classification(reports: list[tuple[str, dict]]) -> None:
             mean = sum(v["mean"] for v in values) / len(values)
             print(f"| {label} | {mlabel} | " + " | ".join(cell(v) for v in values) + f" | {mean:.3f} |")
     print("\nper report: accuracy LLAMA − MAML (points), ECE LLAMA / ECE MAML point, "
-          "NLL LLAMA − NLL MAML temperature-scaled (its CI: the two CIs combined in quadrature)")
+          "NLL LLAMA − NLL MAML temperature-scaled (its CI: the two CIs combined in quadrature), "
+          "mean confidence − accuracy of LLAMA and MAML point (> 0: over-confident)")
     for name, r in reports:
         acc = 100 * (r["llama_mc"]["accuracy"]["mean"] - r["maml_point"]["accuracy"]["mean"])
         ratio = r["llama_mc"]["ece"]["mean"] / r["maml_point"]["ece"]["mean"]
         a, b = r["llama_mc"]["nll"], r["maml_temperature"]["nll"]
         half = (a["ci95"] ** 2 + b["ci95"] ** 2) ** 0.5
+        gaps = ", ".join(f"{overconfidence(r[key]['reliability']):+.3f}" for key in ("llama_mc", "maml_point"))
         print(f"- {name}: accuracy {acc:+.1f} points, ECE ratio {ratio:.2f}, NLL {a['mean'] - b['mean']:+.3f} ± "
-              f"{half:.3f} (temperature {r['temperature']:.2f})")
+              f"{half:.3f} (temperature {r['temperature']:.2f}), confidence − accuracy {gaps}")
 
 
 def main() -> None:

@@ -39,3 +39,11 @@ def test_every_benchmark_script_imports_and_describes_itself(script, monkeypatch
         runpy.run_path(str(script), run_name="__main__")
     assert exc.value.code in (0, None)
     assert "usage:" in capsys.readouterr().out
+
+
+def test_uncertainty_tables_overconfidence_of_constructed_bins():
+    """Mean confidence − accuracy over every query: two filled bins and an empty one,
+    (10·(0.9 − 0.7) + 30·(0.5 − 0.6)) / 40 = −0.025."""
+    tables = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "uncertainty_tables.py"))
+    bins = {"count": [10, 0, 30], "confidence": [0.9, None, 0.5], "accuracy": [0.7, None, 0.6]}
+    assert tables["overconfidence"](bins) == pytest.approx(-0.025)
