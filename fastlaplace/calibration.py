@@ -13,7 +13,8 @@ and maximum calibration errors (ECE, MCE) over all points pooled; :func:`auroc` 
 own; :func:`fit_temperature` for the temperature-scaling baseline (Guo et al. 2017).
 
 And :func:`laplace_marginal_nll`, the Laplace estimate of a task's −log p(X|θ) under any
-:class:`~fastlaplace.prior.Prior` (paper equation 11).
+:class:`~fastlaplace.prior.Prior` (paper equation 11); :func:`laplace_marginal_nlls` under
+several at the cost of one.
 """
 
 from __future__ import annotations
@@ -165,11 +166,21 @@ def laplace_marginal_nll(learner: LLAMA, x_support: Tensor, y_support: Tensor, p
     flat prior add nothing: an improper prior has no normaliser). ``generator``: the labels
     of a sampled-label Fisher (classification), as in :meth:`fastlaplace.LLAMA.posterior`.
     """
+    prior = learner.tau if prior is None else prior
+    return laplace_marginal_nlls(learner, x_support, y_support, [prior], method, generator)[0]
+
+
+def laplace_marginal_nlls(learner: LLAMA, x_support: Tensor, y_support: Tensor, priors: list,
+                          method: str | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """:func:`laplace_marginal_nll` under each of ``priors``, [priors, tasks], from one
+    adaptation and one curvature of the support sets (:meth:`fastlaplace.LLAMA.posteriors`):
+    the same figures as separate calls with the same generator."""
     with torch.no_grad():
-        post = learner.posterior(x_support, y_support, prior=prior, method=method, generator=generator)
-        out = learner.predict(post.params, x_support)
+        posts = learner.posteriors(x_support, y_support, priors, method, generator)
+        out = learner.predict(posts[0].params, x_support)  # φ̂ is the same under every prior
         if learner.loss == "mse":
             data = (0.5 * (out - y_support) ** 2 + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
         else:
             data = learner.task_losses(out, y_support) * y_support.shape[1]
-        return data + post.laplace_terms(learner.net.adapted_parameters())
+        theta = learner.net.adapted_parameters()
+        return torch.stack([data + post.laplace_terms(theta) for post in posts])

@@ -25,8 +25,8 @@ def test_best_plain_pytorch_baseline_matches_reference(shape, method):
     assert all(torch.allclose(x, y, rtol=1e-6, atol=1e-9) for x, y in zip(ga, wa))
 
 
-BENCHMARKS = sorted(p for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")
-                    if not p.name.startswith("_"))
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = sorted(p for p in BENCHMARKS_DIR.glob("*.py") if not p.name.startswith("_"))
 
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)
@@ -44,6 +44,6 @@ def test_every_benchmark_script_imports_and_describes_itself(script, monkeypatch
 def test_uncertainty_tables_overconfidence_of_constructed_bins():
     """Mean confidence − accuracy over every query: two filled bins and an empty one,
     (10·(0.9 − 0.7) + 30·(0.5 − 0.6)) / 40 = −0.025."""
-    tables = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "uncertainty_tables.py"))
+    tables = runpy.run_path(str(BENCHMARKS_DIR / "uncertainty_tables.py"))
     bins = {"count": [10, 0, 30], "confidence": [0.9, None, 0.5], "accuracy": [0.7, None, 0.6]}
     assert tables["overconfidence"](bins) == pytest.approx(-0.025)

@@ -10,7 +10,16 @@ from helpers import dense_kfac_precision, dense_posterior_covariance, dense_post
 from torch.func import functional_call, jacrev, vmap
 
 from fastlaplace import LLAMA, ops, sinusoid_mlp
-from fastlaplace.calibration import Z50, Z90, NoiseModel, coverage, laplace_marginal_nll, mixture_nll, point_nll
+from fastlaplace.calibration import (
+    Z50,
+    Z90,
+    NoiseModel,
+    coverage,
+    laplace_marginal_nll,
+    laplace_marginal_nlls,
+    mixture_nll,
+    point_nll,
+)
 from fastlaplace.curvature import rows_logdet, support_rows
 from fastlaplace.data import SinusoidTasks
 from fastlaplace.posterior import EigenLayerPosterior, FactoredLayerPosterior, LayerPosterior, Predictive
@@ -258,6 +267,10 @@ def test_laplace_marginal_nll_draws_the_fisher_labels_from_its_generator():
         want = data + post.laplace_terms(learner.net.adapted_parameters())
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(laplace_marginal_nll(learner, xs, ys, prior=2.0, generator=seeded(4)), got)
+    # a sweep over priors: one adaptation and curvature, the figures of separate calls
+    swept = laplace_marginal_nlls(learner, xs, ys, [2.0, 50.0], generator=seeded(3))
+    separate = torch.stack([got, laplace_marginal_nll(learner, xs, ys, prior=50.0, generator=seeded(3))])
+    torch.testing.assert_close(swept, separate, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["factored", "exact"])
