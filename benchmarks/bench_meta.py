@@ -12,7 +12,8 @@
    the per-task loop a user writes in plain PyTorch (``functional_call`` per task,
    ``autograd.grad(create_graph=True)``), MAML under each convolution strategy (grouped,
    loop, auto), with ``task_chunk`` (``--task-chunks``) and ``recompute_query``, and LLAMA,
-   interleaved in one process; then each one's peak memory above the
+   interleaved in one process (``--channels-last-loop`` adds the loop with channels-last
+   images and weights); then each one's peak memory above the
    process's resident set before its call (CPU: the resident set's high-water mark, reset
    through ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``), one after another.
    ``--conv-model resnet12`` runs the same rows for ResNet-12 (``--resnet-widths``).
@@ -120,22 +121,29 @@ def sinusoid(device: str, reps: int) -> str:
     return markdown_table(["sinusoid, 25 tasks", "s / meta-iteration", "÷ MAML"], rows)
 
 
-def per_task_conv_loop(model, batch, lr: float, steps: int):
+def per_task_conv_loop(model, batch, lr: float, steps: int, memory_format=torch.contiguous_format):
     """The best plain-PyTorch MAML a user writes for a convolutional network: one task at a
-    time, torch.func.functional_call, autograd.grad(create_graph=True); returns a step."""
+    time, torch.func.functional_call, autograd.grad(create_graph=True); returns a step.
+    ``memory_format=torch.channels_last`` stores each task's images and the model's weights
+    channels-last (NHWC), which oneDNN convolves without reordering them on a CPU (the
+    model is converted in place)."""
     xs, ys, xq, yq = batch
+    model.to(memory_format=memory_format)
+    # each task's images in the format (a 5-D [T, N, C, H, W] tensor has no channels-last 4-D slices)
+    xs = [x.contiguous(memory_format=memory_format) for x in xs]
+    xq = [x.contiguous(memory_format=memory_format) for x in xq]
 
     def step():
         theta = dict(model.named_parameters())
         total = 0.0
-        for t in range(xs.shape[0]):
+        for t in range(len(xs)):
             phi = theta
             for _ in range(steps):
                 loss = F.cross_entropy(functional_call(model, phi, (xs[t],)), ys[t])
                 grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
                 phi = {k: v - lr * g for (k, v), g in zip(phi.items(), grads)}
             total = total + F.cross_entropy(functional_call(model, phi, (xq[t],)), yq[t])
-        (total / xs.shape[0]).backward()
+        (total / len(xs)).backward()
     return step
 
 
@@ -159,9 +167,10 @@ def peak_above_start(fn, device: str) -> float:
 
 
 def conv(device: str, iterations: int, filters: int, size: int, steps: int, query: int, model: str = "conv4",
-         widths=(64, 160, 320, 640), chunks=(1,), clock=time.perf_counter) -> str:
-    """Conv4 (or ResNet-12) meta-iterations, interleaved in one process: the per-task loop,
-    MAML under each convolution strategy and with ``task_chunk`` in ``chunks`` (with and
+         widths=(64, 160, 320, 640), chunks=(1,), clock=time.perf_counter, channels_last_loop: bool = False) -> str:
+    """Conv4 (or ResNet-12) meta-iterations, interleaved in one process: the per-task loop
+    (and, with ``channels_last_loop``, the same loop channels-last), MAML under each
+    convolution strategy and with ``task_chunk`` in ``chunks`` (with and
     without ``recompute_query``), LLAMA (all tasks at once, and the first of ``chunks`` with
     ``recompute_query``); then each one's peak memory, one after another."""
     T, ways, channels = 4, 5, 3 if size >= 84 else 1  # miniImageNet's RGB, Omniglot's gray
@@ -173,6 +182,10 @@ def conv(device: str, iterations: int, filters: int, size: int, steps: int, quer
     torch.manual_seed(0)
     loop_model = network().to(device)
     runs = {"per-task loop (functional_call, plain PyTorch)": per_task_conv_loop(loop_model, batch, 0.01, steps)}
+    if channels_last_loop:
+        torch.manual_seed(0)
+        runs["per-task loop, channels-last"] = per_task_conv_loop(network().to(device), batch, 0.01, steps,
+                                                                  torch.channels_last)
     learners = {}
     variants = [("MAML (grouped)", MAML, "grouped", None, False), ("MAML (loop)", MAML, "loop", None, False),
                 ("MAML (auto)", MAML, "auto", None, False)]
@@ -284,6 +297,9 @@ def main() -> None:
     p.add_argument("--cpu-time", action="store_true",
                    help="Conv4 rows in the process's CPU time, not wall time (a shared CPU machine: with one thread "
                    "the load then moves them far less)")
+    p.add_argument("--channels-last-loop", action="store_true",
+                   help="a row of part 2: the per-task loop with channels-last images and weights (which oneDNN "
+                   "convolves without reordering them)")
     p.add_argument("--conv-model", choices=("conv4", "resnet12"), default="conv4",
                    help="the network of part 2 (resnet12: --resnet-widths)")
     p.add_argument("--resnet-iterations", type=int, default=0, help="timed ResNet-12 iterations per method (0: skip)")
@@ -302,7 +318,7 @@ def main() -> None:
         for steps in args.conv_steps:
             parts.append(conv(args.device, args.conv_iterations, args.filters, size, steps, args.conv_query,
                               args.conv_model, args.resnet_widths, args.task_chunks,
-                              time.process_time if args.cpu_time else time.perf_counter))
+                              time.process_time if args.cpu_time else time.perf_counter, args.channels_last_loop))
     if parts and not args.no_write:
         write_block("bench_meta", "\n\n".join(parts), args.device)
     if args.resnet_iterations:

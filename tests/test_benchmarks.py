@@ -47,3 +47,23 @@ def test_uncertainty_tables_overconfidence_of_constructed_bins():
     tables = runpy.run_path(str(BENCHMARKS_DIR / "uncertainty_tables.py"))
     bins = {"count": [10, 0, 30], "confidence": [0.9, None, 0.5], "accuracy": [0.7, None, 0.6]}
     assert tables["overconfidence"](bins) == pytest.approx(-0.025)
+
+
+def test_channels_last_conv_loop_computes_the_plain_loops_meta_gradient(monkeypatch):
+    """bench_meta's channels-last per-task loop is the same MAML as the plain one (the same
+    meta-gradient from the same weights), only its memory format differs: a fair row."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS_DIR))
+    bench = runpy.run_path(str(BENCHMARKS_DIR / "bench_meta.py"))
+    from fastlaplace import conv4
+
+    batch = bench["random_episodes"](2, 32, 3, 2)
+    grads = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        model = conv4(3, 5, 32, 4).double()  # 32×32: a 2×2 map flattened for the classifier
+        bench["per_task_conv_loop"](model, tuple(t.double() if t.is_floating_point() else t for t in batch),
+                                    0.1, 2, memory_format)()
+        grads.append([p.grad for p in model.parameters()])
+        assert model[0].weight.is_contiguous(memory_format=memory_format)
+    for plain, last in zip(*grads):
+        assert torch.allclose(plain, last, rtol=1e-9, atol=1e-12)
