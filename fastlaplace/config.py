@@ -94,6 +94,12 @@ class Config:
     eval_tasks: int = setting(600, "test tasks of the final evaluation", group="run", metavar="N",
                               resume=MAY_CHANGE)
     eval_seed: int = setting(1_000_003, "seed of the test tasks", group="run", flag=False)
+    val_every: int = setting(0, "iterations between validations on --val-tasks validation tasks (and one at the "
+                                "start); the best validated parameters are kept as best.pt and tested at the end "
+                                "beside the last (0: no validation)", group="run", metavar="N", resume=MAY_CHANGE)
+    val_tasks: int = setting(200, "validation tasks of each validation (the same tasks every time)", group="run",
+                             metavar="N", resume=MAY_CHANGE)
+    val_seed: int = setting(2_000_003, "seed of the validation tasks", group="run", flag=False)
     cuda_graph: bool = setting(False, "capture the meta-iteration once as a CUDA graph and replay it (CUDA, one "
                                       "process; see fastlaplace.graphs)", group="run", resume=MAY_CHANGE)
     # sinusoid
@@ -143,6 +149,8 @@ class Config:
             positive_float(flag(name), getattr(self, name))
         if self.task_chunk is not None:
             positive_int("--task-chunk", self.task_chunk, 1, MAXIMA["meta_batch"])
+        positive_int("--val-every", self.val_every, 0, MAXIMA["iterations"])
+        positive_int("--val-tasks", self.val_tasks, 1, MAXIMA["eval_tasks"])
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise UsageError(f"--eta must be >= 0, got {self.eta!r}")
         limit = MAXIMA["test_inner_steps"]
@@ -162,6 +170,7 @@ class Config:
             raise UsageError(f"--cuda-graph needs --device cuda (CUDA graphs exist only on a GPU), got {self.device!r}")
         check_seed("--seed", self.seed)
         check_seed("eval_seed", self.eval_seed)
+        check_seed("val_seed", self.val_seed)
         spec = DATASETS[self.dataset]
         if self.model not in spec.models:
             raise UsageError(f"--model {self.model!r} is not for {self.dataset}: use {' or '.join(spec.models)}")

@@ -2,7 +2,8 @@
 
 ``python -m fastlaplace.train`` writes to its output folder ``config.json`` (the resolved
 settings), ``metrics.jsonl`` (one JSON line per logged iteration), ``checkpoint.pt`` (the one
-before kept as ``checkpoint.prev.pt``), ``results.json``, for a network with adapted
+before kept as ``checkpoint.prev.pt``), with ``--val-every`` ``best.pt`` (the parameters that
+validated best, the best before kept as ``best.prev.pt``), ``results.json``, for a network with adapted
 convolutions ``conv_strategy.json`` (the strategy each ran,
 :meth:`fastlaplace.MAML.conv_choices`) and, when ``tensorboard`` is installed,
 ``tensorboard/``. This module reads and writes them for every program: :func:`build`
@@ -43,9 +44,10 @@ from .problems import Problem
 FORMAT = 1
 CHECKPOINT, SETTINGS, METRICS, RESULTS = "checkpoint.pt", "config.json", "metrics.jsonl", "results.json"
 CONV_STRATEGY = "conv_strategy.json"
+BEST = "best.pt"  # --val-every: the parameters that validated best
 TENSORBOARD = "tensorboard"  # the folder of TensorBoard's event files
 # Another run's files: a new run replaces them only with --overwrite.
-STALE = (RESULTS, METRICS, SETTINGS, CONV_STRATEGY)
+STALE = (RESULTS, METRICS, SETTINGS, CONV_STRATEGY, BEST, "best.prev.pt")
 
 
 class CheckpointError(ValueError):
@@ -63,7 +65,8 @@ def run_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     checkpoint = folder / CHECKPOINT
     return [checkpoint, previous(checkpoint), checkpoint.with_name(CHECKPOINT + ".corrupt"),
-            *(folder / name for name in (SETTINGS, METRICS, RESULTS, CONV_STRATEGY, TENSORBOARD))]
+            *(folder / name for name in (SETTINGS, METRICS, RESULTS, CONV_STRATEGY, BEST, "best.prev.pt",
+                                         TENSORBOARD))]
 
 
 def checkpoint_inputs(*checkpoints: str | None) -> list[Path]:
@@ -166,6 +169,19 @@ def read_latest(path: Path, log=None) -> tuple[dict, Path] | None:
             log(f"warning: {str(exc).split('; the previous')[0]}; continuing from {prev} "
                 f"(iteration {state['iteration']})")
         return state, prev
+
+
+def read_best(out: Path) -> tuple[int, float] | None:
+    """(iteration, validation metric) of a run's best.pt (its previous one when best.pt is
+    damaged), or ``None`` when it has none."""
+    latest = read_latest(Path(out) / BEST, log=lambda m: print(m, file=sys.stderr))
+    if latest is None:
+        return None
+    state, used = latest
+    validation = state.get("validation")
+    if not isinstance(validation, dict) or not isinstance(validation.get("mean"), float):
+        raise CheckpointError(f"{used} holds no validation figure: it is not a best.pt of fastlaplace.train")
+    return state["iteration"], validation["mean"]
 
 
 def open_output(out: Path, resume: bool, overwrite: bool = False, accept=None) -> tuple[dict, Path] | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -50,6 +51,7 @@ from .datasets import DATASETS
 from .evaluate import evaluate, evaluation_group
 from .progress import progress_bar
 from .runs import (
+    BEST,
     CHECKPOINT,
     CONV_STRATEGY,
     METRICS,
@@ -60,6 +62,8 @@ from .runs import (
     build,
     named_tensors,
     open_output,
+    read_best,
+    read_latest,
     save_checkpoint,
     settings,
     truncate_metrics,
@@ -112,6 +116,7 @@ class Trainer:
         self.saved_at: int | None = None  # the iteration this process last saved
         self.writer = None  # TensorBoard's, on rank 0 when tensorboard is installed
         self.conv_choices: dict = {}  # the convolutions' strategies last recorded
+        self.best: tuple[int, float] | None = None  # --val-every: (iteration, validation metric) of best.pt
         self.graph: graphs.GraphStep | None = None  # --cuda-graph: captured at the first step
         if cfg.cuda_graph and ctx.distributed:
             raise UsageError("--cuda-graph runs in one process: leave it out under torchrun")
@@ -148,6 +153,7 @@ class Trainer:
         latest = distributed.on_main_rank(open_run, ctx, EXPECTED)  # rank 0's outcome (or error) on every rank
         if latest is not None:
             trainer._restore(*latest)
+            trainer.best = distributed.on_main_rank(lambda: read_best(trainer.out), ctx, EXPECTED)
         elif resume and ctx.is_main:
             print(f"no checkpoint in {trainer.out} yet: starting from iteration 0", file=sys.stderr)
         if ctx.is_main:
@@ -200,18 +206,26 @@ class Trainer:
         with _StopFlag() as stop, metrics_file as metrics, progress_bar(
                 cfg.iterations, f"{cfg.method} {cfg.dataset}", initial=self.iteration,
                 enabled=progress and main) as bar:
+            postfix = {}
+            if cfg.val_every and self.iteration == 0:  # the initialisation may validate best (digits does)
+                postfix.update(self.validate(0, metrics))
+                bar.set_postfix(postfix)
             for iteration in range(self.iteration + 1, cfg.iterations + 1):
                 step = self.step(iteration, stop)
                 self.record_conv_choices()
                 if step.loss is not None:
                     running = step.loss if running is None else 0.98 * running + 0.02 * step.loss
-                    bar.set_postfix(loss=running, refresh=False)
+                    postfix["loss"] = running
+                    bar.set_postfix(postfix, refresh=False)
                 bar.update()
                 self.log(iteration, step, metrics, time.perf_counter() - t0)
                 if iteration % cfg.checkpoint_every == 0 or step.stopping:
                     self.save(iteration)
                 if step.stopping:
                     break
+                if cfg.val_every and iteration % cfg.val_every == 0:
+                    postfix.update(self.validate(iteration, metrics))
+                    bar.set_postfix(postfix)
             else:
                 return None
         if main:
@@ -280,6 +294,37 @@ class Trainer:
                 if k != "iteration":
                     self.writer.add_scalar(f"train/{k}", v, iteration)
 
+    def validate(self, iteration: int, metrics) -> dict[str, float]:
+        """``--val-every``: the metric on the run's ``--val-tasks`` validation tasks (the same
+        tasks each time, split over the ranks), after the first of ``--test-inner-steps``; a
+        line of metrics.jsonl, and best.pt when it is the best so far (rank 0 writes).
+        Returns the figure for the progress bar."""
+        cfg, problem = self.cfg, self.problem
+        steps = cfg.test_inner_steps[0]
+        group = evaluation_group(cfg, cfg.val_tasks, "--val-tasks", self.device)
+        est = evaluate(self.learner, problem, [steps], cfg.val_tasks, cfg.val_seed, split="val", device=self.device,
+                       progress=False, distributed=self.ctx.distributed, group=group)[steps]
+        better = self.best is None or (est.mean > self.best[1] if problem.higher_is_better else est.mean < self.best[1])
+        shown = {f"val_{problem.metric_name}": est.mean}
+        if not self.ctx.is_main:
+            if better:
+                self.best = (iteration, est.mean)
+            return shown
+        if better:  # the checks of save(): never a non-finite file
+            if not _all_finite(list(self.learner.parameters())):
+                raise self._diverged("the parameters became non-finite (best.pt not written)", iteration)
+            save_checkpoint(self.out / BEST, dict(
+                config=dataclasses.asdict(cfg), iteration=iteration, learner=self.learner.state_dict(),
+                validation=dict(metric=problem.metric_name, steps=steps, tasks=cfg.val_tasks, seed=cfg.val_seed,
+                                **vars(est))))
+            self.best = (iteration, est.mean)
+        metrics.write(json.dumps({"iteration": iteration, f"val_{problem.metric_name}": est.mean,
+                                  "val_ci95": est.ci95, "best": better}) + "\n")
+        metrics.flush()
+        if self.writer is not None:
+            self.writer.add_scalar(f"val/{problem.metric_name}", est.mean, iteration)
+        return shown
+
     def record_conv_choices(self) -> None:
         """Rank 0, when the convolutions' strategies (``--conv-strategy``) gained a choice:
         printed and written to conv_strategy.json (a dict compared per iteration, no more)."""
@@ -339,11 +384,32 @@ class Trainer:
             "dataset": cfg.dataset, "method": cfg.method, "iterations": cfg.iterations, "metric": problem.metric_name,
             "test": {str(s): vars(e) for s, e in results.items()},
         }
+        if self.best is not None:
+            best = self._best_learner()
+            now = self.learner.state_dict()
+            same = all(torch.equal(t, now[k]) for k, t in best.state_dict().items())  # best.pt is the last
+            best_results = results if same else evaluate(
+                best, problem, cfg.test_inner_steps, cfg.eval_tasks, cfg.eval_seed, device=self.device,
+                progress=progress and self.ctx.is_main, distributed=self.ctx.distributed, group=group)
+            summary["best"] = {"checkpoint": BEST, "iteration": self.best[0],
+                               f"val_{problem.metric_name}": self.best[1],
+                               "test": {str(s): vars(e) for s, e in best_results.items()}}
         if self.ctx.is_main:
             write_json(self.out / RESULTS, summary)
             for s, est in results.items():
                 print(f"test {problem.metric_name} after {s} inner step(s): {est}  (mean ± 95% CI, {est.n} tasks)")
+            if self.best is not None:
+                for s, est in best_results.items():
+                    print(f"{BEST} (iteration {self.best[0]}, the best validated): test {problem.metric_name} after "
+                          f"{s} inner step(s): {est}  (mean ± 95% CI, {est.n} tasks)")
         return summary
+
+    def _best_learner(self):
+        """The learner with best.pt's parameters (rank 0 reads the file, every rank gets them)."""
+        state = distributed.on_main_rank(lambda: read_latest(self.out / BEST)[0]["learner"], self.ctx, EXPECTED)
+        best = copy.deepcopy(self.learner)
+        best.load_state_dict(state)
+        return best
 
     def __enter__(self) -> Trainer:
         return self

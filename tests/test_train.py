@@ -245,3 +245,86 @@ def test_estimate_counts_diverged_tasks_instead_of_averaging_them():
     assert clean.diverged == 0 and "diverged" not in str(clean) and "median 1.0000" in str(clean)
     gone = Estimate.of(torch.tensor([float("inf")] * 3))
     assert gone.diverged == 3 and math.isnan(gone.mean)
+
+
+def _val_rows(out):
+    return [r for r in map(json.loads, open(f"{out}/metrics.jsonl")) if "val_mse" in r]
+
+
+def test_validation_keeps_the_best_parameters_and_tests_them(tmp_path, monkeypatch):
+    """--val-every: the initialisation and every N-th iteration are validated on the same
+    tasks; best.pt holds the parameters of the lowest validation MSE (forced here to be
+    iteration 4's), and results.json tests them beside the last."""
+    from fastlaplace import evaluate as evaluate_mod
+
+    forced = {0: 3.0, 2: 2.0, 4: 1.0, 6: 1.5, 8: 2.5}
+    seen = []
+    real = evaluate_mod.evaluate
+
+    def fake_validation(learner, problem, steps, tasks, seed, split="test", **kw):
+        if split != "val":
+            return real(learner, problem, steps, tasks, seed, split=split, **kw)
+        seen.append((tasks, seed))
+        trainer_iteration = len(seen) - 1
+        return {steps[0]: Estimate.of(torch.full((tasks,), forced[2 * trainer_iteration]))}
+
+    monkeypatch.setattr(train_mod, "evaluate", fake_validation)
+    snapshots = {}
+    real_save = train_mod.Trainer.save
+
+    def save(self, iteration):
+        snapshots[iteration] = {k: v.clone() for k, v in self.learner.state_dict().items()}
+        real_save(self, iteration)
+
+    monkeypatch.setattr(train_mod.Trainer, "save", save)
+    cfg = small_config(tmp_path, val_every=2, val_tasks=7)
+    summary = train(cfg, progress=False)
+    assert seen == [(7, cfg.val_seed)] * 5  # the same tasks each time: iterations 0, 2, 4, 6, 8
+    rows = _val_rows(cfg.out)
+    assert [(r["iteration"], r["val_mse"], r["best"]) for r in rows] == [
+        (0, 3.0, True), (2, 2.0, True), (4, 1.0, True), (6, 1.5, False), (8, 2.5, False)]
+    best = read_checkpoint(f"{cfg.out}/best.pt")
+    assert best["iteration"] == 4 and best["validation"]["mean"] == 1.0 and best["validation"]["metric"] == "mse"
+    for k, v in snapshots[4].items():
+        assert torch.equal(best["learner"][k], v), k
+    assert summary["best"]["iteration"] == 4 and summary["best"]["val_mse"] == 1.0
+    learner, problem, saved = load_for_evaluation(f"{cfg.out}/best.pt")  # what python -m fastlaplace.evaluate reads
+    want = real(learner, problem, saved.test_inner_steps, saved.eval_tasks, saved.eval_seed)
+    assert summary["best"]["test"] == {str(s): vars(e) for s, e in want.items()}
+    assert summary["best"]["test"] != summary["test"]  # iteration 4's parameters, not the last
+    assert json.loads(Path(cfg.out, "results.json").read_text())["best"] == summary["best"]
+
+
+def test_validation_resumes_with_the_best_so_far(tmp_path):
+    """A resumed run keeps best.pt's figure as the one to beat and logs no validation twice;
+    it ends with the uninterrupted run's best.pt and results."""
+    straight = train(small_config(tmp_path / "a", val_every=2, val_tasks=5), progress=False)
+    cfg = small_config(tmp_path / "b", val_every=2, val_tasks=5, iterations=5)
+    train(cfg, progress=False, evaluate_at_end=False)
+    cfg = small_config(tmp_path / "b", val_every=2, val_tasks=5)
+    resumed = train(cfg, resume=True, progress=False)
+    assert resumed == straight
+    assert [r["iteration"] for r in _val_rows(cfg.out)] == [0, 2, 4, 6, 8]
+    a, b = read_checkpoint(tmp_path / "a" / "run" / "best.pt"), read_checkpoint(f"{cfg.out}/best.pt")
+    assert a["iteration"] == b["iteration"] and a["validation"] == b["validation"]
+    for k in a["learner"]:
+        assert torch.equal(a["learner"][k], b["learner"][k]), k
+
+
+def test_a_new_run_does_not_inherit_a_stale_best(tmp_path):
+    cfg = small_config(tmp_path, iterations=2, val_every=1, val_tasks=3)
+    train(cfg, progress=False, evaluate_at_end=False)
+    os.remove(f"{cfg.out}/checkpoint.pt")  # the one checkpoint (iteration 2): only best.pt and the logs stay
+    assert Path(cfg.out, "best.pt").exists() and not Path(cfg.out, "checkpoint.prev.pt").exists()
+    with pytest.raises(FileExistsError, match="best.pt"):
+        train(small_config(tmp_path, iterations=2), progress=False)
+    train(small_config(tmp_path, iterations=2, overwrite=True), progress=False, evaluate_at_end=False)
+    assert not Path(cfg.out, "best.pt").exists() and not Path(cfg.out, "best.prev.pt").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [("--val-every", "-1", "--val-every must be an integer >= 0"),
+                                                  ("--val-tasks", "0", "--val-tasks must be an integer >= 1")])
+def test_bad_validation_flags(tmp_path, flag, value, message):
+    with pytest.raises(SystemExit, match=message):
+        train_mod.main(["--iterations", "2", flag, value, "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
