@@ -78,18 +78,32 @@ def posterior_figure(learner, tasks, out: str, tau: float, point_learner=None, s
     fig.savefig(out, dpi=120)
 
 
+def _validation_rows(rows: list[dict]) -> tuple[str, list[dict]] | None:
+    """(metric, rows) of ``--val-every``'s lines of metrics.jsonl, or ``None`` when there are none."""
+    for metric in ("accuracy", "mse"):
+        found = [r for r in rows if isinstance(r.get(f"val_{metric}"), (int, float))]
+        if found:
+            return metric, found
+    return None
+
+
 def curves_figure(run_dir: str, out: str) -> None:
-    """Meta-training loss (and LLAMA's mean log det Ĥ) against iterations, from metrics.jsonl."""
+    """Meta-training loss (and LLAMA's mean log det Ĥ) against iterations, from metrics.jsonl;
+    with ``--val-every``'s lines, the validation metric with its 95 % interval, best.pt's
+    iteration marked."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: is {run_dir} the output folder of a run?")
-    rows = [r for r in read_metrics(path) if isinstance(r.get("query_loss"), (int, float))]
+    every = read_metrics(path)
+    rows = [r for r in every if isinstance(r.get("query_loss"), (int, float))]
     if not rows:
         raise ValueError(f"{path} has no rows yet")
     plt = _pyplot()
     it = [r["iteration"] for r in rows]
     has_logdet = all(isinstance(r.get("logdet"), (int, float)) for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_logdet else 1, figsize=(10 if has_logdet else 5, 3.5), squeeze=False)
+    validation = _validation_rows(every)
+    panels = 1 + has_logdet + (validation is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5), squeeze=False)
     axes[0, 0].plot(it, [r["query_loss"] for r in rows], lw=0.8)
     axes[0, 0].set_xlabel("iteration")
     axes[0, 0].set_ylabel("query loss")
@@ -98,6 +112,19 @@ def curves_figure(run_dir: str, out: str) -> None:
         axes[0, 1].plot(it, [r["logdet"] for r in rows], lw=0.8, color="tab:green")
         axes[0, 1].set_xlabel("iteration")
         axes[0, 1].set_ylabel("mean log det Ĥ")
+    if validation is not None:
+        metric, val = validation
+        ax = axes[0, panels - 1]
+        ci = [r["val_ci95"] if isinstance(r.get("val_ci95"), (int, float)) else 0.0 for r in val]
+        ax.errorbar([r["iteration"] for r in val], [r[f"val_{metric}"] for r in val], yerr=ci, marker="o", ms=3,
+                    lw=0.8, capsize=2, color="tab:purple")
+        best = [r for r in val if r.get("best") is True]
+        if best:  # the last line that was best at its time is best.pt's
+            at = best[-1]["iteration"]
+            ax.axvline(at, color="black", ls="--", lw=0.8, label=f"best.pt (iteration {at})")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"validation {metric}")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 

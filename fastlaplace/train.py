@@ -219,13 +219,14 @@ class Trainer:
                     bar.set_postfix(postfix, refresh=False)
                 bar.update()
                 self.log(iteration, step, metrics, time.perf_counter() - t0)
+                if cfg.val_every and iteration % cfg.val_every == 0 and not step.stopping:
+                    # before the checkpoint: a run killed in between validates this iteration again
+                    postfix.update(self.validate(iteration, metrics))
+                    bar.set_postfix(postfix)
                 if iteration % cfg.checkpoint_every == 0 or step.stopping:
                     self.save(iteration)
                 if step.stopping:
                     break
-                if cfg.val_every and iteration % cfg.val_every == 0:
-                    postfix.update(self.validate(iteration, metrics))
-                    bar.set_postfix(postfix)
             else:
                 return None
         if main:
@@ -304,7 +305,8 @@ class Trainer:
         group = evaluation_group(cfg, cfg.val_tasks, "--val-tasks", self.device)
         est = evaluate(self.learner, problem, [steps], cfg.val_tasks, cfg.val_seed, split="val", device=self.device,
                        progress=False, distributed=self.ctx.distributed, group=group)[steps]
-        better = self.best is None or (est.mean > self.best[1] if problem.higher_is_better else est.mean < self.best[1])
+        better = (self.best is None or self.best[0] == iteration  # validated again after a resume: still best
+                  or (est.mean > self.best[1] if problem.higher_is_better else est.mean < self.best[1]))
         shown = {f"val_{problem.metric_name}": est.mean}
         if not self.ctx.is_main:
             if better:

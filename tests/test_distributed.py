@@ -21,7 +21,7 @@ from fastlaplace.train import train
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
 TRAIN = ["--iterations", "8", "--meta-batch", "4", "--checkpoint-every", "2", "--log-every", "1", "--eval-tasks",
-         "20", "--eta", "1e-3", "--tau", "0.1", "--no-progress"]
+         "20", "--eta", "1e-3", "--tau", "0.1", "--val-every", "3", "--val-tasks", "10", "--no-progress"]
 
 
 def free_port() -> int:
@@ -81,9 +81,14 @@ def runs(tmp_path_factory):
 def test_two_rank_run_writes_once_and_saves_every_rank_generator(runs):
     out = runs["base"] / "straight"
     assert "test mse after 1 inner step(s)" in runs["straight"].stdout
-    assert runs["straight"].stdout.count("test mse after 1 inner step(s)") == 1  # rank 0 alone reports
+    lines = runs["straight"].stdout.splitlines()
+    assert sum(line.startswith("test mse after 1 inner step(s)") for line in lines) == 1  # rank 0 alone reports
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["iteration"] for r in rows] == list(range(1, 9))
+    assert [r["iteration"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert [r["iteration"] for r in rows if "val_mse" in r] == [0, 3, 6]  # validated by both ranks, logged once
+    best = read_checkpoint(out / "best.pt")
+    assert best["validation"]["n"] == 10 and best["iteration"] in (0, 3, 6)
+    assert runs["straight"].stdout.count("best.pt (iteration") == 2  # rank 0 alone, after 1 and 10 steps
     state = read_checkpoint(out / "checkpoint.pt")
     assert state["world_size"] == 2 and state["iteration"] == 8
     assert state["task_generators"].shape[0] == 2 and state["task_generators"].dtype == torch.uint8
@@ -110,6 +115,9 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_result(runs):
     assert torch.equal(a["task_generators"], b["task_generators"])
     results = [json.loads((runs["base"] / name / "results.json").read_text()) for name in ("straight", "crashed")]
     assert results[0]["test"] == results[1]["test"]
+    assert results[0]["best"] == results[1]["best"]  # the best so far survived the crash
+    rows = [json.loads(line) for line in open(runs["base"] / "crashed" / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows if "val_mse" in r] == [0, 3, 6]
 
 
 def test_one_process_resumes_a_two_rank_run(runs, tmp_path, capsys):

@@ -313,8 +313,9 @@ def test_report_runs_on_few_tasks():
 
 def test_plot_cli(tmp_path):
     out = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "fastlaplace.train", "--iterations", "3", "--eval-tasks", "5",
-                    "--out", str(out), "--no-progress"], check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "fastlaplace.train", "--iterations", "3", "--eval-tasks", "5", "--val-every",
+                    "2", "--val-tasks", "5", "--out", str(out), "--no-progress"], check=True, capture_output=True,
+                   timeout=300, cwd=tmp_path)
     for args in (["posterior", str(out / "checkpoint.pt"), "--tau", "10"], ["curves", str(out)]):
         png = tmp_path / f"{args[0]}.png"
         run = subprocess.run([sys.executable, "-m", "fastlaplace.plot", *args, "--out", str(png)],

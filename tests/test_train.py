@@ -328,3 +328,26 @@ def test_bad_validation_flags(tmp_path, flag, value, message):
     with pytest.raises(SystemExit, match=message):
         train_mod.main(["--iterations", "2", flag, value, "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_killed_between_validation_and_checkpoint_validates_again(tmp_path, monkeypatch):
+    """Killed after iteration 4's validation (and best.pt) but before its checkpoint: the
+    resumed run validates iteration 4 again, and its lines and results equal an uninterrupted run's."""
+    straight = train(small_config(tmp_path / "a", val_every=2, val_tasks=5), progress=False)
+    real_save = train_mod.Trainer.save
+
+    def dying_save(self, iteration):
+        if iteration == 4:
+            raise Crash()
+        real_save(self, iteration)
+
+    cfg = small_config(tmp_path / "b", val_every=2, val_tasks=5)
+    monkeypatch.setattr(train_mod.Trainer, "save", dying_save)
+    with pytest.raises(Crash):
+        train(cfg, progress=False)
+    monkeypatch.setattr(train_mod.Trainer, "save", real_save)
+    assert [r["iteration"] for r in _val_rows(cfg.out)] == [0, 2, 4]
+    resumed = train(cfg, resume=True, progress=False)
+    assert resumed == straight
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _val_rows(cfg.out)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _val_rows(tmp_path / "a" / "run")]
