@@ -66,7 +66,7 @@ def run_files(folder: str | os.PathLike) -> list[Path]:
     checkpoint = folder / CHECKPOINT
     return [checkpoint, previous(checkpoint), checkpoint.with_name(CHECKPOINT + ".corrupt"),
             *(folder / name for name in (SETTINGS, METRICS, RESULTS, CONV_STRATEGY, BEST, "best.prev.pt",
-                                         TENSORBOARD))]
+                                         BEST + ".corrupt", TENSORBOARD))]
 
 
 def checkpoint_inputs(*checkpoints: str | None) -> list[Path]:
@@ -171,17 +171,38 @@ def read_latest(path: Path, log=None) -> tuple[dict, Path] | None:
         return state, prev
 
 
-def read_best(out: Path) -> tuple[int, float] | None:
-    """(iteration, validation metric) of a run's best.pt (its previous one when best.pt is
-    damaged), or ``None`` when it has none."""
-    latest = read_latest(Path(out) / BEST, log=lambda m: print(m, file=sys.stderr))
-    if latest is None:
+def restore_best(out: Path, iteration: int, log=None) -> tuple[int, float, int] | None:
+    """On ``--resume`` from the checkpoint of ``iteration``: (iteration, validation figure, its
+    diverged tasks) of the run's best.pt, or ``None``. Best files written after that checkpoint belong to
+    iterations the run does again: they are removed (best.prev.pt becomes best.pt when it
+    qualifies); a damaged one is kept aside as ``*.corrupt``. Said through ``log``."""
+    say = log or (lambda message: None)
+    best = Path(out) / BEST
+    states = {}
+    for path in (best, previous(best)):
+        if not path.exists():
+            continue
+        try:
+            states[path] = read_checkpoint(path)
+        except CheckpointError as exc:
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+            say(f"warning: {str(exc).split('; the previous')[0]}; kept aside as {path.name}.corrupt")
+    for path, state in list(states.items()):
+        if state["iteration"] > iteration:
+            path.unlink()
+            del states[path]
+            say(f"{path} (iteration {state['iteration']}) is past the checkpoint (iteration {iteration}): removed, "
+                "the run validates those iterations again")
+    if best not in states and previous(best) in states:
+        os.replace(previous(best), best)
+        states[best] = states.pop(previous(best))
+    if best not in states:
         return None
-    state, used = latest
-    validation = state.get("validation")
-    if not isinstance(validation, dict) or not isinstance(validation.get("mean"), float):
-        raise CheckpointError(f"{used} holds no validation figure: it is not a best.pt of fastlaplace.train")
-    return state["iteration"], validation["mean"]
+    validation = states[best].get("validation")
+    if not isinstance(validation, dict) or not isinstance(validation.get("mean"), float) \
+            or not isinstance(validation.get("diverged"), int):
+        raise CheckpointError(f"{best} holds no validation figure: it is not a best.pt of fastlaplace.train")
+    return states[best]["iteration"], validation["mean"], validation["diverged"]
 
 
 def open_output(out: Path, resume: bool, overwrite: bool = False, accept=None) -> tuple[dict, Path] | None:
@@ -235,12 +256,19 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def truncate_metrics(path: Path, iteration: int) -> None:
+def is_validation(row: dict) -> bool:
+    """A line of ``--val-every``'s validations (``val_accuracy`` or ``val_mse``, ...)."""
+    return any(key.startswith("val_") for key in row)
+
+
+def truncate_metrics(path: Path, iteration: int, validated_again: bool = False) -> None:
     """Drop lines logged after ``iteration`` (the checkpoint a run continues from; 0 when there
-    is none yet), which the run will log again, and any partial line."""
+    is none yet), which the run will log again, and any partial line; with
+    ``validated_again``, also the validation line of ``iteration`` itself."""
     if not path.exists():
         return
-    keep = [row for row in read_metrics(path) if row["iteration"] <= iteration]
+    keep = [row for row in read_metrics(path) if row["iteration"] < iteration
+            or (row["iteration"] == iteration and not (validated_again and is_validation(row)))]
     atomic_write(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in keep).encode()))
 
 

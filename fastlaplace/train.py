@@ -62,8 +62,8 @@ from .runs import (
     build,
     named_tensors,
     open_output,
-    read_best,
-    read_latest,
+    read_checkpoint,
+    restore_best,
     save_checkpoint,
     settings,
     truncate_metrics,
@@ -116,7 +116,7 @@ class Trainer:
         self.saved_at: int | None = None  # the iteration this process last saved
         self.writer = None  # TensorBoard's, on rank 0 when tensorboard is installed
         self.conv_choices: dict = {}  # the convolutions' strategies last recorded
-        self.best: tuple[int, float] | None = None  # --val-every: (iteration, validation metric) of best.pt
+        self.best: tuple[int, float, int] | None = None  # --val-every: best.pt's (iteration, figure, diverged tasks)
         self.graph: graphs.GraphStep | None = None  # --cuda-graph: captured at the first step
         if cfg.cuda_graph and ctx.distributed:
             raise UsageError("--cuda-graph runs in one process: leave it out under torchrun")
@@ -153,11 +153,15 @@ class Trainer:
         latest = distributed.on_main_rank(open_run, ctx, EXPECTED)  # rank 0's outcome (or error) on every rank
         if latest is not None:
             trainer._restore(*latest)
-            trainer.best = distributed.on_main_rank(lambda: read_best(trainer.out), ctx, EXPECTED)
+        if resume:  # best.pt as of the checkpoint (none yet: iteration 0)
+            trainer.best = distributed.on_main_rank(
+                lambda: restore_best(trainer.out, trainer.iteration, log=lambda m: print(m, file=sys.stderr)),
+                ctx, EXPECTED)
         elif resume and ctx.is_main:
             print(f"no checkpoint in {trainer.out} yet: starting from iteration 0", file=sys.stderr)
         if ctx.is_main:
-            truncate_metrics(trainer.out / METRICS, trainer.iteration)  # lines after the checkpoint are logged again
+            # lines after the checkpoint are logged again (and its validation, see run)
+            truncate_metrics(trainer.out / METRICS, trainer.iteration, trainer.validates_at_start)
             write_json(trainer.out / SETTINGS, dataclasses.asdict(cfg))
             trainer.writer = _tensorboard(trainer.out)
         return trainer
@@ -207,8 +211,8 @@ class Trainer:
                 cfg.iterations, f"{cfg.method} {cfg.dataset}", initial=self.iteration,
                 enabled=progress and main) as bar:
             postfix = {}
-            if cfg.val_every and self.iteration == 0:  # the initialisation may validate best (digits does)
-                postfix.update(self.validate(0, metrics))
+            if self.validates_at_start:
+                postfix.update(self.validate(self.iteration, metrics))
                 bar.set_postfix(postfix)
             for iteration in range(self.iteration + 1, cfg.iterations + 1):
                 step = self.step(iteration, stop)
@@ -220,7 +224,7 @@ class Trainer:
                 bar.update()
                 self.log(iteration, step, metrics, time.perf_counter() - t0)
                 if cfg.val_every and iteration % cfg.val_every == 0 and not step.stopping:
-                    # before the checkpoint: a run killed in between validates this iteration again
+                    # before the checkpoint; a run stopped or killed in between validates it when resumed
                     postfix.update(self.validate(iteration, metrics))
                     bar.set_postfix(postfix)
                 if iteration % cfg.checkpoint_every == 0 or step.stopping:
@@ -295,6 +299,13 @@ class Trainer:
                 if k != "iteration":
                     self.writer.add_scalar(f"train/{k}", v, iteration)
 
+    @property
+    def validates_at_start(self) -> bool:
+        """``--val-every``: the iteration a run starts from is validated when it is a multiple of
+        N: 0 (the initialisation may validate best; on digits it does), or a checkpoint whose
+        validation a stop skipped or a kill cut short (done again: the same parameters)."""
+        return bool(self.cfg.val_every) and self.iteration % self.cfg.val_every == 0
+
     def validate(self, iteration: int, metrics) -> dict[str, float]:
         """``--val-every``: the metric on the run's ``--val-tasks`` validation tasks (the same
         tasks each time, split over the ranks), after the first of ``--test-inner-steps``; a
@@ -305,21 +316,25 @@ class Trainer:
         group = evaluation_group(cfg, cfg.val_tasks, "--val-tasks", self.device)
         est = evaluate(self.learner, problem, [steps], cfg.val_tasks, cfg.val_seed, split="val", device=self.device,
                        progress=False, distributed=self.ctx.distributed, group=group)[steps]
-        better = (self.best is None or self.best[0] == iteration  # validated again after a resume: still best
-                  or (est.mean > self.best[1] if problem.higher_is_better else est.mean < self.best[1]))
+        def rank(mean: float, diverged: int) -> tuple:  # lower is better: fewer diverged tasks, then the figure
+            return diverged, -mean if problem.higher_is_better else mean
+
+        better = math.isfinite(est.mean) and (
+            self.best is None or self.best[0] == iteration  # validated again after a resume: still best
+            or rank(est.mean, est.diverged) < rank(*self.best[1:]))
         shown = {f"val_{problem.metric_name}": est.mean}
+        if better and not _all_finite(list(self.learner.parameters())):  # every rank: all stop alike
+            raise self._diverged("the parameters became non-finite (best.pt not written)", iteration)
         if not self.ctx.is_main:
             if better:
-                self.best = (iteration, est.mean)
+                self.best = (iteration, est.mean, est.diverged)
             return shown
-        if better:  # the checks of save(): never a non-finite file
-            if not _all_finite(list(self.learner.parameters())):
-                raise self._diverged("the parameters became non-finite (best.pt not written)", iteration)
+        if better:
             save_checkpoint(self.out / BEST, dict(
                 config=dataclasses.asdict(cfg), iteration=iteration, learner=self.learner.state_dict(),
                 validation=dict(metric=problem.metric_name, steps=steps, tasks=cfg.val_tasks, seed=cfg.val_seed,
                                 **vars(est))))
-            self.best = (iteration, est.mean)
+            self.best = (iteration, est.mean, est.diverged)
         metrics.write(json.dumps({"iteration": iteration, f"val_{problem.metric_name}": est.mean,
                                   "val_ci95": est.ci95, "best": better}) + "\n")
         metrics.flush()
@@ -408,7 +423,7 @@ class Trainer:
 
     def _best_learner(self):
         """The learner with best.pt's parameters (rank 0 reads the file, every rank gets them)."""
-        state = distributed.on_main_rank(lambda: read_latest(self.out / BEST)[0]["learner"], self.ctx, EXPECTED)
+        state = distributed.on_main_rank(lambda: read_checkpoint(self.out / BEST)["learner"], self.ctx, EXPECTED)
         best = copy.deepcopy(self.learner)
         best.load_state_dict(state)
         return best

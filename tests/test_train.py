@@ -351,3 +351,66 @@ def test_a_run_killed_between_validation_and_checkpoint_validates_again(tmp_path
     assert resumed == straight
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _val_rows(cfg.out)]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _val_rows(tmp_path / "a" / "run")]
+
+
+def test_a_stop_on_a_validation_iteration_is_validated_when_resumed(tmp_path, monkeypatch):
+    """Ctrl-C at iteration 4 (a validation iteration) saves without validating it; the resumed
+    run validates 4 first and ends as the uninterrupted one, lines included."""
+    straight = train(small_config(tmp_path / "a", val_every=2, val_tasks=5), progress=False)
+    real_step = train_mod.Trainer.step
+
+    def stopping_step(self, iteration, stop):
+        stop.stop = stop.stop or iteration == 4
+        return real_step(self, iteration, stop)
+
+    cfg = small_config(tmp_path / "b", val_every=2, val_tasks=5)
+    monkeypatch.setattr(train_mod.Trainer, "step", stopping_step)
+    assert train(cfg, progress=False) == {"stopped_at": 4}
+    monkeypatch.setattr(train_mod.Trainer, "step", real_step)
+    assert [r["iteration"] for r in _val_rows(cfg.out)] == [0, 2]
+    assert train(cfg, resume=True, progress=False) == straight
+    assert _val_rows(cfg.out) == _val_rows(tmp_path / "a" / "run")
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_its_validations_afresh(tmp_path, monkeypatch):
+    """No checkpoint yet: the resumed run starts at 0, the dead run's best files (past iteration
+    0) are removed and its iteration-0 line is not doubled."""
+    straight = train(small_config(tmp_path / "a", val_every=2, val_tasks=5, checkpoint_every=4), progress=False)
+    calls = {"n": 0}
+    original = SinusoidProblem.sample
+
+    def crashing_sample(self, split, *args, **kwargs):
+        calls["n"] += split == "train"
+        if calls["n"] == 4:  # during iteration 4: validated 0 and 2, no checkpoint
+            raise Crash()
+        return original(self, split, *args, **kwargs)
+
+    cfg = small_config(tmp_path / "b", val_every=2, val_tasks=5, checkpoint_every=4)
+    monkeypatch.setattr(SinusoidProblem, "sample", crashing_sample)
+    with pytest.raises(Crash):
+        train(cfg, progress=False)
+    monkeypatch.setattr(SinusoidProblem, "sample", original)
+    assert not Path(cfg.out, "checkpoint.pt").exists() and Path(cfg.out, "best.pt").exists()
+    assert train(cfg, resume=True, progress=False) == straight
+    assert _val_rows(cfg.out) == _val_rows(tmp_path / "a" / "run")
+    for name in ("best.pt", "best.prev.pt"):
+        a, b = (Path(d, name) for d in (tmp_path / "a" / "run", cfg.out))
+        assert a.exists() == b.exists(), name
+        if a.exists():
+            assert read_checkpoint(a)["iteration"] == read_checkpoint(b)["iteration"], name
+
+
+def test_validations_with_diverged_tasks_rank_below_those_without(tmp_path, monkeypatch):
+    """All tasks diverged (NaN figure): never best; some diverged: below any with fewer, even
+    at a better mean over the finite tasks (MSE: lower is better)."""
+    nan = math.nan
+    figures = [[nan, nan, nan], [5.0, 5.0, 5.0], [1.0, 1.0, nan], [4.0, 4.0, 4.0], [4.5, 4.5, 4.5]]
+
+    def fake_validation(learner, problem, steps, tasks, seed, split="test", **kw):
+        return {steps[0]: Estimate.of(torch.tensor(figures.pop(0)))}
+
+    monkeypatch.setattr(train_mod, "evaluate", fake_validation)
+    cfg = small_config(tmp_path, iterations=8, val_every=2, val_tasks=3)
+    train(cfg, progress=False, evaluate_at_end=False)
+    assert [r["best"] for r in _val_rows(cfg.out)] == [False, True, False, True, False]
+    assert read_checkpoint(f"{cfg.out}/best.pt")["iteration"] == 6
