@@ -98,7 +98,7 @@ class Config:
                                 "start); the best validated parameters are kept as best.pt and tested at the end "
                                 "beside the last (0: no validation)", group="run", metavar="N", resume=MAY_CHANGE)
     val_tasks: int = setting(200, "validation tasks of each validation (the same tasks every time)", group="run",
-                             metavar="N")
+                             metavar="N", resume=MAY_CHANGE)
     val_seed: int = setting(2_000_003, "seed of the validation tasks", group="run", flag=False)
     cuda_graph: bool = setting(False, "capture the meta-iteration once as a CUDA graph and replay it (CUDA, one "
                                       "process; see fastlaplace.graphs)", group="run", resume=MAY_CHANGE)

@@ -66,7 +66,7 @@ def run_files(folder: str | os.PathLike) -> list[Path]:
     checkpoint = folder / CHECKPOINT
     return [checkpoint, previous(checkpoint), checkpoint.with_name(CHECKPOINT + ".corrupt"),
             *(folder / name for name in (SETTINGS, METRICS, RESULTS, CONV_STRATEGY, BEST, "best.prev.pt",
-                                         BEST + ".corrupt", TENSORBOARD))]
+                                         BEST + ".corrupt", "best.prev.pt.corrupt", TENSORBOARD))]
 
 
 def checkpoint_inputs(*checkpoints: str | None) -> list[Path]:
@@ -74,14 +74,16 @@ def checkpoint_inputs(*checkpoints: str | None) -> list[Path]:
     return [p for c in checkpoints if c for p in (Path(c), *run_files(Path(c).parent))]
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` (tensors and plain values) to ``path``, keeping the previous file."""
+def save_checkpoint(path: Path, state: dict, keep_previous: bool = True) -> None:
+    """Write ``state`` (tensors and plain values) to ``path``, keeping the previous file
+    (unless not ``keep_previous``: then the one before stays)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
     wrapper = {"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(),
                "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
-    atomic_write(Path(path), lambda f: torch.save(wrapper, f), keep_previous=previous(Path(path)))
+    atomic_write(Path(path), lambda f: torch.save(wrapper, f),
+                 keep_previous=previous(Path(path)) if keep_previous else None)
 
 
 def _load_plain(source, what: str) -> object:
@@ -171,38 +173,47 @@ def read_latest(path: Path, log=None) -> tuple[dict, Path] | None:
         return state, prev
 
 
-def restore_best(out: Path, iteration: int, log=None) -> tuple[int, float, int] | None:
+def restore_best(out: Path, iteration: int, validation: dict | None = None, log=None) -> tuple[int, float, int] | None:
     """On ``--resume`` from the checkpoint of ``iteration``: (iteration, validation figure, its
-    diverged tasks) of the run's best.pt, or ``None``. Best files written after that checkpoint belong to
-    iterations the run does again: they are removed (best.prev.pt becomes best.pt when it
-    qualifies); a damaged one is kept aside as ``*.corrupt``. Said through ``log``."""
+    diverged tasks) of the run's best.pt, or ``None``. Best files written after that checkpoint
+    belong to iterations the run does again: they are removed (best.prev.pt, which the
+    training keeps as the best as of the last checkpoint, then becomes best.pt); a damaged one
+    is kept aside as ``*.corrupt``. Said through ``log``. With ``validation`` (the run's
+    validation tasks, seed and steps), a best.pt validated otherwise is refused: its figure
+    would not compare."""
     say = log or (lambda message: None)
     best = Path(out) / BEST
-    states = {}
+    states, damaged = {}, {}
     for path in (best, previous(best)):
-        if not path.exists():
-            continue
-        try:
-            states[path] = read_checkpoint(path)
-        except CheckpointError as exc:
-            os.replace(path, path.with_name(path.name + ".corrupt"))
-            say(f"warning: {str(exc).split('; the previous')[0]}; kept aside as {path.name}.corrupt")
-    for path, state in list(states.items()):
-        if state["iteration"] > iteration:
-            path.unlink()
-            del states[path]
-            say(f"{path} (iteration {state['iteration']}) is past the checkpoint (iteration {iteration}): removed, "
-                "the run validates those iterations again")
-    if best not in states and previous(best) in states:
-        os.replace(previous(best), best)
-        states[best] = states.pop(previous(best))
-    if best not in states:
+        if path.exists():
+            try:
+                states[path] = read_checkpoint(path)
+            except CheckpointError as exc:
+                damaged[path] = exc
+    past = [path for path, state in states.items() if state["iteration"] > iteration]
+    kept = [path for path in states if path not in past]  # best.pt first
+    figure = states[kept[0]].get("validation") if kept else None
+    if kept:  # checked before anything in the folder changes
+        if not isinstance(figure, dict) or not isinstance(figure.get("mean"), float) \
+                or not isinstance(figure.get("diverged"), int):
+            raise CheckpointError(f"{kept[0]} holds no validation figure: it is not a best.pt of fastlaplace.train")
+        differ = {k: v for k, v in (validation or {}).items() if figure.get(k) != v}
+        if differ:
+            what = ", ".join(f"{k} {figure.get(k)} (now {v})" for k, v in differ.items())
+            raise UsageError(f"{kept[0]} was validated with {what}: its figure would not compare with this run's; "
+                             "resume with its settings (--val-tasks), or move it away to start the comparison afresh")
+    for path, exc in damaged.items():
+        os.replace(path, path.with_name(path.name + ".corrupt"))
+        say(f"warning: {str(exc).split('; the previous')[0]}; kept aside as {path.name}.corrupt")
+    for path in past:
+        path.unlink()
+        say(f"{path} (iteration {states[path]['iteration']}) is past the checkpoint (iteration {iteration}): "
+            "removed, the run validates those iterations again")
+    if not kept:
         return None
-    validation = states[best].get("validation")
-    if not isinstance(validation, dict) or not isinstance(validation.get("mean"), float) \
-            or not isinstance(validation.get("diverged"), int):
-        raise CheckpointError(f"{best} holds no validation figure: it is not a best.pt of fastlaplace.train")
-    return states[best]["iteration"], validation["mean"], validation["diverged"]
+    if kept[0] != best:
+        os.replace(kept[0], best)
+    return states[kept[0]]["iteration"], figure["mean"], figure["diverged"]
 
 
 def open_output(out: Path, resume: bool, overwrite: bool = False, accept=None) -> tuple[dict, Path] | None:

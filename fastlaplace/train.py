@@ -153,12 +153,13 @@ class Trainer:
         latest = distributed.on_main_rank(open_run, ctx, EXPECTED)  # rank 0's outcome (or error) on every rank
         if latest is not None:
             trainer._restore(*latest)
-        if resume:  # best.pt as of the checkpoint (none yet: iteration 0)
-            trainer.best = distributed.on_main_rank(
-                lambda: restore_best(trainer.out, trainer.iteration, log=lambda m: print(m, file=sys.stderr)),
-                ctx, EXPECTED)
         elif resume and ctx.is_main:
             print(f"no checkpoint in {trainer.out} yet: starting from iteration 0", file=sys.stderr)
+        if resume:  # best.pt as of the checkpoint (none yet: iteration 0)
+            tasks = dict(tasks=cfg.val_tasks, seed=cfg.val_seed, steps=cfg.test_inner_steps[0])
+            trainer.best = distributed.on_main_rank(
+                lambda: restore_best(trainer.out, trainer.iteration, tasks if cfg.val_every else None,
+                                     log=lambda m: print(m, file=sys.stderr)), ctx, EXPECTED)
         if ctx.is_main:
             # lines after the checkpoint are logged again (and its validation, see run)
             truncate_metrics(trainer.out / METRICS, trainer.iteration, trainer.validates_at_start)
@@ -319,9 +320,9 @@ class Trainer:
         def rank(mean: float, diverged: int) -> tuple:  # lower is better: fewer diverged tasks, then the figure
             return diverged, -mean if problem.higher_is_better else mean
 
-        better = math.isfinite(est.mean) and (
-            self.best is None or self.best[0] == iteration  # validated again after a resume: still best
-            or rank(est.mean, est.diverged) < rank(*self.best[1:]))
+        again = self.best is not None and self.best[0] == iteration  # best.pt's iteration, validated after a resume
+        better = math.isfinite(est.mean) and (again or self.best is None
+                                              or rank(est.mean, est.diverged) < rank(*self.best[1:]))
         shown = {f"val_{problem.metric_name}": est.mean}
         if better and not _all_finite(list(self.learner.parameters())):  # every rank: all stop alike
             raise self._diverged("the parameters became non-finite (best.pt not written)", iteration)
@@ -329,11 +330,13 @@ class Trainer:
             if better:
                 self.best = (iteration, est.mean, est.diverged)
             return shown
-        if better:
+        if better and not again:
+            # best.prev.pt stays the best as of the last checkpoint, which a resume from it needs
+            checkpointed = self.good[1] if self.good else 0
             save_checkpoint(self.out / BEST, dict(
                 config=dataclasses.asdict(cfg), iteration=iteration, learner=self.learner.state_dict(),
                 validation=dict(metric=problem.metric_name, steps=steps, tasks=cfg.val_tasks, seed=cfg.val_seed,
-                                **vars(est))))
+                                **vars(est))), keep_previous=self.best is None or self.best[0] <= checkpointed)
             self.best = (iteration, est.mean, est.diverged)
         metrics.write(json.dumps({"iteration": iteration, f"val_{problem.metric_name}": est.mean,
                                   "val_ci95": est.ci95, "best": better}) + "\n")

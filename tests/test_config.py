@@ -69,7 +69,7 @@ def test_resume_reads_the_saved_settings_under_those_given(tmp_path):
 def test_resume_rules_come_from_the_fields():
     assert RESUMABLE_CHANGES == ("iterations", "meta_lr", "inner_lr", "device", "conv_strategy", "task_chunk",
                                  "recompute_query", "checkpoint_every", "log_every", "eval_tasks", "val_every",
-                                 "cuda_graph")
+                                 "val_tasks", "cuda_graph")
     assert USER_ONLY == ("out", "data_root", "allow_pickle", "overwrite")
 
 

@@ -123,7 +123,7 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_result(runs):
 def test_one_process_resumes_a_two_rank_run(runs, tmp_path, capsys):
     shutil.copytree(runs["base"] / "straight", tmp_path / "copy")  # the fixture's runs stay as they are
     cfg = Config(out=str(tmp_path / "copy"), iterations=10, eval_tasks=10, checkpoint_every=2, log_every=1,
-                 meta_batch=4, eta=1e-3, tau=0.1, val_every=3, val_tasks=10)
+                 meta_batch=4, eta=1e-3, tau=0.1)
     train(cfg, resume=True, progress=False)
     assert "seeded anew from (seed, rank, iteration 8)" in capsys.readouterr().err
     state = read_checkpoint(tmp_path / "copy" / "checkpoint.pt")

@@ -414,3 +414,61 @@ def test_validations_with_diverged_tasks_rank_below_those_without(tmp_path, monk
     train(cfg, progress=False, evaluate_at_end=False)
     assert [r["best"] for r in _val_rows(cfg.out)] == [False, True, False, True, False]
     assert read_checkpoint(f"{cfg.out}/best.pt")["iteration"] == 6
+
+
+def _forced_validation(monkeypatch, figures: dict):
+    """Validation figures (MSE) set per iteration: evaluate's "val" calls answer figures[iteration]."""
+    real_validate, real_evaluate, current = train_mod.Trainer.validate, train_mod.evaluate, {}
+
+    def validate(self, iteration, metrics):
+        current["iteration"] = iteration
+        return real_validate(self, iteration, metrics)
+
+    def evaluate(learner, problem, steps, tasks, seed, split="test", **kw):
+        if split != "val":
+            return real_evaluate(learner, problem, steps, tasks, seed, split=split, **kw)
+        return {steps[0]: Estimate.of(torch.full((tasks,), figures[current["iteration"]]))}
+
+    monkeypatch.setattr(train_mod.Trainer, "validate", validate)
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+
+
+def _best_files(out):
+    return {name: read_checkpoint(Path(out, name))["iteration"] if Path(out, name).exists() else None
+            for name in ("best.pt", "best.prev.pt")}
+
+
+@pytest.mark.parametrize("crash_at", [3, 7])
+def test_two_improvements_after_a_checkpoint_then_a_kill_resume_to_the_same_best(tmp_path, monkeypatch, crash_at):
+    """Checkpoints at 4 and 8, validation every iteration, improvements at 5 and 6, killed
+    during iteration 7 (or before any checkpoint): best.prev.pt still holds the best as of the
+    checkpoint, so the resumed run's lines, best files and results equal an uninterrupted run's."""
+    _forced_validation(monkeypatch, {0: 5.0, 1: 6.0, 2: 6.0, 3: 6.0, 4: 7.0, 5: 4.0, 6: 3.0, 7: 8.0, 8: 9.0})
+    straight = train(small_config(tmp_path / "a", val_every=1, val_tasks=3, checkpoint_every=4), progress=False)
+    calls = {"n": 0}
+    original = SinusoidProblem.sample
+
+    def crashing_sample(self, split, *args, **kwargs):
+        calls["n"] += split == "train"
+        if calls["n"] == crash_at:
+            raise Crash()
+        return original(self, split, *args, **kwargs)
+
+    cfg = small_config(tmp_path / "b", val_every=1, val_tasks=3, checkpoint_every=4)
+    monkeypatch.setattr(SinusoidProblem, "sample", crashing_sample)
+    with pytest.raises(Crash):
+        train(cfg, progress=False)
+    monkeypatch.setattr(SinusoidProblem, "sample", original)
+    assert train(cfg, resume=True, progress=False) == straight
+    assert _val_rows(cfg.out) == _val_rows(tmp_path / "a" / "run")
+    assert _best_files(cfg.out) == _best_files(tmp_path / "a" / "run") == {"best.pt": 6, "best.prev.pt": 0}
+
+
+def test_resuming_with_other_validation_tasks_is_refused_before_anything_changes(tmp_path):
+    cfg = small_config(tmp_path, iterations=4, val_every=2, val_tasks=3)
+    train(cfg, progress=False, evaluate_at_end=False)
+    before = {p.name: p.read_bytes() for p in Path(cfg.out).iterdir()}
+    with pytest.raises(ValueError, match=r"best.pt was validated with tasks 3 \(now 5\)"):
+        train(small_config(tmp_path, iterations=6, val_every=2, val_tasks=5), resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in Path(cfg.out).iterdir()} == before
+    train(small_config(tmp_path, iterations=6, val_every=0, val_tasks=5), resume=True, progress=False)  # no validation
