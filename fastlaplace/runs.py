@@ -216,6 +216,40 @@ def restore_best(out: Path, iteration: int, validation: dict | None = None, log=
     return states[kept[0]]["iteration"], figure["mean"], figure["diverged"]
 
 
+class FolderLock:
+    """An exclusive ``flock`` on a folder, held until :meth:`close` (or the process ends)."""
+
+    def __init__(self, folder: Path):
+        import fcntl
+
+        self.fd: int | None = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise UsageError(f"another process is training into {folder}: wait for it to end (or stop it), or "
+                             "choose another --out") from None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_output(out: Path) -> FolderLock | None:
+    """An exclusive lock on the run folder ``out`` (made if missing) for this process, so that
+    a second process training into the same folder (the same command started twice, or
+    ``--resume`` while the run still runs) is refused instead of interleaving its checkpoints
+    with the first's. The folder itself is locked: no file is written. ``None`` where the
+    system has no ``flock`` (not Linux or macOS)."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    return FolderLock(out)
+
+
 def open_output(out: Path, resume: bool, overwrite: bool = False, accept=None) -> tuple[dict, Path] | None:
     """Make the output folder and return the checkpoint to continue from, ``(state, path)``,
     or ``None`` (a new run, or ``resume`` with no checkpoint yet). A new run refuses a folder

@@ -60,6 +60,7 @@ from .runs import (
     TENSORBOARD,
     CheckpointError,
     build,
+    lock_output,
     named_tensors,
     open_output,
     read_checkpoint,
@@ -115,6 +116,7 @@ class Trainer:
         self.good: tuple[Path, int] | None = None  # the last checkpoint known to be intact, and its iteration
         self.saved_at: int | None = None  # the iteration this process last saved
         self.writer = None  # TensorBoard's, on rank 0 when tensorboard is installed
+        self.lock = None  # rank 0: the run folder's lock (runs.lock_output)
         self.conv_choices: dict = {}  # the convolutions' strategies last recorded
         self.best: tuple[int, float, int] | None = None  # --val-every: best.pt's (iteration, figure, diverged tasks)
         self.graph: graphs.GraphStep | None = None  # --cuda-graph: captured at the first step
@@ -141,6 +143,7 @@ class Trainer:
             if DATASETS[cfg.dataset].data_root and Path(cfg.out).resolve() == Path(cfg.data_root).resolve():
                 # A run's folder of its own (a subfolder of the data is fine: no file names are shared).
                 raise UsageError(f"--out {cfg.out!r} is the data folder --data-root: choose a folder for the run")
+            trainer.lock = lock_output(Path(cfg.out))  # until the run ends: one process per folder
             latest = open_output(Path(cfg.out), resume, cfg.overwrite, accept)
             if latest is None:
                 return None
@@ -150,22 +153,31 @@ class Trainer:
         # the data is read (a bad data folder fails here) and the sizes checked before the folder changes
         trainer = cls(cfg, ctx)
         _check_memory(cfg, local, trainer.device)
+        try:
+            return trainer._open(open_run, resume)
+        except BaseException:
+            trainer.__exit__()
+            raise
+
+    def _open(self, open_run, resume: bool) -> Trainer:
+        """:meth:`restore_or_start` once the trainer is built: the folder, the state, the logs."""
+        cfg, ctx = self.cfg, self.ctx
         latest = distributed.on_main_rank(open_run, ctx, EXPECTED)  # rank 0's outcome (or error) on every rank
         if latest is not None:
-            trainer._restore(*latest)
+            self._restore(*latest)
         elif resume and ctx.is_main:
-            print(f"no checkpoint in {trainer.out} yet: starting from iteration 0", file=sys.stderr)
+            print(f"no checkpoint in {self.out} yet: starting from iteration 0", file=sys.stderr)
         if resume:  # best.pt as of the checkpoint (none yet: iteration 0)
             tasks = dict(tasks=cfg.val_tasks, seed=cfg.val_seed, steps=cfg.test_inner_steps[0])
-            trainer.best = distributed.on_main_rank(
-                lambda: restore_best(trainer.out, trainer.iteration, tasks if cfg.val_every else None,
+            self.best = distributed.on_main_rank(
+                lambda: restore_best(self.out, self.iteration, tasks if cfg.val_every else None,
                                      log=lambda m: print(m, file=sys.stderr)), ctx, EXPECTED)
         if ctx.is_main:
             # lines after the checkpoint are logged again (and its validation, see run)
-            truncate_metrics(trainer.out / METRICS, trainer.iteration, trainer.validates_at_start)
-            write_json(trainer.out / SETTINGS, dataclasses.asdict(cfg))
-            trainer.writer = _tensorboard(trainer.out)
-        return trainer
+            truncate_metrics(self.out / METRICS, self.iteration, self.validates_at_start)
+            write_json(self.out / SETTINGS, dataclasses.asdict(cfg))
+            self.writer = _tensorboard(self.out)
+        return self
 
     def _restore(self, state: dict, used: Path, saved: Config) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -437,6 +449,10 @@ class Trainer:
     def __exit__(self, *exc) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
 
 class _StopFlag:

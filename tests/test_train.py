@@ -472,3 +472,21 @@ def test_resuming_with_other_validation_tasks_is_refused_before_anything_changes
         train(small_config(tmp_path, iterations=6, val_every=2, val_tasks=5), resume=True, progress=False)
     assert {p.name: p.read_bytes() for p in Path(cfg.out).iterdir()} == before
     train(small_config(tmp_path, iterations=6, val_every=0, val_tasks=5), resume=True, progress=False)  # no validation
+
+
+def test_a_second_process_training_into_the_same_folder_is_refused(tmp_path):
+    """The run folder is locked while a run trains into it (runs.lock_output, flock): the same
+    command started again, or --resume while it runs, stops with an error and changes nothing."""
+    from fastlaplace.runs import lock_output
+
+    cfg = small_config(tmp_path, iterations=2)
+    train(cfg, progress=False, evaluate_at_end=False)
+    held = lock_output(Path(cfg.out))  # as the other process would hold it
+    before = {p.name: p.read_bytes() for p in Path(cfg.out).iterdir()}
+    try:
+        with pytest.raises(ValueError, match=f"another process is training into {cfg.out}"):
+            train(small_config(tmp_path, iterations=4), resume=True, progress=False)
+    finally:
+        held.close()
+    assert {p.name: p.read_bytes() for p in Path(cfg.out).iterdir()} == before
+    assert train(small_config(tmp_path, iterations=4), resume=True, progress=False)["iterations"] == 4  # released
