@@ -207,8 +207,8 @@ def restore_best(out: Path, iteration: int, validation: dict | None = None, log=
         say(f"warning: {str(exc).split('; the previous')[0]}; kept aside as {path.name}.corrupt")
     for path in past:
         path.unlink()
-        say(f"{path} (iteration {states[path]['iteration']}) is past the checkpoint (iteration {iteration}): "
-            "removed, the run validates those iterations again")
+        say(f"{path} (iteration {states[path]['iteration']}) is past iteration {iteration}, where the run "
+            "continues: removed, the run validates those iterations again")
     if not kept:
         return None
     if kept[0] != best:
