@@ -247,6 +247,22 @@ def test_estimate_counts_diverged_tasks_instead_of_averaging_them():
     assert gone.diverged == 3 and math.isnan(gone.mean)
 
 
+def _train_until_killed(cfg, monkeypatch, iteration: int) -> None:
+    """Train ``cfg`` until it dies while sampling the meta-batch of ``iteration`` (as a kill would)."""
+    original, calls = SinusoidProblem.sample, {"n": 0}
+
+    def crashing_sample(self, split, *args, **kwargs):
+        calls["n"] += split == "train"
+        if calls["n"] == iteration:
+            raise Crash()
+        return original(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(SinusoidProblem, "sample", crashing_sample)
+    with pytest.raises(Crash):
+        train(cfg, progress=False)
+    monkeypatch.setattr(SinusoidProblem, "sample", original)
+
+
 def _val_rows(out):
     return [r for r in map(json.loads, open(f"{out}/metrics.jsonl")) if "val_mse" in r]
 
@@ -376,20 +392,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_its_validations_afresh(
     """No checkpoint yet: the resumed run starts at 0, the dead run's best files (past iteration
     0) are removed and its iteration-0 line is not doubled."""
     straight = train(small_config(tmp_path / "a", val_every=2, val_tasks=5, checkpoint_every=4), progress=False)
-    calls = {"n": 0}
-    original = SinusoidProblem.sample
-
-    def crashing_sample(self, split, *args, **kwargs):
-        calls["n"] += split == "train"
-        if calls["n"] == 4:  # during iteration 4: validated 0 and 2, no checkpoint
-            raise Crash()
-        return original(self, split, *args, **kwargs)
-
     cfg = small_config(tmp_path / "b", val_every=2, val_tasks=5, checkpoint_every=4)
-    monkeypatch.setattr(SinusoidProblem, "sample", crashing_sample)
-    with pytest.raises(Crash):
-        train(cfg, progress=False)
-    monkeypatch.setattr(SinusoidProblem, "sample", original)
+    _train_until_killed(cfg, monkeypatch, 4)  # validated 0 and 2, no checkpoint
     assert not Path(cfg.out, "checkpoint.pt").exists() and Path(cfg.out, "best.pt").exists()
     assert train(cfg, resume=True, progress=False) == straight
     assert _val_rows(cfg.out) == _val_rows(tmp_path / "a" / "run")
@@ -445,20 +449,8 @@ def test_two_improvements_after_a_checkpoint_then_a_kill_resume_to_the_same_best
     checkpoint, so the resumed run's lines, best files and results equal an uninterrupted run's."""
     _forced_validation(monkeypatch, {0: 5.0, 1: 6.0, 2: 6.0, 3: 6.0, 4: 7.0, 5: 4.0, 6: 3.0, 7: 8.0, 8: 9.0})
     straight = train(small_config(tmp_path / "a", val_every=1, val_tasks=3, checkpoint_every=4), progress=False)
-    calls = {"n": 0}
-    original = SinusoidProblem.sample
-
-    def crashing_sample(self, split, *args, **kwargs):
-        calls["n"] += split == "train"
-        if calls["n"] == crash_at:
-            raise Crash()
-        return original(self, split, *args, **kwargs)
-
     cfg = small_config(tmp_path / "b", val_every=1, val_tasks=3, checkpoint_every=4)
-    monkeypatch.setattr(SinusoidProblem, "sample", crashing_sample)
-    with pytest.raises(Crash):
-        train(cfg, progress=False)
-    monkeypatch.setattr(SinusoidProblem, "sample", original)
+    _train_until_killed(cfg, monkeypatch, crash_at)
     assert train(cfg, resume=True, progress=False) == straight
     assert _val_rows(cfg.out) == _val_rows(tmp_path / "a" / "run")
     assert _best_files(cfg.out) == _best_files(tmp_path / "a" / "run") == {"best.pt": 6, "best.prev.pt": 0}
