@@ -163,15 +163,16 @@ class Trainer:
         """:meth:`restore_or_start` once the trainer is built: the folder, the state, the logs."""
         cfg, ctx = self.cfg, self.ctx
         latest = distributed.on_main_rank(open_run, ctx, EXPECTED)  # rank 0's outcome (or error) on every rank
+        if resume:  # best.pt as of the checkpoint (none yet: iteration 0), refused before "resumed from" is said
+            start = latest[0]["iteration"] if latest is not None else 0
+            tasks = dict(tasks=cfg.val_tasks, seed=cfg.val_seed, steps=cfg.test_inner_steps[0])
+            self.best = distributed.on_main_rank(
+                lambda: restore_best(self.out, start, tasks if cfg.val_every else None,
+                                     log=lambda m: print(m, file=sys.stderr)), ctx, EXPECTED)
         if latest is not None:
             self._restore(*latest)
         elif resume and ctx.is_main:
             print(f"no checkpoint in {self.out} yet: starting from iteration 0", file=sys.stderr)
-        if resume:  # best.pt as of the checkpoint (none yet: iteration 0)
-            tasks = dict(tasks=cfg.val_tasks, seed=cfg.val_seed, steps=cfg.test_inner_steps[0])
-            self.best = distributed.on_main_rank(
-                lambda: restore_best(self.out, self.iteration, tasks if cfg.val_every else None,
-                                     log=lambda m: print(m, file=sys.stderr)), ctx, EXPECTED)
         if ctx.is_main:
             # lines after the checkpoint are logged again (and its validation, see run)
             truncate_metrics(self.out / METRICS, self.iteration, self.validates_at_start)
