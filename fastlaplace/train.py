@@ -6,7 +6,7 @@ over 600 new tasks after 1 and 10 inner steps. Every run writes to its output fo
 (written atomically with a checksum, the previous one kept as ``checkpoint.prev.pt``;
 ``--resume`` continues from it and ends with the same result as an uninterrupted run with
 the same seed), ``results.json``, ``conv_strategy.json`` for a network with adapted
-convolutions (what ``--conv-strategy`` ran for each; also printed once); and TensorBoard
+convolutions (what ``--conv-strategy`` ran for each; ``auto``'s choices also printed once); and TensorBoard
 event files when ``tensorboard`` is installed. A checkpoint is only written when the
 parameters, gradients and optimiser state are all finite. ``--resume`` takes the run's
 settings from its folder; the learning rates, the number of iterations, the device, the
@@ -360,15 +360,17 @@ class Trainer:
 
     def record_conv_choices(self) -> None:
         """Rank 0, when the convolutions' strategies (``--conv-strategy``) gained a choice:
-        printed and written to conv_strategy.json (a dict compared per iteration, no more)."""
+        written to conv_strategy.json (a dict compared per iteration, no more); under ``auto``,
+        which measures them, each new choice is also printed once."""
         choices = self.learner.conv_choices()
         if not self.ctx.is_main or choices == self.conv_choices:
             return
+        new = [f"{layer} {shape}: {how}" for layer, shapes in choices.items() for shape, how in shapes.items()
+               if self.conv_choices.get(layer, {}).get(shape) != how]
         self.conv_choices = choices
         write_json(self.out / CONV_STRATEGY, {"conv_strategy": self.cfg.conv_strategy, "layers": choices})
-        summary = "; ".join(f"{layer} {shape}: {how}" for layer, shapes in choices.items()
-                            for shape, how in shapes.items())
-        print(f"convolutions ({self.cfg.conv_strategy}): {summary}", file=sys.stderr)
+        if self.cfg.conv_strategy == "auto":
+            print(f"convolutions (auto): {'; '.join(new)}", file=sys.stderr)
 
     def save(self, iteration: int) -> None:
         """A checkpoint (rank 0 writes it; every rank's generators are in it), only when the
