@@ -19,7 +19,7 @@ from .cli import MAXIMA, check_output, check_seed, errors_as_messages, positive_
 from .config import LOGDET_METHODS
 from .datasets import DATASETS
 from .meta import LLAMA
-from .runs import METRICS, checkpoint_inputs, load_for_evaluation, read_metrics, run_files
+from .runs import METRICS, checkpoint_inputs, is_validation, load_for_evaluation, read_metrics, run_files
 from .uncertainty import calibrate, classification_report
 
 
@@ -79,12 +79,13 @@ def posterior_figure(learner, tasks, out: str, tau: float, point_learner=None, s
 
 
 def _validation_rows(rows: list[dict]) -> tuple[str, list[dict]] | None:
-    """(metric, rows) of ``--val-every``'s lines of metrics.jsonl, or ``None`` when there are none."""
-    for metric in ("accuracy", "mse"):
-        found = [r for r in rows if isinstance(r.get(f"val_{metric}"), (int, float))]
-        if found:
-            return metric, found
-    return None
+    """(metric, rows) of ``--val-every``'s lines of metrics.jsonl (``val_<metric>``, ``val_ci95``,
+    ``best``), or ``None`` when there are none."""
+    found = [r for r in rows if is_validation(r)]
+    metric = next((k[4:] for k in found[0] if k.startswith("val_") and k != "val_ci95"), None) if found else None
+    if metric is None:
+        return None
+    return metric, [r for r in found if isinstance(r.get(f"val_{metric}"), (int, float))]
 
 
 def curves_figure(run_dir: str, out: str) -> None:

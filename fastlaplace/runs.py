@@ -32,6 +32,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl  # the run folder's lock (lock_output)
+except ImportError:  # not on Windows
+    fcntl = None
+
 from .cli import UsageError, check_device, one_line, refuse_inputs
 from .config import USER_ONLY, Config, config_from_dict, read_settings
 from .datasets import DATASETS
@@ -44,10 +49,10 @@ from .problems import Problem
 FORMAT = 1
 CHECKPOINT, SETTINGS, METRICS, RESULTS = "checkpoint.pt", "config.json", "metrics.jsonl", "results.json"
 CONV_STRATEGY = "conv_strategy.json"
-BEST = "best.pt"  # --val-every: the parameters that validated best
+BEST, BEST_PREV = "best.pt", "best.prev.pt"  # --val-every: the parameters that validated best, the best before
 TENSORBOARD = "tensorboard"  # the folder of TensorBoard's event files
 # Another run's files: a new run replaces them only with --overwrite.
-STALE = (RESULTS, METRICS, SETTINGS, CONV_STRATEGY, BEST, "best.prev.pt")
+STALE = (RESULTS, METRICS, SETTINGS, CONV_STRATEGY, BEST, BEST_PREV)
 
 
 class CheckpointError(ValueError):
@@ -65,8 +70,8 @@ def run_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     checkpoint = folder / CHECKPOINT
     return [checkpoint, previous(checkpoint), checkpoint.with_name(CHECKPOINT + ".corrupt"),
-            *(folder / name for name in (SETTINGS, METRICS, RESULTS, CONV_STRATEGY, BEST, "best.prev.pt",
-                                         BEST + ".corrupt", "best.prev.pt.corrupt", TENSORBOARD))]
+            *(folder / name for name in (SETTINGS, METRICS, RESULTS, CONV_STRATEGY, BEST, BEST_PREV,
+                                         BEST + ".corrupt", BEST_PREV + ".corrupt", TENSORBOARD))]
 
 
 def checkpoint_inputs(*checkpoints: str | None) -> list[Path]:
@@ -220,8 +225,6 @@ class FolderLock:
     """An exclusive ``flock`` on a folder, held until :meth:`close` (or the process ends)."""
 
     def __init__(self, folder: Path):
-        import fcntl
-
         self.fd: int | None = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -242,9 +245,7 @@ def lock_output(out: Path) -> FolderLock | None:
     ``--resume`` while the run still runs) is refused instead of interleaving its checkpoints
     with the first's. The folder itself is locked: no file is written. ``None`` where the
     system has no ``flock`` (not Linux or macOS)."""
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:
+    if fcntl is None:
         return None
     out.mkdir(parents=True, exist_ok=True)
     return FolderLock(out)

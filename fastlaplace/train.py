@@ -165,9 +165,8 @@ class Trainer:
         latest = distributed.on_main_rank(open_run, ctx, EXPECTED)  # rank 0's outcome (or error) on every rank
         if resume:  # best.pt as of the checkpoint (none yet: iteration 0), refused before "resumed from" is said
             start = latest[0]["iteration"] if latest is not None else 0
-            tasks = dict(tasks=cfg.val_tasks, seed=cfg.val_seed, steps=cfg.test_inner_steps[0])
             self.best = distributed.on_main_rank(
-                lambda: restore_best(self.out, start, tasks if cfg.val_every else None,
+                lambda: restore_best(self.out, start, self.validation_tasks() if cfg.val_every else None,
                                      log=lambda m: print(m, file=sys.stderr)), ctx, EXPECTED)
         if latest is not None:
             self._restore(*latest)
@@ -320,37 +319,41 @@ class Trainer:
         validation a stop skipped or a kill cut short (done again: the same parameters)."""
         return bool(self.cfg.val_every) and self.iteration % self.cfg.val_every == 0
 
+    def validation_tasks(self) -> dict:
+        """What makes two validation figures comparable: the tasks, their seed, the inner steps."""
+        return dict(tasks=self.cfg.val_tasks, seed=self.cfg.val_seed, steps=self.cfg.test_inner_steps[0])
+
     def validate(self, iteration: int, metrics) -> dict[str, float]:
         """``--val-every``: the metric on the run's ``--val-tasks`` validation tasks (the same
         tasks each time, split over the ranks), after the first of ``--test-inner-steps``; a
         line of metrics.jsonl, and best.pt when it is the best so far (rank 0 writes).
         Returns the figure for the progress bar."""
-        cfg, problem = self.cfg, self.problem
-        steps = cfg.test_inner_steps[0]
-        group = evaluation_group(cfg, cfg.val_tasks, "--val-tasks", self.device)
-        est = evaluate(self.learner, problem, [steps], cfg.val_tasks, cfg.val_seed, split="val", device=self.device,
-                       progress=False, distributed=self.ctx.distributed, group=group)[steps]
+        cfg, problem, tasks = self.cfg, self.problem, self.validation_tasks()
+        group = evaluation_group(cfg, tasks["tasks"], "--val-tasks", self.device)
+        est = evaluate(self.learner, problem, [tasks["steps"]], tasks["tasks"], tasks["seed"], split="val",
+                       device=self.device, progress=False, distributed=self.ctx.distributed,
+                       group=group)[tasks["steps"]]
+
         def rank(mean: float, diverged: int) -> tuple:  # lower is better: fewer diverged tasks, then the figure
             return diverged, -mean if problem.higher_is_better else mean
 
         again = self.best is not None and self.best[0] == iteration  # best.pt's iteration, validated after a resume
         better = math.isfinite(est.mean) and (again or self.best is None
                                               or rank(est.mean, est.diverged) < rank(*self.best[1:]))
-        shown = {f"val_{problem.metric_name}": est.mean}
         if better and not _all_finite(list(self.learner.parameters())):  # every rank: all stop alike
             raise self._diverged("the parameters became non-finite (best.pt not written)", iteration)
-        if not self.ctx.is_main:
-            if better:
-                self.best = (iteration, est.mean, est.diverged)
-            return shown
-        if better and not again:
+        if better and not again and self.ctx.is_main:
             # best.prev.pt stays the best as of the last checkpoint, which a resume from it needs
             checkpointed = self.good[1] if self.good else 0
             save_checkpoint(self.out / BEST, dict(
                 config=dataclasses.asdict(cfg), iteration=iteration, learner=self.learner.state_dict(),
-                validation=dict(metric=problem.metric_name, steps=steps, tasks=cfg.val_tasks, seed=cfg.val_seed,
-                                **vars(est))), keep_previous=self.best is None or self.best[0] <= checkpointed)
+                validation=dict(metric=problem.metric_name, **tasks, **vars(est))),
+                keep_previous=self.best is None or self.best[0] <= checkpointed)
+        if better:
             self.best = (iteration, est.mean, est.diverged)
+        shown = {f"val_{problem.metric_name}": est.mean}
+        if not self.ctx.is_main:
+            return shown
         metrics.write(json.dumps({"iteration": iteration, f"val_{problem.metric_name}": est.mean,
                                   "val_ci95": est.ci95, "best": better}) + "\n")
         metrics.flush()
